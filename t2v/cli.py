@@ -1,0 +1,117 @@
+"""`t2v` command line: thin. Each subcommand = a config class + the function that runs it.
+
+`t2v NAME [--config FILE.yaml] [--flag value ...] [dotted.key=value ...]`: the flags are aliases
+for config keys; `jobs/NAME.py` calls the same `main` so `ray job submit` runs identical code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from t2v import storage
+from t2v.config import ConfigError, DemoConfig, PackConfig, SynthConfig, load_config, save_resolved
+
+
+@dataclass(frozen=True)
+class Command:
+    config: type[BaseModel]
+    run: Callable[[BaseModel], object]
+    help: str
+    flags: dict[str, str]
+    """--flag -> dotted config key."""
+
+
+def run_synth(cfg: SynthConfig) -> dict:
+    from t2v.data.shards import ShardWriter
+    from t2v.data.synthetic import generate_samples
+
+    t0 = time.time()
+    save_resolved(cfg, storage.join(cfg.out, "synth_config.yaml"))
+    writer = ShardWriter(cfg.out, shard_size=cfg.shard_size,
+                         extra_index={"source": "synthetic", "seed": cfg.seed})
+    samples = generate_samples(cfg.num, seed=cfg.seed, frames=cfg.frames, size=cfg.size,
+                               fps=cfg.fps, exclude=cfg.exclude, only=cfg.only,
+                               two_object_prob=cfg.two_object_prob, crf=cfg.crf)
+    for i, (key, fields) in enumerate(samples, 1):
+        writer.write(key, fields)
+        if i % cfg.shard_size == 0 or i == cfg.num:
+            rate = i / max(time.time() - t0, 1e-9)
+            print(f"[synth] {i}/{cfg.num} clips ({rate:.0f}/s) -> {cfg.out}", flush=True)
+    index = writer.close()
+    return {"out": cfg.out, "samples": index["total"], "shards": len(index["shards"]),
+            "seconds": round(time.time() - t0, 2)}
+
+
+def run_pack(cfg: PackConfig) -> dict:
+    from t2v.data.pack import run_pack as pack
+    from t2v.runtime import check_output_uri, ensure_ray
+
+    check_output_uri(cfg.out)
+    ensure_ray()
+    report = pack(cfg)
+    return {k: v for k, v in report.items() if k != "skips"}
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from t2v.demo import run_demo as demo
+
+    return demo(cfg)
+
+
+COMMANDS: dict[str, Command] = {
+    "data synth": Command(SynthConfig, run_synth, "synthesise a shapes data set as raw shards",
+                          {"out": "out", "num": "num", "frames": "frames", "size": "size",
+                           "seed": "seed", "shard-size": "shard_size"}),
+    "pack": Command(PackConfig, run_pack, "pack videos + captions into raw shards (Ray Data)",
+                    {"src": "src", "out": "out", "shard-size": "shard_size", "fps": "fps",
+                     "frames": "frames", "captions": "captions"}),
+    "demo": Command(DemoConfig, run_demo, "synthetic data -> Ray Data stream (grows with t2v)",
+                    {"out": "out", "ray-address": "ray_address"}),
+}
+
+
+def _parser(name: str, cmd: Command) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"t2v {name}", description=cmd.help)
+    p.add_argument("--config", help="YAML config file (local path or s3:// URI)")
+    for flag, key in cmd.flags.items():
+        p.add_argument(f"--{flag}", dest=f"flag:{key}", metavar="VALUE", help=f"= {key}=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    name = " ".join(argv[:2]) if argv[:1] == ["data"] else (argv[0] if argv else "")
+    if name not in COMMANDS:
+        print("usage: t2v {" + ",".join(COMMANDS) + "} [--config FILE] [key=value ...]",
+              file=sys.stderr)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    cmd = COMMANDS[name]
+    args = _parser(name, cmd).parse_args(argv[len(name.split()):])
+    overrides = [f"{k[5:]}={v}" for k, v in vars(args).items()
+                 if k.startswith("flag:") and v is not None]
+    try:
+        cfg = load_config(cmd.config, args.config, overrides + args.overrides)
+        result = cmd.run(cfg)
+    except (ConfigError, storage.StorageError, ValueError) as e:
+        if os.environ.get("T2V_DEBUG"):
+            raise
+        print(f"t2v {name}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: shard schema, video decode/encode, synthetic shapes, WebDataset writer, Ray Data readers."""

@@ -1,0 +1,147 @@
+"""Raw shards: WebDataset tars of KEY.mp4 / KEY.txt / KEY.json, plus `_index.json` written last.
+
+Pure (no Ray): the writer and the index are used by `t2v data synth`, by the pack job's tasks
+and by the latent encoder. A shard becomes visible only when complete (storage.atomic_local_file),
+so a reader that lists `shard-*.tar` never sees a half-written tar.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from t2v import storage
+
+INDEX_NAME = "_index.json"
+SHARD_PATTERN = "shard-{:06d}.tar"
+_KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def shard_name(i: int) -> str:
+    return SHARD_PATTERN.format(i)
+
+
+def safe_key(text: str) -> str:
+    """A WebDataset key: no dots (the first dot starts the extension) and no slashes."""
+    key = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_")
+    return key or "sample"
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # deterministic tars: same samples -> same bytes
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(uri: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write one complete tar at `uri` atomically; returns the number of samples written."""
+    n = 0
+    with storage.atomic_local_file(uri, suffix=".tar") as tmp, tarfile.open(tmp, "w") as tar:
+        for key, fields in samples:
+            if not _KEY_OK.match(key):
+                raise ValueError(f"shard {uri}: bad sample key {key!r} (use safe_key)")
+            for ext, data in sorted(fields.items()):
+                _add_member(tar, f"{key}.{ext}", data)
+            n += 1
+    return n
+
+
+@dataclass
+class ShardWriter:
+    """Rolls samples into `out/shard-000000.tar`, ... of `shard_size` samples each.
+
+    Buffers one shard in memory (a shard is small by design: tens of MB), then writes it
+    atomically. `close()` writes `_index.json` last, which marks the data set complete.
+    """
+
+    out: str
+    shard_size: int = 64
+    start_index: int = 0
+    extra_index: dict = field(default_factory=dict)
+    shards: list[dict] = field(default_factory=list)
+    _pending: list[tuple[str, dict[str, bytes]]] = field(default_factory=list)
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        self._pending.append((key, fields))
+        if len(self._pending) >= self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = shard_name(self.start_index + len(self.shards))
+        n = write_shard(storage.join(self.out, name), self._pending)
+        self.shards.append({"name": name, "samples": n})
+        self._pending = []
+
+    def close(self) -> dict:
+        self._flush()
+        return write_index(self.out, self.shards, **self.extra_index)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def write_index(out: str, shards: list[dict], **extra) -> dict:
+    index = {
+        "format": "t2v-shards-v1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "total": sum(s["samples"] for s in shards),
+        "shards": sorted(shards, key=lambda s: s["name"]),
+        **extra,
+    }
+    storage.write_text(storage.join(out, INDEX_NAME), json.dumps(index, indent=1))
+    return index
+
+
+def read_index(root: str) -> dict:
+    """The data set's index, or StorageError naming the missing `_index.json`."""
+    return json.loads(storage.read_text(storage.join(root, INDEX_NAME)))
+
+
+def shard_uris(root: str) -> list[str]:
+    """Complete shards of a data set: from `_index.json` when present, else by listing."""
+    if storage.exists(storage.join(root, INDEX_NAME)):
+        return [storage.join(root, s["name"]) for s in read_index(root)["shards"]]
+    return storage.list_prefix(root, suffix=".tar")
+
+
+def iter_tar_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group a local tar's members into samples by key (members of a key are contiguous)."""
+    key: str | None = None
+    fields: dict[str, bytes] = {}
+    with tarfile.open(tar_path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            k, _, ext = base.partition(".")
+            if k != key and key is not None:
+                yield key, fields
+                fields = {}
+            key = k
+            f = tar.extractfile(member)
+            fields[ext] = f.read() if f else b""
+    if key is not None:
+        yield key, fields
+
+
+def iter_shard_samples(uris: Iterable[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of many shards at any URI (S3 shards are fetched to a temp file one at a time)."""
+    for uri in uris:
+        with ExitStack() as stack:
+            path = stack.enter_context(storage.local_copy(uri))
+            yield from iter_tar_samples(path)

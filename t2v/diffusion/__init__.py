@@ -1,0 +1,1 @@
+"""Rectified-flow objective and samplers, pure torch."""

@@ -1,0 +1,1 @@
+"""Scoring rendered videos against their prompts."""

@@ -1,0 +1,1 @@
+"""Pure torch models: no ray, no deepspeed (a test enforces it)."""

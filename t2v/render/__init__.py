@@ -1,0 +1,1 @@
+"""Bulk rendering of prompt files on Ray Data."""

@@ -1,0 +1,54 @@
+"""Joining or starting Ray, and the rules a job's paths must follow under `ray job submit`.
+
+Thin orchestration only: models and maths never import this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from t2v import storage
+
+log = logging.getLogger("t2v")
+
+# Forwarded to Ray workers so they reach the same object store as the driver. Credentials are
+# deliberately NOT forwarded (they would show in the dashboard): on a cluster they come from the
+# instance profile / service account, locally the workers inherit the driver's environment.
+_FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                "AWS_PROFILE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def under_ray_job() -> bool:
+    """True inside the driver of a `ray job submit` entrypoint."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def check_output_uri(uri: str, what: str = "out") -> str:
+    """Under a Ray job the working dir is Ray's temporary copy: refuse relative outputs."""
+    if not uri:
+        raise ValueError(f"{what}: an output location is required")
+    if under_ray_job() and not storage.is_s3(uri) and not os.path.isabs(uri):
+        raise ValueError(
+            f"{what}={uri!r} is relative; under `ray job submit` it would land in Ray's temporary "
+            "copy of the working dir and vanish: give an absolute path or an s3:// URI")
+    return uri
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None,
+               object_store_memory: int | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS / a submitted job's cluster), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    kwargs: dict = {"log_to_driver": True, "configure_logging": False}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address or under_ray_job():
+        ray.init(address=address or "auto", **kwargs)
+        log.info("joined Ray cluster at %s", address or "auto")
+        return
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
+             include_dashboard=False, runtime_env={"env_vars": env} if env else None, **kwargs)
+    log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))

@@ -1,0 +1,80 @@
+"""A real S3 endpoint for tests: moto in server mode on 127.0.0.1.
+
+Imported by tests/conftest.py. Server mode (not ``mock_aws``) because Ray workers and pyarrow's
+C++ S3 client run outside this Python process's patched boto3: they need a real HTTP endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+
+from t2v import storage
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class MotoS3:
+    endpoint: str
+
+    def client(self) -> Any:
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+        )
+
+    def make_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+# Set for the whole session, so that subprocesses (Ray workers, jobs) see the same endpoint.
+_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Removed so that a developer's own AWS set-up cannot leak into (or be used by) the tests.
+_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS")
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for var in _UNSET:
+            mp.delenv(var, raising=False)
+        for var, value in {**_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+            mp.setenv(var, value)
+        # Keep ~/.aws out: a developer's default profile must not change what tests do.
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        storage.clear_client_cache()
+        try:
+            yield MotoS3(endpoint)
+        finally:
+            server.stop()
+            storage.clear_client_cache()
+
+
+@pytest.fixture
+def s3_bucket(moto_s3: MotoS3) -> str:
+    """A fresh, empty bucket per test, so tests never see each other's objects."""
+    return moto_s3.make_bucket(f"t2v-test-{uuid.uuid4().hex[:16]}")
