@@ -6,6 +6,7 @@ C++ S3 client run outside this Python process's patched boto3: they need a real 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -55,6 +56,7 @@ def moto_s3() -> Iterator[MotoS3]:
     from moto.server import ThreadedMotoServer
 
     port = free_port()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access-log line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
