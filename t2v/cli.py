@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from t2v import storage
-from t2v.config import ConfigError, DemoConfig, PackConfig, SynthConfig, load_config, save_resolved
+from t2v.config import (
+    ConfigError,
+    DemoConfig,
+    EncodeConfig,
+    PackConfig,
+    SynthConfig,
+    TrainConfig,
+    load_config,
+    save_resolved,
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,18 @@ def run_pack(cfg: PackConfig) -> dict:
     return {k: v for k, v in report.items() if k != "skips"}
 
 
+def run_encode(cfg: EncodeConfig) -> dict:
+    from t2v.data.encode import run_encode_command
+
+    return run_encode_command(cfg)
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    from t2v.train.trainer import run_train as train
+
+    return train(cfg)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from t2v.demo import run_demo as demo
 
@@ -74,6 +95,11 @@ COMMANDS: dict[str, Command] = {
     "pack": Command(PackConfig, run_pack, "pack videos + captions into raw shards (Ray Data)",
                     {"src": "src", "out": "out", "shard-size": "shard_size", "fps": "fps",
                      "frames": "frames", "captions": "captions"}),
+    "encode": Command(EncodeConfig, run_encode, "raw shards -> latent shards (Ray Data actors)",
+                      {"src": "src", "out": "out", "vae": "vae"}),
+    "train": Command(TrainConfig, run_train, "train the VAE or the DiT (Ray Train + DeepSpeed)",
+                     {"out": "out", "name": "name", "data": "data.shards", "vae": "vae",
+                      "steps": "steps", "stage": "stage", "init-from": "init_from"}),
     "demo": Command(DemoConfig, run_demo, "synthetic data -> Ray Data stream (grows with t2v)",
                     {"out": "out", "ray-address": "ray_address"}),
 }

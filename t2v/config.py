@@ -7,7 +7,7 @@ and the key, because the user's next action is to open that file at that key.
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -96,6 +96,130 @@ class ReaderConfig(Section):
     """Shuffle shard order (file level) with this seed; None keeps order."""
     max_block_mb: int = Field(16, ge=1)
     """Ray Data block size cap for decoded clips (bounds memory in flight)."""
+
+
+class EncodeConfig(Section):
+    """Latent precompute (`t2v encode`): raw shards -> latent shards, one output per input shard."""
+
+    src: str = ""
+    """Raw shards (local or s3://)."""
+    out: str = ""
+    """Where the latent shards go."""
+    vae: str = ""
+    """A model package holding the VAE (a VAE-only package from `stage: vae` is fine)."""
+    text_encoder: str | None = None
+    """Text-encoder reference; None takes the package's (`builtin:minilm` by default)."""
+    text_max_length: int | None = Field(None, ge=1)
+    """Override the package's max_length (tokens per caption)."""
+    frames: int | None = Field(None, ge=1)
+    """Clip length to encode (1 + 4k); None keeps each clip's stored length (cut to 1 + 4k)."""
+    size: int | None = Field(None, ge=2)
+    """Square side to resize/crop to before encoding; None keeps the stored size."""
+    batch_size: int = Field(8, ge=1)
+    """Clips per VAE forward."""
+    concurrency: list[int] = [1, 1]
+    """[min, max] encoder actors."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per encoder actor (0 on CPU clusters)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs per encoder actor."""
+    sample: bool = False
+    """Store the posterior MEAN (False, the contract) or a sample (True)."""
+
+    @field_validator("concurrency")
+    @classmethod
+    def _min_max(cls, v: list[int]) -> list[int]:
+        if len(v) != 2 or not 1 <= v[0] <= v[1]:
+            raise ValueError(f"concurrency must be [min, max] with 1 <= min <= max, got {v}")
+        return v
+
+
+class TrainDataConfig(Section):
+    """What a training run reads."""
+
+    shards: str = ""
+    """Latent shards (stage dit) or raw shards (stage vae, or dit with encode_on_the_fly)."""
+    frames: int = Field(9, ge=1)
+    """Clip length for raw shards (stage vae / on-the-fly encoding)."""
+    size: int | None = Field(None, ge=2)
+    """Square side for raw shards (None keeps the stored size)."""
+    shuffle_seed: int = 0
+    """File-level shuffle per epoch = f(shuffle_seed, epoch); see t2v/train/trainer.py."""
+    local_shuffle_buffer: int = Field(0, ge=0)
+    """Rows in each worker's shuffle buffer (0 = off)."""
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-4, gt=0)
+    betas: list[float] = [0.9, 0.99]
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "constant"
+    """After warmup: cosine decay to min_lr_ratio * lr at `steps`, or constant."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+    """Global gradient-norm clip (0 = off)."""
+
+
+class FaultConfig(Section):
+    """Fault injection for tests: SIGKILL one worker process once, at a given step."""
+
+    kill_at_step: int | None = Field(None, ge=1)
+    kill_rank: int = Field(0, ge=0)
+
+
+class TrainConfig(Section):
+    """`t2v train`: one Ray Train + DeepSpeed run (stage vae or dit)."""
+
+    stage: Literal["vae", "dit"] = "dit"
+    name: str = "run"
+    """Run name: RUNS/NAME holds checkpoints, config.yaml, tb/, samples/, package/."""
+    out: str = "runs"
+    """RUNS: the storage_path of the run (local path or s3:// URI)."""
+    model: str = "debug"
+    """Preset name (DiT presets for stage dit, VAE presets for stage vae)."""
+    model_overrides: dict[str, Any] = {}
+    """Fields of the preset to change, e.g. {depth: 4}."""
+    vae: str | None = None
+    """Stage dit: the VAE package the latents were made with (exported with the DiT)."""
+    init_from: str | None = None
+    """A model package whose weights start this run (same geometry)."""
+    data: TrainDataConfig = TrainDataConfig()
+    batch_size: int = Field(4, ge=1)
+    """Micro-batch per worker."""
+    grad_accum: int = Field(1, ge=1)
+    steps: int = Field(100, ge=1)
+    optim: OptimConfig = OptimConfig()
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True
+    """EMA decay min(ema_decay, (1 + n) / (10 + n)) at update n, so short runs are usable."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU (bf16 is 2.6x slower than fp32 on CPUs without AMX)."""
+    activation_checkpointing: bool = False
+    seed: int = 0
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    """Probability a caption is replaced by "" (the unconditional input, for CFG)."""
+    kl_weight: float = Field(1e-6, ge=0)
+    """Stage vae: weight of the KL term."""
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    val_every: int = Field(50, ge=1)
+    val_samples: int = Field(2, ge=0)
+    """Videos sampled at each validation (0 = held-out loss only)."""
+    val_steps: int = Field(10, ge=1)
+    """Sampler steps for validation videos."""
+    max_failures: int = Field(2, ge=0)
+    peak_flops: float | None = Field(None, gt=0)
+    """Per-worker peak FLOP/s for the MFU estimate; None: 989e12 on GPU (H100 bf16 dense),
+    2.6e11 on CPU (this project's 2-core reference machine, fp32 matmul, NOTES-stack)."""
+    fault: FaultConfig = FaultConfig()
+    ray_address: str | None = None
 
 
 class DemoConfig(Section):

@@ -122,14 +122,14 @@ def test_tar_members_are_webdataset_layout(shapes_shards):
 
 def test_streaming_is_bounded(ray_local, tmp_path):
     """Decoded data >= 3x Ray's object store, and the driver's memory stays far below it."""
-    from tests.conftest import OBJECT_STORE_BYTES
+    from tests.conftest import NODE2_OBJECT_STORE_BYTES, OBJECT_STORE_BYTES
 
     out = str(tmp_path / "big")
-    run_synth(SynthConfig(out=out, num=256, frames=33, size=32, shard_size=24, seed=5))
+    run_synth(SynthConfig(out=out, num=504, frames=33, size=32, shard_size=24, seed=5))
     cfg = ReaderConfig(shards=out, frames=33, size=128)
     per_clip = 33 * 128 * 128 * 3  # uint8 as held in the object store
-    total = 256 * per_clip
-    assert total >= 3 * OBJECT_STORE_BYTES
+    total = 504 * per_clip
+    assert total >= 3 * (OBJECT_STORE_BYTES + NODE2_OBJECT_STORE_BYTES)  # both nodes' stores
     proc = psutil.Process()
     # USS: memory private to this process. RSS would also count the pages of Ray's shared
     # object store that the consumer maps, which are bounded by the store's size anyway.
@@ -141,7 +141,7 @@ def test_streaming_is_bounded(ray_local, tmp_path):
         peak = max(peak, proc.memory_full_info().uss)
         del batch
     grew = peak - uss0
-    assert n == 256
+    assert n == 504
     # Whole data set as float32: 1.6 GB. Streaming holds a few batches (52 MB each) at a time.
     assert grew < 4 * batch_bytes, f"driver private memory grew {grew / 2**20:.0f} MiB"
     # Nothing was spilled to disk either: the store really held only a window of the data.

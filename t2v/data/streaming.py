@@ -121,15 +121,19 @@ class VideoStream:
         return Counter(s["reason"].split(":")[0] for s in self.skipped())
 
 
-def video_stream(cfg: ReaderConfig) -> VideoStream:
-    """Build (lazily: nothing is read until iteration) the decoded-clip stream of `cfg.shards`."""
-    uris = shard_uris(cfg.shards)
+def video_stream(cfg: ReaderConfig, uris: list[str] | None = None) -> VideoStream:
+    """Build (lazily: nothing is read until iteration) the decoded-clip stream of `cfg.shards`.
+
+    `uris` restricts it to these shards (training keeps its held-out shard out this way). With
+    a `shuffle_seed`, each pass (epoch) reads the shard files in a new order derived from it.
+    """
+    uris = uris if uris is not None else shard_uris(cfg.shards)
     if not uris:
         raise storage.StorageError(f"{cfg.shards}: no shard-*.tar found")
     fs, paths = storage.pyarrow_paths(uris)
     shuffle = None
     if cfg.shuffle_seed is not None:
-        shuffle = ray.data.FileShuffleConfig(seed=cfg.shuffle_seed)
+        shuffle = ray.data.FileShuffleConfig(seed=cfg.shuffle_seed, reseed_after_execution=True)
     ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=shuffle,
                                   suffixes=["mp4", "txt", "json"])
     skip_log = SkipLog.options(name=f"t2v-skiplog-{uuid.uuid4().hex[:8]}").remote()

@@ -1,0 +1,178 @@
+"""Model packages: what render and eval load with one `--model URI` (DESIGN.md "Contracts").
+
+A package is a folder or prefix holding
+    model.json        format version, DiT config, VAE config (incl. latent scale/shift) or a
+                      `diffusers:URI` VAE reference, text-encoder config, training run and step
+    dit.safetensors   the (EMA) DiT weights       (absent in a VAE-only package)
+    vae.safetensors   the VAE weights             (absent when the VAE is a diffusers reference)
+    lora.safetensors  optional LoRA weights
+Weights are safetensors only: nothing is ever unpickled. `model.json` is written last, so a
+package without it is incomplete. The content hash (sha256 over model.json and the weight
+files, in a fixed order) identifies the package in every manifest row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from t2v import storage
+from t2v.models.dit import DiTConfig, VideoDiT
+from t2v.models.text import TextEncoder, TextEncoderConfig
+from t2v.models.vae import CausalVideoVAE, VAEConfig
+
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+WEIGHT_FILES = ("dit.safetensors", "vae.safetensors", "lora.safetensors")
+
+
+class PackageError(ValueError):
+    """A package that cannot be loaded; the message names the URI and what is wrong."""
+
+
+@dataclass
+class PackageMeta:
+    dit: DiTConfig | None
+    vae: VAEConfig | None
+    text: TextEncoderConfig
+    vae_ref: str | None = None
+    """`diffusers:URI` for an imported VAE; None when vae.safetensors holds our own VAE."""
+    run: dict = field(default_factory=dict)
+    """Training provenance: run name, step, source URIs."""
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format_version": FORMAT_VERSION,
+            "dit": self.dit.to_dict() if self.dit else None,
+            "vae": self.vae.to_dict() if self.vae else None,
+            "vae_ref": self.vae_ref,
+            "text_encoder": self.text.to_dict(),
+            "run": self.run,
+        }, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, uri: str) -> PackageMeta:
+        try:
+            d = json.loads(text)
+            version = d.get("format_version")
+            if version != FORMAT_VERSION:
+                raise PackageError(f"{uri}: format_version {version!r}, this t2v reads "
+                                   f"{FORMAT_VERSION}")
+            return cls(dit=DiTConfig.from_dict(d["dit"]) if d.get("dit") else None,
+                       vae=VAEConfig.from_dict(d["vae"]) if d.get("vae") else None,
+                       vae_ref=d.get("vae_ref"),
+                       text=TextEncoderConfig.from_dict(d["text_encoder"]),
+                       run=d.get("run", {}))
+        except PackageError:
+            raise
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise PackageError(f"{uri}/{MODEL_JSON}: invalid: {e}") from None
+
+
+def _state_bytes(module: nn.Module) -> bytes:
+    # contiguous + cloned: safetensors refuses shared or strided storage.
+    return st_save({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()})
+
+
+def content_hash(parts: dict[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for name in (MODEL_JSON, *WEIGHT_FILES):
+        if name in parts:
+            h.update(name.encode() + b"\0")
+            h.update(hashlib.sha256(parts[name]).digest())
+    return h.hexdigest()
+
+
+def save_package(uri: str, *, vae: CausalVideoVAE | None, dit: VideoDiT | None = None,
+                 text: TextEncoderConfig | None = None, run: dict | None = None,
+                 vae_ref: str | None = None, lora: dict[str, torch.Tensor] | None = None) -> str:
+    """Write a package (weights first, model.json last); returns its content hash."""
+    if vae is None and vae_ref is None:
+        raise ValueError("a package needs a VAE (module or diffusers: reference)")
+    meta = PackageMeta(dit=dit.config if dit is not None else None,
+                       vae=vae.config if vae is not None else None, vae_ref=vae_ref,
+                       text=text or TextEncoderConfig(), run=run or {})
+    parts: dict[str, bytes] = {}
+    if dit is not None:
+        parts["dit.safetensors"] = _state_bytes(dit)
+    if vae is not None:
+        parts["vae.safetensors"] = _state_bytes(vae)
+    if lora:
+        parts["lora.safetensors"] = st_save({k: v.contiguous().cpu() for k, v in lora.items()})
+    parts[MODEL_JSON] = meta.to_json().encode()
+    for name, data in parts.items():  # dict order: model.json is last
+        storage.write_bytes(storage.join(uri, name), data)
+    return content_hash(parts)
+
+
+def _safetensors(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except Exception as e:  # SafetensorError is not exported under a stable name
+        raise PackageError(f"{what}: not a safetensors file ({e})") from None
+
+
+def _build(cls: type[nn.Module], config, weights: bytes, uri: str, dtype: torch.dtype,
+           device: str | torch.device) -> nn.Module:
+    """Build on the meta device (no memory, no init cost), then adopt the stored tensors."""
+    with torch.device("meta"):
+        model = cls(config)
+    state = _safetensors(weights, f"{uri} ({cls.__name__})")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise PackageError(f"{uri}: weights do not match the config: "
+                           f"{str(e).splitlines()[0]}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@dataclass
+class LoadedPackage:
+    uri: str
+    meta: PackageMeta
+    hash: str
+    vae: CausalVideoVAE | None
+    dit: VideoDiT | None
+    text: TextEncoder | None
+    lora: dict[str, torch.Tensor] | None
+
+
+def read_meta(uri: str) -> PackageMeta:
+    json_uri = storage.join(uri, MODEL_JSON)
+    try:
+        text = storage.read_text(json_uri)
+    except storage.StorageError as e:
+        raise PackageError(f"{uri}: not a model package ({MODEL_JSON} missing: {e})") from None
+    return PackageMeta.from_json(text, uri)
+
+
+def load_package(uri: str, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, load_text: bool = True,
+                 load_dit: bool = True) -> LoadedPackage:
+    meta = read_meta(uri)
+    parts = {MODEL_JSON: storage.read_bytes(storage.join(uri, MODEL_JSON))}
+    for name in WEIGHT_FILES:
+        if storage.exists(storage.join(uri, name)):
+            parts[name] = storage.read_bytes(storage.join(uri, name))
+    if meta.dit is not None and "dit.safetensors" not in parts:
+        raise PackageError(f"{uri}: model.json has a DiT but dit.safetensors is missing")
+    if meta.vae is not None and "vae.safetensors" not in parts:
+        raise PackageError(f"{uri}: model.json has a VAE but vae.safetensors is missing")
+    if meta.vae_ref is not None:
+        raise PackageError(f"{uri}: diffusers VAE references ({meta.vae_ref}) need the Wan "
+                           "import backend, which this t2v does not have yet")
+    vae = (_build(CausalVideoVAE, meta.vae, parts["vae.safetensors"], uri, dtype, device)
+           if meta.vae is not None else None)
+    dit = (_build(VideoDiT, meta.dit, parts["dit.safetensors"], uri, dtype, device)
+           if meta.dit is not None and load_dit else None)
+    text = TextEncoder(meta.text).to(device) if load_text and meta.dit is not None else None
+    lora = (_safetensors(parts["lora.safetensors"], f"{uri} (lora)")
+            if "lora.safetensors" in parts else None)
+    return LoadedPackage(uri=uri, meta=meta, hash=content_hash(parts), vae=vae, dit=dit,
+                         text=text, lora=lora)

@@ -1,0 +1,456 @@
+"""Causal 3D-conv video VAE: 1 + 4k frames in, 1 + k latent frames out, KL-regularised.
+
+Causality is what lets one model serve images and videos and encode long clips in chunks:
+- every temporal convolution is padded on the PAST side only, by REPLICATING the first frame (a
+  still image then looks like a static clip to every temporal kernel, instead of a fade from black);
+- norms never mix time steps (GroupNorm per frame: statistics over channels-in-group x H x W);
+- temporal downsampling is a causal stride-2 conv, so latent frame j sees input frames <= 4j:
+  frame 0 is encoded alone (as an image), frames 4j-3..4j make latent frame j;
+- the decoder mirrors it: latent frame 0 decodes to one frame, each later one to 4.
+
+Chunked encode/decode streams the clip through the same layers: each causal conv keeps the input
+frames its next window still needs (kernel_t - stride_t of them) in a cache between chunks, the idea
+of Wan's `feat_cache`. Chunked output equals the unchunked one up to float rounding (~1e-6 in fp32).
+
+Latent normalisation (the latent-shard contract): `encode_latents` returns (mean - shift) * scale,
+`decode` inverts it first. `scale`/`shift` live in `VAEConfig`, so they travel in every config.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Cache = dict[nn.Module, Tensor]
+"""Per-layer carry between time chunks; None instead of a dict means one whole clip."""
+
+
+@dataclass
+class VAEConfig:
+    """Shape of a `CausalVideoVAE` plus the latent normalisation fitted after training."""
+
+    in_channels: int = 3
+    """Pixel channels (RGB)."""
+    latent_channels: int = 16
+    """Latent channels C (4 to 16 in the presets)."""
+    base_channels: int = 96
+    """Channels of the first (full-resolution) level."""
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    """Per-level multipliers of base_channels; one level more than there are 2x spatial stages."""
+    num_res_blocks: int = 2
+    """ResNet blocks per encoder level (the decoder uses one more, as in SD and Wan)."""
+    spatial_down: int = 8
+    """Spatial downsampling factor, a power of 2 equal to 2 ** (len(channel_mult) - 1)."""
+    temporal_down: int = 4
+    """Temporal factor, a power of 2 (1 = image-only); done at the deepest stages, as in Wan."""
+    norm_groups: int = 32
+    """GroupNorm groups; must divide every level's channels."""
+    scale: list[float] | float = 1.0
+    """Latent normalisation: normalised = (mean - shift) * scale (per channel or global)."""
+    shift: list[float] | float = 0.0
+    """See scale."""
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        for name in ("in_channels", "latent_channels", "base_channels", "num_res_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VAEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("spatial_down", "temporal_down"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"VAEConfig.{name} must be a power of 2, got {v}")
+        if 2 ** (len(self.channel_mult) - 1) != self.spatial_down:
+            raise ValueError(f"channel_mult {self.channel_mult} has {len(self.channel_mult)} "
+                             f"levels; spatial_down={self.spatial_down} needs "
+                             f"{int(math.log2(self.spatial_down)) + 1}")
+        if self.temporal_down > self.spatial_down:
+            raise ValueError(f"temporal_down={self.temporal_down} > spatial_down="
+                             f"{self.spatial_down}: each 2x time stage rides on a spatial one")
+        for m in self.channel_mult:
+            if m < 1 or (self.base_channels * m) % self.norm_groups:
+                raise ValueError(f"norm_groups={self.norm_groups} must divide level channels "
+                                 f"{self.base_channels}*{m}")
+        for name in ("scale", "shift"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)):
+                if len(v) != self.latent_channels:
+                    raise ValueError(f"VAEConfig.{name} has {len(v)} values for "
+                                     f"latent_channels={self.latent_channels}")
+                setattr(self, name, [float(a) for a in v])
+            else:
+                setattr(self, name, float(v))
+        scales = self.scale if isinstance(self.scale, list) else [self.scale]
+        if any(s == 0 or not math.isfinite(s) for s in scales):
+            raise ValueError(f"VAEConfig.scale must be finite and non-zero, got {self.scale}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)  # JSON/YAML friendly
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown VAEConfig keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+VAE_PRESETS: dict[str, dict[str, Any]] = {
+    # tests: a few thousand params' worth of work per frame, well under a second on 9x32x32
+    "debug": dict(latent_channels=4, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                  spatial_down=4, temporal_down=4, norm_groups=8),
+    # the 2-core laptop demo: 9x32x32 clips -> 4x3x8x8 latents (36x fewer values)
+    "demo": dict(latent_channels=4, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                 spatial_down=4, temporal_down=4, norm_groups=8),
+    # GPU-sized, Wan-2.1-like layout: 8x spatial, 4x temporal, 16 latent channels
+    "base": dict(latent_channels=16, base_channels=96, channel_mult=(1, 2, 4, 4),
+                 num_res_blocks=2, spatial_down=8, temporal_down=4, norm_groups=32),
+}
+
+
+def vae_config(name: str, **overrides: Any) -> VAEConfig:
+    """A preset from `VAE_PRESETS` with field overrides (unknown fields are a ValueError)."""
+    if name not in VAE_PRESETS:
+        raise ValueError(f"unknown VAE preset {name!r}; known: {', '.join(VAE_PRESETS)}")
+    return VAEConfig.from_dict({**VAE_PRESETS[name], **overrides})
+
+
+class DiagonalGaussian:
+    """The posterior q(z | x): a diagonal Gaussian over raw (unnormalised) latents."""
+
+    def __init__(self, mean: Tensor, logvar: Tensor) -> None:
+        self.mean = mean  # (B, C, T', H', W')
+        self.logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite early in training
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                          dtype=self.mean.dtype)
+        return self.mean + self.std * eps  # (B, C, T', H', W')
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def kl(self) -> Tensor:
+        """KL(q || N(0, I)) summed over each sample's latent values: shape (B,)."""
+        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        return kl.flatten(1).sum(1)
+
+
+def fit_latent_stats(latents: Tensor, per_channel: bool = True) -> tuple[list[float], list[float]]:
+    """(shift, scale) that give `(latents - shift) * scale` mean 0 and std 1.
+
+    latents: raw posterior means shaped (N, C, ...), channels at dim 1. Per channel by default
+    (as Wan stores them); `per_channel=False` fits one global pair, repeated for every channel.
+    """
+    if latents.dim() < 2:
+        raise ValueError(f"latents must be (N, C, ...), got shape {tuple(latents.shape)}")
+    c = latents.shape[1]
+    x = latents.detach().double().transpose(0, 1).reshape(c, -1)  # (C, N*...)
+    if not per_channel:
+        x = x.reshape(1, -1).expand(c, -1)
+    std, mean = torch.std_mean(x, dim=1, correction=0)  # (C,), (C,)
+    if bool((std <= 0).any()):
+        raise ValueError(f"latent channel(s) {torch.nonzero(std <= 0).flatten().tolist()} are "
+                         "constant; cannot fit a scale")
+    return mean.tolist(), (1.0 / std).tolist()
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d padded in time on the past side only (first frame replicated), streamable."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int] = (3, 3, 3),
+                 stride: tuple[int, int, int] = (1, 1, 1)) -> None:
+        super().__init__()
+        self.kt, self.st = kernel[0], stride[0]
+        self.conv = nn.Conv3d(cin, cout, kernel, stride=stride,
+                              padding=(0, kernel[1] // 2, kernel[2] // 2))
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        if self.kt == 1 and self.st == 1:
+            return self.conv(x)  # no temporal context: nothing to pad or carry
+        past = None if cache is None else cache.get(self)
+        if past is None:  # start of the clip: the first frame stands in for the past
+            past = x[:, :, :1].expand(-1, -1, self.kt - 1, -1, -1)  # (B, C, kt-1, H, W)
+        buf = torch.cat([past, x], dim=2)  # (B, C, kt-1+T, H, W) on the first chunk
+        n = (buf.shape[2] - self.kt) // self.st + 1  # complete windows = output frames
+        if cache is not None:  # the frames the next chunk's first window still needs
+            cache[self] = buf[:, :, n * self.st:].clone()
+        return self.conv(buf[:, :, : (n - 1) * self.st + self.kt])  # (B, Cout, n, H', W')
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per frame, never across time (causality, chunk equivalence)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, t, h, w = x.shape
+        y = x.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W): time folded into batch
+        y = F.group_norm(y, self.num_groups, self.weight, self.bias, self.eps)
+        return y.view(b, t, c, h, w).transpose(1, 2)  # (B, C, T, H, W)
+
+
+class ResBlock(nn.Module):
+    """Pre-norm ResNet block of two causal 3x3x3 convs."""
+
+    def __init__(self, cin: int, cout: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = FrameGroupNorm(groups, cin)
+        self.conv1 = CausalConv3d(cin, cout)
+        self.norm2 = FrameGroupNorm(groups, cout)
+        self.conv2 = CausalConv3d(cout, cout)
+        self.skip = CausalConv3d(cin, cout, (1, 1, 1)) if cin != cout else None
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)  # (B, Cout, T, H, W)
+        h = self.conv2(F.silu(self.norm2(h)), cache)  # (B, Cout, T, H, W)
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class Downsample(nn.Module):
+    """2x space (stride-2 conv) and optionally 2x time: 1 + 2m frames -> 1 + m."""
+
+    def __init__(self, ch: int, temporal: bool) -> None:
+        super().__init__()
+        # time kernel 3 / stride 2 with 2 past frames: output j sees frames 2j-2..2j, so frame 0
+        # alone makes output 0 and each later pair (2j-1, 2j) one more
+        kt, st = (3, 2) if temporal else (1, 1)
+        self.st = st
+        self.conv = CausalConv3d(ch, ch, (kt, 3, 3), (st, 2, 2))
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        h = self.conv(x, cache)  # (B, C, 1 + (T-1)/st, H/2, W/2)
+        if not SHORT:
+            return h
+        if self.st == 2:
+            if cache is None or self not in cache:
+                x = torch.cat([x[:, :, :1], x], dim=2)
+                if cache is not None:
+                    cache[self] = x.new_empty(0)
+        return h + F.avg_pool3d(x, (self.st, 2, 2))
+
+
+import os
+SHORT = "short" in os.environ.get("VAEX", "")
+class Upsample(nn.Module):
+    """Mirror of Downsample: 1 + m frames -> 1 + 2m, then 2x space (nearest + conv)."""
+
+    def __init__(self, ch: int, temporal: bool) -> None:
+        super().__init__()
+        self.time_conv = CausalConv3d(ch, 2 * ch, (3, 1, 1)) if temporal else None
+        self.conv = CausalConv3d(ch, ch, (1, 3, 3))
+        if self.time_conv is not None:  # start as "repeat each frame twice" (it trains faster)
+            with torch.no_grad():
+                w = self.time_conv.conv.weight  # (2C, C, 3, 1, 1)
+                w.zero_()
+                w[:, :, -1, 0, 0] = torch.eye(ch, device=w.device, dtype=w.dtype).repeat(2, 1)
+                self.time_conv.conv.bias.zero_()
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        if self.time_conv is not None:
+            b, c, t, h, w = x.shape
+            y = self.time_conv(x, cache)  # (B, 2C, T, H, W): two sub-frames per frame
+            x = y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+            first = cache is None or self not in cache
+            if first:  # latent frame 0 is an image: it keeps only its second sub-frame
+                x = x[:, :, 1:]  # (B, C, 2T-1, H, W)
+                if cache is not None:
+                    cache[self] = x.new_empty(0)  # marks "first chunk done"
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")  # (B, C, T, 2H, 2W)
+        return self.conv(x, cache) + (x if SHORT else 0)
+
+
+class OutHead(nn.Module):
+    """Norm, SiLU and a causal conv to the output channels."""
+
+    def __init__(self, cin: int, cout: int, groups: int) -> None:
+        super().__init__()
+        self.norm = FrameGroupNorm(groups, cin)
+        self.conv = CausalConv3d(cin, cout)
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        return self.conv(F.silu(self.norm(x)), cache)
+
+
+def _temporal_stages(cfg: VAEConfig) -> list[bool]:
+    """Which 2x spatial stages also halve time: the deepest log2(temporal_down) ones."""
+    stages, t = len(cfg.channel_mult) - 1, int(math.log2(cfg.temporal_down))
+    return [s >= stages - t for s in range(stages)]
+
+
+def _encoder_layers(cfg: VAEConfig) -> list[nn.Module]:
+    chans = [cfg.base_channels * m for m in cfg.channel_mult]
+    temporal, g = _temporal_stages(cfg), cfg.norm_groups
+    layers: list[nn.Module] = [CausalConv3d(cfg.in_channels, chans[0])]
+    ch = chans[0]
+    for level, out in enumerate(chans):
+        for _ in range(cfg.num_res_blocks):
+            layers.append(ResBlock(ch, out, g))
+            ch = out
+        if level < len(chans) - 1:
+            layers.append(Downsample(ch, temporal[level]))
+    layers += [ResBlock(ch, ch, g), OutHead(ch, 2 * cfg.latent_channels, g)]  # mean, logvar
+    return layers
+
+
+def _decoder_layers(cfg: VAEConfig) -> list[nn.Module]:
+    chans = [cfg.base_channels * m for m in cfg.channel_mult]
+    temporal, g = _temporal_stages(cfg), cfg.norm_groups
+    ch = chans[-1]
+    layers: list[nn.Module] = [CausalConv3d(cfg.latent_channels, ch), ResBlock(ch, ch, g)]
+    for level in reversed(range(len(chans))):
+        for _ in range(cfg.num_res_blocks + 1):
+            layers.append(ResBlock(ch, chans[level], g))
+            ch = chans[level]
+        if level > 0:
+            layers.append(Upsample(ch, temporal[level - 1]))
+    layers.append(OutHead(ch, cfg.in_channels, g))
+    return layers
+
+
+class CausalStack(nn.Module):
+    """A chain of causal layers sharing one cache."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, cache)
+        return x
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class CausalVideoVAE(nn.Module):
+    """Video (B, 3, T, H, W) in [-1, 1] <-> latents (B, C, 1 + (T-1)/4, H/s, W/s).
+
+    The decoder output is unclamped (clamp to [-1, 1] when writing pixels).
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = CausalStack(_encoder_layers(config))
+        self.decoder = CausalStack(_decoder_layers(config))
+
+    # ---- shapes
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        cfg = self.config
+        if frames < 1 or (frames - 1) % cfg.temporal_down:
+            raise ValueError(f"frames={frames} must be 1 + {cfg.temporal_down}k")
+        for name, v in (("height", height), ("width", width)):
+            if v < 1 or v % cfg.spatial_down:
+                raise ValueError(f"{name}={v} must be a positive multiple of spatial_down="
+                                 f"{cfg.spatial_down}")
+        t = 1 + (frames - 1) // cfg.temporal_down
+        return cfg.latent_channels, t, height // cfg.spatial_down, width // cfg.spatial_down
+
+    def compression_ratio(self, frames: int, height: int, width: int) -> float:
+        """Input values per latent value at this clip size."""
+        c, t, h, w = self.latent_shape(frames, height, width)
+        return (self.config.in_channels * frames * height * width) / (c * t * h * w)
+
+    # ---- encode
+
+    def encode(self, x: Tensor, chunk_frames: int | None = None) -> DiagonalGaussian:
+        """Posterior over raw latents; chunk_frames (a multiple of temporal_down) bounds memory."""
+        if x.dim() != 5 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"x must be (B, {self.config.in_channels}, T, H, W), "
+                             f"got {tuple(x.shape)}")
+        self.latent_shape(*x.shape[2:])
+        if chunk_frames is None:
+            h = self.encoder(x)  # (B, 2C, T', H', W')
+        else:
+            if chunk_frames < 1 or chunk_frames % self.config.temporal_down:
+                raise ValueError(f"chunk_frames={chunk_frames} must be a positive multiple of "
+                                 f"temporal_down={self.config.temporal_down}")
+            cache: Cache = {}
+            starts = range(1, x.shape[2], chunk_frames)  # frame 0 alone, then whole chunks
+            pieces = [x[:, :, :1]] + [x[:, :, s:s + chunk_frames] for s in starts]
+            h = torch.cat([self.encoder(p, cache) for p in pieces], dim=2)  # (B, 2C, T', H', W')
+        mean, logvar = h.chunk(2, dim=1)  # (B, C, T', H', W') each
+        return DiagonalGaussian(mean, logvar)
+
+    def encode_latents(self, x: Tensor, sample: bool = False, chunk_frames: int | None = None,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """Normalised latents (z - shift) * scale: what latent shards store and the DiT sees."""
+        posterior = self.encode(x, chunk_frames)
+        z = posterior.sample(generator) if sample else posterior.mean  # (B, C, T', H', W')
+        return self.normalize(z)
+
+    # ---- decode
+
+    def decode(self, z: Tensor, chunk_latent_frames: int | None = None) -> Tensor:
+        """Pixels (B, 3, T, H, W) from NORMALISED latents (inverts scale/shift first)."""
+        return self.decode_raw(self.denormalize(z), chunk_latent_frames)
+
+    def decode_raw(self, z: Tensor, chunk_latent_frames: int | None = None) -> Tensor:
+        """Pixels from raw latents; chunks of chunk_latent_frames latent frames bound memory."""
+        if z.dim() != 5 or z.shape[1] != self.config.latent_channels:
+            raise ValueError(f"z must be (B, {self.config.latent_channels}, T', H', W'), "
+                             f"got {tuple(z.shape)}")
+        if chunk_latent_frames is None:
+            return self.decoder(z)  # (B, 3, T, H, W)
+        if chunk_latent_frames < 1:
+            raise ValueError(f"chunk_latent_frames={chunk_latent_frames} must be >= 1")
+        cache: Cache = {}
+        starts = range(1, z.shape[2], chunk_latent_frames)
+        pieces = [z[:, :, :1]] + [z[:, :, s:s + chunk_latent_frames] for s in starts]
+        return torch.cat([self.decoder(p, cache) for p in pieces], dim=2)  # (B, 3, T, H, W)
+
+    # ---- latent normalisation
+
+    def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.config.latent_channels
+        shift = torch.as_tensor(self.config.shift, dtype=z.dtype, device=z.device)
+        scale = torch.as_tensor(self.config.scale, dtype=z.dtype, device=z.device)
+        return shift.expand(c).view(1, c, 1, 1, 1), scale.expand(c).view(1, c, 1, 1, 1)
+
+    def normalize(self, z: Tensor) -> Tensor:
+        shift, scale = self._stats(z)
+        return (z - shift) * scale
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        shift, scale = self._stats(z)
+        return z / scale + shift
+
+    def set_latent_stats(self, shift: list[float] | float, scale: list[float] | float) -> None:
+        """Store fitted stats in the config (validated), e.g. from `fit_latent_stats`."""
+        self.config = VAEConfig.from_dict({**self.config.to_dict(), "shift": shift,
+                                           "scale": scale})
+
+    fit_latent_stats = staticmethod(fit_latent_stats)
+
+    # ---- training
+
+    def forward(self, x: Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mean
+        return self.decoder(z), posterior  # (B, 3, T, H, W), q(z | x)
+
+    def loss(self, x: Tensor, recon: Tensor, posterior: DiagonalGaussian,
+             kl_weight: float = 1e-6, l1_weight: float = 1.0,
+             mse_weight: float = 0.0) -> dict[str, Tensor]:
+        """total = l1_weight*L1 + mse_weight*MSE (pixel means) + kl_weight*KL (per-sample sum)."""
+        diff = recon.float() - x.float()  # fp32 losses even under bf16 autocast
+        l1, mse = diff.abs().mean(), diff.pow(2).mean()
+        recon_loss = l1_weight * l1 + mse_weight * mse
+        kl = posterior.kl().float().mean()
+        return {"total": recon_loss + kl_weight * kl, "recon": recon_loss, "l1": l1,
+                "mse": mse, "kl": kl}

@@ -1,0 +1,142 @@
+"""Progress and metrics of a training run: loss, grad norm, lr, throughput, data wait, MFU, ETA.
+
+Every rank calls the same methods at the same steps (the loss mean is an all-reduce); only rank 0
+prints and writes TensorBoard. Peak FLOP/s for MFU are stated, not guessed: `peak_flops` in the
+config, else 989e12 per GPU (H100 SXM bf16 dense) or 2.6e11 per CPU worker (fp32 matmul peak
+measured on the project's 2-core reference machine, NOTES-stack).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from t2v import storage
+from t2v.config import TrainConfig
+
+GPU_PEAK = 989e12
+CPU_PEAK = 2.6e11
+
+
+class TensorBoard:
+    """A SummaryWriter on local disk, mirrored to RUN/tb/ when the run lives in object storage."""
+
+    def __init__(self, run_uri: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.remote = storage.join(run_uri, "tb") if storage.is_s3(run_uri) else None
+        local = (tempfile.mkdtemp(prefix="t2v-tb-") if self.remote
+                 else str(storage.local_path(storage.join(run_uri, "tb"))))
+        self.local = local
+        self.writer = SummaryWriter(local)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+
+    def image(self, tag: str, hwc_uint8, step: int) -> None:
+        self.writer.add_image(tag, hwc_uint8, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.remote:
+            for name in os.listdir(self.local):
+                storage.upload_file(os.path.join(self.local, name),
+                                    storage.join(self.remote, name))
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+class Monitor:
+    def __init__(self, cfg: TrainConfig, data_info: dict, run_uri: str, rank: int,
+                 world: int) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.flops_per_sample = float(data_info.get("train_flops_per_sample", 0))
+        self.tokens_per_sample = int(data_info.get("tokens_per_sample", 0))
+        self.peak = cfg.peak_flops or (GPU_PEAK if cfg.use_gpu else CPU_PEAK)
+        self.tb = TensorBoard(run_uri) if rank == 0 else None
+        self.history_uri = storage.join(run_uri, "metrics.jsonl")
+        self.history: list[dict] = []
+        self.loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum, count) since last log
+        self.samples = 0
+        self.wait = 0.0
+        self._wait0 = time.perf_counter()
+        self.t_log = self.t_start = time.perf_counter()
+        self.steps_at_start: int | None = None
+
+    def start(self, step: int) -> None:
+        """Load the history of earlier attempts (dropping steps past `step`) and note the start."""
+        if self.rank != 0:
+            return
+        if storage.exists(self.history_uri):
+            rows = [json.loads(x) for x in storage.read_text(self.history_uri).splitlines() if x]
+            self.history = [r for r in rows if r.get("step", 0) <= step]
+        self.record({"event": "start", "step": step, "time": time.time()})
+
+    def record(self, row: dict) -> None:
+        """Append to RUN/metrics.jsonl (rewritten whole: small, and atomic on S3 too)."""
+        if self.rank != 0:
+            return
+        self.history.append(row)
+        storage.write_text(self.history_uri, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def wait_start(self) -> None:
+        self._wait0 = time.perf_counter()
+
+    def got_batch(self, n: int) -> None:
+        self.wait += time.perf_counter() - self._wait0
+        self.samples += n
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum += torch.tensor([float(loss), 1.0], dtype=torch.float64)
+
+    def step_done(self, step: int, engine) -> dict:
+        if self.steps_at_start is None:
+            self.steps_at_start = step - 1
+        if step % self.cfg.log_every and step != self.cfg.steps:
+            return {}
+        now = time.perf_counter()
+        elapsed = max(now - self.t_log, 1e-9)
+        stats = torch.tensor([*self.loss_sum.tolist(), self.samples, self.wait],
+                             dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)  # sums over ranks
+        loss_sum, count, samples, wait = stats.tolist()
+        per_worker = samples / self.world / elapsed
+        gnorm = engine.get_global_grad_norm()
+        metrics = {
+            "logged": True,
+            "loss": loss_sum / max(count, 1),
+            "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
+            "lr": float(engine.get_lr()[0]),
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": samples / elapsed * self.tokens_per_sample,
+            "data_wait_frac": wait / self.world / elapsed,
+            "mfu": per_worker * self.flops_per_sample / self.peak,
+        }
+        done = step - (self.steps_at_start or 0)
+        rate = done / max(now - self.t_start, 1e-9)
+        metrics["eta_s"] = (self.cfg.steps - step) / rate if rate > 0 else float("nan")
+        if self.rank == 0:
+            print(f"[train] step {step}/{self.cfg.steps} loss {metrics['loss']:.4f} "
+                  f"gnorm {metrics['grad_norm']:.3f} lr {metrics['lr']:.2e} "
+                  f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s "
+                  f"wait {100 * metrics['data_wait_frac']:.1f}% MFU {100 * metrics['mfu']:.1f}% "
+                  f"ETA {metrics['eta_s']:.0f}s", flush=True)
+            self.tb.scalars({f"train/{k}": v for k, v in metrics.items() if k != "logged"}, step)
+            self.tb.flush()
+            self.record({"step": step, **{k: v for k, v in metrics.items() if k != "logged"}})
+        self.loss_sum.zero_()
+        self.samples, self.wait, self.t_log = 0, 0.0, time.perf_counter()
+        return metrics
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

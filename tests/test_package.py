@@ -1,0 +1,114 @@
+"""Model packages: save -> load -> identical outputs, locally and on S3; hash; refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from t2v import storage
+from t2v.models.dit import VideoDiT, dit_config
+from t2v.models.package import PackageError, load_package, read_meta, save_package
+from t2v.models.text import TextEncoderConfig
+from t2v.models.vae import CausalVideoVAE, vae_config
+
+
+def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial weights: the DiT's zero-initialised output would hide a broken load."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return module
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    vae = randomise(CausalVideoVAE(vae_config("debug", scale=0.7, shift=0.1)), 1).eval()
+    dit = randomise(VideoDiT(dit_config("debug", in_channels=vae.config.latent_channels)), 2)
+    return vae, dit.eval()
+
+
+def outputs(vae, dit, text_emb, mask):
+    g = torch.Generator().manual_seed(3)
+    video = torch.rand(1, 3, 5, 16, 16, generator=g) * 2 - 1
+    z = vae.encode_latents(video)
+    v = dit(z, torch.tensor([0.3]), text_emb, mask)
+    return z, v, vae.decode(z)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_round_trip_identical_outputs(models, where, tmp_path, request):
+    vae, dit = models
+    root = (str(tmp_path / "pkg") if where == "local"
+            else storage.join(request.getfixturevalue("s3_bucket"), "pkg"))
+    h = save_package(root, vae=vae, dit=dit, text=TextEncoderConfig(max_length=8),
+                     run={"name": "unit", "step": 7})
+    pkg = load_package(root)
+    assert pkg.hash == h and len(h) == 64
+    assert pkg.meta.run == {"name": "unit", "step": 7}
+    assert pkg.meta.vae.scale == vae.config.scale and pkg.meta.vae.shift == vae.config.shift
+    emb, mask = pkg.text(["a red circle moving left"])
+    assert emb.shape == (1, 8, 384)
+    for a, b in zip(outputs(vae, dit, emb, mask), outputs(pkg.vae, pkg.dit, emb, mask),
+                    strict=True):
+        assert torch.equal(a, b)
+    # Same content -> same hash; different weights -> different hash.
+    assert save_package(root, vae=vae, dit=dit, text=TextEncoderConfig(max_length=8),
+                        run={"name": "unit", "step": 7}) == h
+    other = randomise(VideoDiT(dit.config), 9)
+    assert save_package(root, vae=vae, dit=other, text=TextEncoderConfig(max_length=8),
+                        run={"name": "unit", "step": 7}) != h
+
+
+def test_vae_only_package(models, tmp_path):
+    vae, _ = models
+    save_package(str(tmp_path), vae=vae, run={"stage": "vae"})
+    pkg = load_package(str(tmp_path))
+    assert pkg.dit is None and pkg.text is None and pkg.meta.dit is None
+    assert not (tmp_path / "dit.safetensors").exists()
+
+
+def test_refusals(models, tmp_path):
+    vae, dit = models
+    with pytest.raises(PackageError, match="not a model package"):
+        load_package(str(tmp_path / "empty"))
+    root = tmp_path / "pkg"
+    save_package(str(root), vae=vae, dit=dit)
+    meta = json.loads((root / "model.json").read_text())
+    (root / "model.json").write_text(json.dumps(meta | {"format_version": 99}))
+    with pytest.raises(PackageError, match="format_version 99"):
+        read_meta(str(root))
+    (root / "model.json").write_text(json.dumps(meta | {"dit": meta["dit"] | {"depth": 5}}))
+    with pytest.raises(PackageError, match="weights do not match the config"):
+        load_package(str(root), load_text=False)
+    (root / "model.json").write_text(json.dumps(meta))
+    (root / "dit.safetensors").unlink()
+    with pytest.raises(PackageError, match="dit.safetensors is missing"):
+        load_package(str(root))
+    (root / "model.json").write_text("{not json")
+    with pytest.raises(PackageError, match="invalid"):
+        read_meta(str(root))
+
+
+class _Payload:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_is_never_loaded(models, tmp_path):
+    """A pickle named like a weight file is refused, and its payload never runs."""
+    vae, dit = models
+    save_package(str(tmp_path), vae=vae, dit=dit)
+    marker = tmp_path / "pwned"
+    torch.save({"w": _Payload(marker)}, tmp_path / "dit.safetensors")
+    with pytest.raises(PackageError, match="not a safetensors file"):
+        load_package(str(tmp_path), load_text=False)
+    assert not marker.exists()
