@@ -77,15 +77,25 @@ def ray_cluster(moto_s3):  # noqa: F811 - moto first: Ray's processes inherit th
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "DS_ACCELERATOR": "cpu"}
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+    def own_ports() -> list[str]:
+        # Fixed defaults (52365, ...) collide between the two nodes and with a cluster that is
+        # still shutting down; every listening port of every node gets a free one instead.
+        return [f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}"]
+
     _ray_cli("start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=4",
-             f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={temp}", *common, env=env)
+             f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={temp}",
+             f"--ray-client-server-port={free_port()}", *own_ports(), *common, env=env)
     cluster = RayCluster(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dash}",
                          temp_dir=temp, env=env)
     try:
         _ray_cli("start", f"--address=127.0.0.1:{port}", "--num-cpus=2",
-                 f"--object-store-memory={NODE2_OBJECT_STORE_BYTES}", f"--temp-dir={temp}",
-                 *common, env=env)
+                 f"--object-store-memory={NODE2_OBJECT_STORE_BYTES}", f"--temp-dir={temp}n2",
+                 *own_ports(), *common, env=env)
         os.environ["RAY_AUTH_MODE"] = "disabled"
         ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -95,10 +105,11 @@ def ray_cluster(moto_s3):  # noqa: F811 - moto first: Ray's processes inherit th
         yield cluster
     finally:
         ray.shutdown()
-        _stop_processes_under(temp)
+        _stop_processes_under(temp)  # also matches node 2's "{temp}n2"
         # NOTES-stack: a custom --temp-dir leaves this file and later ray.init() would try it.
         Path(temp, "ray_current_cluster").unlink(missing_ok=True)
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp + "n2", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,9 @@ Chunked encode/decode streams the clip through the same layers: each causal conv
 frames its next window still needs (kernel_t - stride_t of them) in a cache between chunks, the idea
 of Wan's `feat_cache`. Chunked output equals the unchunked one up to float rounding (~1e-6 in fp32).
 
+Temporal kernels start as 2D ones (weight on the current frame only, "inflated" init): with random
+temporal mixing at init a small VAE sat for hundreds of steps at a background-only output.
+
 Latent normalisation (the latent-shard contract): `encode_latents` returns (mean - shift) * scale,
 `decode` inverts it first. `scale`/`shift` live in `VAEConfig`, so they travel in every config.json.
 """
@@ -61,29 +64,22 @@ class VAEConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"VAEConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("spatial_down", "temporal_down"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"VAEConfig.{name} must be a power of 2, got {v}")
+            if getattr(self, name) < 1 or getattr(self, name) & (getattr(self, name) - 1):
+                raise ValueError(f"VAEConfig.{name} must be a power of 2, got {getattr(self, name)}")
         if 2 ** (len(self.channel_mult) - 1) != self.spatial_down:
-            raise ValueError(f"channel_mult {self.channel_mult} has {len(self.channel_mult)} "
-                             f"levels; spatial_down={self.spatial_down} needs "
-                             f"{int(math.log2(self.spatial_down)) + 1}")
-        if self.temporal_down > self.spatial_down:
-            raise ValueError(f"temporal_down={self.temporal_down} > spatial_down="
-                             f"{self.spatial_down}: each 2x time stage rides on a spatial one")
-        for m in self.channel_mult:
-            if m < 1 or (self.base_channels * m) % self.norm_groups:
-                raise ValueError(f"norm_groups={self.norm_groups} must divide level channels "
-                                 f"{self.base_channels}*{m}")
+            raise ValueError(f"channel_mult={self.channel_mult} needs "
+                             f"log2(spatial_down={self.spatial_down}) + 1 levels")
+        if self.temporal_down > self.spatial_down:  # each 2x time stage rides on a spatial one
+            raise ValueError(f"temporal_down={self.temporal_down} > spatial_down={self.spatial_down}")
+        if any(m < 1 or self.base_channels * m % self.norm_groups for m in self.channel_mult):
+            raise ValueError(f"norm_groups={self.norm_groups} must divide every level's channels "
+                             f"{[self.base_channels * m for m in self.channel_mult]}")
         for name in ("scale", "shift"):
             v = getattr(self, name)
-            if isinstance(v, (list, tuple)):
-                if len(v) != self.latent_channels:
-                    raise ValueError(f"VAEConfig.{name} has {len(v)} values for "
-                                     f"latent_channels={self.latent_channels}")
-                setattr(self, name, [float(a) for a in v])
-            else:
-                setattr(self, name, float(v))
+            if isinstance(v, (list, tuple)) and len(v) != self.latent_channels:
+                raise ValueError(f"VAEConfig.{name} has {len(v)} values for "
+                                 f"latent_channels={self.latent_channels}")
+            setattr(self, name, [float(a) for a in v] if isinstance(v, (list, tuple)) else float(v))
         scales = self.scale if isinstance(self.scale, list) else [self.scale]
         if any(s == 0 or not math.isfinite(s) for s in scales):
             raise ValueError(f"VAEConfig.scale must be finite and non-zero, got {self.scale}")
@@ -128,17 +124,10 @@ class DiagonalGaussian:
         self.mean = mean  # (B, C, T', H', W')
         self.logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite early in training
 
-    @property
-    def std(self) -> Tensor:
-        return torch.exp(0.5 * self.logvar)
-
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
                           dtype=self.mean.dtype)
-        return self.mean + self.std * eps  # (B, C, T', H', W')
-
-    def mode(self) -> Tensor:
-        return self.mean
+        return self.mean + torch.exp(0.5 * self.logvar) * eps  # (B, C, T', H', W')
 
     def kl(self) -> Tensor:
         """KL(q || N(0, I)) summed over each sample's latent values: shape (B,)."""
@@ -177,6 +166,13 @@ class CausalConv3d(nn.Module):
         self.kt, self.st = kernel[0], stride[0]
         self.conv = nn.Conv3d(cin, cout, kernel, stride=stride,
                               padding=(0, kernel[1] // 2, kernel[2] // 2))
+        if self.kt > 1:  # start as a per-frame 2D conv: random temporal mixing slows training a lot
+            with torch.no_grad():
+                w = self.conv.weight  # (Cout, Cin, kt, kh, kw)
+                w2d = w[:, :, -1] * self.kt**0.5  # a 2D init at the 2D fan-in
+                w.zero_()
+                taps = self.st  # a strided conv averages the frames it folds together
+                w[:, :, -taps:] = (w2d / taps).unsqueeze(2)
 
     def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
         if self.kt == 1 and self.st == 1:
@@ -218,33 +214,8 @@ class ResBlock(nn.Module):
         return (x if self.skip is None else self.skip(x)) + h
 
 
-class Downsample(nn.Module):
-    """2x space (stride-2 conv) and optionally 2x time: 1 + 2m frames -> 1 + m."""
-
-    def __init__(self, ch: int, temporal: bool) -> None:
-        super().__init__()
-        # time kernel 3 / stride 2 with 2 past frames: output j sees frames 2j-2..2j, so frame 0
-        # alone makes output 0 and each later pair (2j-1, 2j) one more
-        kt, st = (3, 2) if temporal else (1, 1)
-        self.st = st
-        self.conv = CausalConv3d(ch, ch, (kt, 3, 3), (st, 2, 2))
-
-    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
-        h = self.conv(x, cache)  # (B, C, 1 + (T-1)/st, H/2, W/2)
-        if not SHORT:
-            return h
-        if self.st == 2:
-            if cache is None or self not in cache:
-                x = torch.cat([x[:, :, :1], x], dim=2)
-                if cache is not None:
-                    cache[self] = x.new_empty(0)
-        return h + F.avg_pool3d(x, (self.st, 2, 2))
-
-
-import os
-SHORT = "short" in os.environ.get("VAEX", "")
 class Upsample(nn.Module):
-    """Mirror of Downsample: 1 + m frames -> 1 + 2m, then 2x space (nearest + conv)."""
+    """Mirror of the encoder's stride-2 conv: 1 + m frames -> 1 + 2m, then 2x space."""
 
     def __init__(self, ch: int, temporal: bool) -> None:
         super().__init__()
@@ -268,7 +239,7 @@ class Upsample(nn.Module):
                 if cache is not None:
                     cache[self] = x.new_empty(0)  # marks "first chunk done"
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")  # (B, C, T, 2H, 2W)
-        return self.conv(x, cache) + (x if SHORT else 0)
+        return self.conv(x, cache)
 
 
 class OutHead(nn.Module):
@@ -299,7 +270,10 @@ def _encoder_layers(cfg: VAEConfig) -> list[nn.Module]:
             layers.append(ResBlock(ch, out, g))
             ch = out
         if level < len(chans) - 1:
-            layers.append(Downsample(ch, temporal[level]))
+            # time kernel 3 / stride 2 over 2 past frames: output j sees frames 2j-2..2j, so frame
+            # 0 alone makes output 0 and each later pair (2j-1, 2j) one more: 1 + 2m -> 1 + m
+            kt, st = (3, 2) if temporal[level] else (1, 1)
+            layers.append(CausalConv3d(ch, ch, (kt, 3, 3), (st, 2, 2)))
     layers += [ResBlock(ch, ch, g), OutHead(ch, 2 * cfg.latent_channels, g)]  # mean, logvar
     return layers
 
@@ -330,6 +304,12 @@ class CausalStack(nn.Module):
         for layer in self.layers:
             x = layer(x, cache)
         return x
+
+    def stream(self, x: Tensor, chunk: int) -> Tensor:
+        """Same result as forward(x): frame 0 alone, then `chunk` frames at a time."""
+        cache: Cache = {}
+        pieces = [x[:, :, :1]] + [x[:, :, s:s + chunk] for s in range(1, x.shape[2], chunk)]
+        return torch.cat([self(p, cache) for p in pieces], dim=2)  # (B, C', T', H', W')
 
 
 # ----------------------------------------------------------------------------- model
@@ -375,14 +355,11 @@ class CausalVideoVAE(nn.Module):
         self.latent_shape(*x.shape[2:])
         if chunk_frames is None:
             h = self.encoder(x)  # (B, 2C, T', H', W')
-        else:
-            if chunk_frames < 1 or chunk_frames % self.config.temporal_down:
-                raise ValueError(f"chunk_frames={chunk_frames} must be a positive multiple of "
-                                 f"temporal_down={self.config.temporal_down}")
-            cache: Cache = {}
-            starts = range(1, x.shape[2], chunk_frames)  # frame 0 alone, then whole chunks
-            pieces = [x[:, :, :1]] + [x[:, :, s:s + chunk_frames] for s in starts]
-            h = torch.cat([self.encoder(p, cache) for p in pieces], dim=2)  # (B, 2C, T', H', W')
+        elif chunk_frames < 1 or chunk_frames % self.config.temporal_down:
+            raise ValueError(f"chunk_frames={chunk_frames} must be a positive multiple of "
+                             f"temporal_down={self.config.temporal_down}")
+        else:  # whole groups of temporal_down frames per chunk keep every chunk aligned
+            h = self.encoder.stream(x, chunk_frames)  # (B, 2C, T', H', W')
         mean, logvar = h.chunk(2, dim=1)  # (B, C, T', H', W') each
         return DiagonalGaussian(mean, logvar)
 
@@ -408,10 +385,7 @@ class CausalVideoVAE(nn.Module):
             return self.decoder(z)  # (B, 3, T, H, W)
         if chunk_latent_frames < 1:
             raise ValueError(f"chunk_latent_frames={chunk_latent_frames} must be >= 1")
-        cache: Cache = {}
-        starts = range(1, z.shape[2], chunk_latent_frames)
-        pieces = [z[:, :, :1]] + [z[:, :, s:s + chunk_latent_frames] for s in starts]
-        return torch.cat([self.decoder(p, cache) for p in pieces], dim=2)  # (B, 3, T, H, W)
+        return self.decoder.stream(z, chunk_latent_frames)  # (B, 3, T, H, W)
 
     # ---- latent normalisation
 
@@ -446,8 +420,11 @@ class CausalVideoVAE(nn.Module):
 
     def loss(self, x: Tensor, recon: Tensor, posterior: DiagonalGaussian,
              kl_weight: float = 1e-6, l1_weight: float = 1.0,
-             mse_weight: float = 0.0) -> dict[str, Tensor]:
-        """total = l1_weight*L1 + mse_weight*MSE (pixel means) + kl_weight*KL (per-sample sum)."""
+             mse_weight: float = 1.0) -> dict[str, Tensor]:
+        """total = l1_weight*L1 + mse_weight*MSE (pixel means) + kl_weight*KL (per-sample sum).
+
+        MSE on by default: with L1 alone a tiny VAE sits far longer at "background only".
+        """
         diff = recon.float() - x.float()  # fp32 losses even under bf16 autocast
         l1, mse = diff.abs().mean(), diff.pow(2).mean()
         recon_loss = l1_weight * l1 + mse_weight * mse

@@ -76,12 +76,12 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench/data.json")
     args = p.parse_args()
 
+    import logging
+
     import ray
     from moto.server import ThreadedMotoServer
 
     from tests.s3_fixtures import free_port
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
     port = free_port()
@@ -95,7 +95,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             roots = {"local": tmp, "s3": "s3://bench/shapes"}
-            for where, root in roots.items():
+            for root in roots.values():
                 run_synth(SynthConfig(out=root, num=args.num, frames=args.frames,
                                       size=args.size, shard_size=32, seed=0))
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
