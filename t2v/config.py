@@ -222,6 +222,51 @@ class TrainConfig(Section):
     ray_address: str | None = None
 
 
+class RenderConfig(Section):
+    """`t2v render`: a prompt file -> videos, posters and a manifest in object storage."""
+
+    model: str = ""
+    """Model package URI."""
+    prompts: str = ""
+    """Prompt file URI: .txt (a prompt a line), .jsonl, or .csv with a header."""
+    out: str = ""
+    """Output location: videos/, posters/, manifest/, summary.json, index.html."""
+    steps: int = Field(30, ge=1, le=1000)
+    cfg: float = Field(5.0, ge=0, le=50)
+    sampler: str = "euler"
+    shift: float = Field(1.0, gt=0)
+    """Timestep shift of the sampling schedule (1 = none)."""
+    seed: int = 0
+    """Base seed: a row without `seed` gets one derived from (seed, id)."""
+    frames: int | None = Field(None, ge=1)
+    """Default frames per video (None: the model's training clip length)."""
+    height: int | None = Field(None, ge=8)
+    width: int | None = Field(None, ge=8)
+    negative_prompt: str = ""
+    num_per_prompt: int = Field(1, ge=1, le=64)
+    crf: int = Field(18, ge=0, le=51)
+    fps: float = Field(8.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    """Videos per sampler call (rows of equal shape and steps are batched together)."""
+    concurrency: list[int] = [1, 1]
+    """[min, max] renderer actors (Ray Data autoscaling actor pool)."""
+    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    overwrite: bool = False
+    dry_run: bool = False
+    truncate: bool = True
+    """Prompts longer than the text encoder takes are cut (True) or become error rows (False)."""
+    fail_after: int | None = Field(None, ge=0)
+    """Test hook: the job raises after this many videos are written (fault injection)."""
+
+    @field_validator("concurrency")
+    @classmethod
+    def _render_min_max(cls, v: list[int]) -> list[int]:
+        if len(v) != 2 or not 1 <= v[0] <= v[1]:
+            raise ValueError(f"concurrency must be [min, max] with 1 <= min <= max, got {v}")
+        return v
+
+
 class DemoConfig(Section):
     """`t2v demo`: the README's first command."""
 

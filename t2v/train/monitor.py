@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 import time
 
@@ -104,10 +105,13 @@ class Monitor:
             return {}
         now = time.perf_counter()
         elapsed = max(now - self.t_log, 1e-9)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
         stats = torch.tensor([*self.loss_sum.tolist(), self.samples, self.wait],
                              dtype=torch.float64)
+        peak = torch.tensor([rss], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)  # sums over ranks
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         loss_sum, count, samples, wait = stats.tolist()
         per_worker = samples / self.world / elapsed
         gnorm = engine.get_global_grad_norm()
@@ -120,6 +124,7 @@ class Monitor:
             "tokens_per_s": samples / elapsed * self.tokens_per_sample,
             "data_wait_frac": wait / self.world / elapsed,
             "mfu": per_worker * self.flops_per_sample / self.peak,
+            "worker_peak_rss_mb": float(peak.item()),
         }
         done = step - (self.steps_at_start or 0)
         rate = done / max(now - self.t_start, 1e-9)

@@ -1,0 +1,461 @@
+"""`t2v render`: a prompt file -> videos, posters and a manifest, on a Ray Data actor pool.
+
+The driver does everything cheap and decisive before a GPU is touched: it reads the package's
+model.json (missing model: one line), parses and validates the whole prompt file (bad rows become
+error rows), writes and deletes `{out}/.preflight` (missing bucket, no permission: one line), and
+reads the manifest to skip ids already rendered. It then groups the remaining videos into batches
+of equal (frames, height, width, steps, guided) -- steps and shape must match inside one sampler
+call, cfg may differ per row -- and sends one batch per Ray Data row to `Renderer` actors
+(`map_batches` with a callable class, `concurrency=(min, max)`). Each actor loads the package
+once, samples with per-row seeds (a video never depends on its batch mates), encodes mp4 and
+poster, writes them atomically and then its manifest part. Ray Data restarts an actor lost with
+its node and retries its batch; the rewrite is idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from t2v import storage
+from t2v.config import RenderConfig
+from t2v.data.video import encode_mp4, to_png
+from t2v.diffusion.sampling import SAMPLERS, denoise, get_noise
+from t2v.models.dit import VideoDiT
+from t2v.models.package import PackageError, PackageMeta, load_package, read_meta
+from t2v.models.text import TextEncoder, TextEncoderConfig
+from t2v.models.vae import CausalVideoVAE
+from t2v.render import manifest as mf
+from t2v.render.prompts import ParsedPrompts, PromptRules, parse_prompts, prompt_format
+from t2v.train.validation import to_uint8
+
+log = logging.getLogger("t2v.render")
+
+DEFAULT_FRAMES, DEFAULT_SIZE = 9, 32
+"""Used when neither the config nor the package's run metadata gives a clip size."""
+MEASURE_MAX_PARAMS = 60_000_000
+"""Dry-run ETA: DiTs up to this size are timed on the driver's CPU; larger ones are estimated
+from FLOPs (a CPU driver cannot time a 1B model at 480p in reasonable time)."""
+ASSUMED_FLOPS = {"gpu": 0.4 * 989e12, "cpu": 0.5 * 2.6e11}
+"""Sustained FLOP/s for the FLOPs estimate: 40% of H100 bf16 dense peak, half of this project's
+2-core reference CPU (see TrainConfig.peak_flops)."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the `fail_after` test hook."""
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class RenderModel:
+    """What a renderer holds: the networks of one package, on one device."""
+
+    dit: VideoDiT
+    vae: CausalVideoVAE
+    text: TextEncoder
+    device: torch.device
+
+    @classmethod
+    def load(cls, uri: str, truncate: bool = True,
+             device: torch.device | None = None) -> tuple[RenderModel, str]:
+        """Load a package (DiT + VAE + text encoder); returns the model and the package hash."""
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        pkg = load_package(uri, device=device, load_text=False)
+        if pkg.dit is None or pkg.vae is None:
+            raise PackageError(f"{uri}: rendering needs a DiT and a VAE in the package")
+        text = TextEncoder(replace(pkg.meta.text, truncate=truncate)).to(device)
+        return cls(pkg.dit.requires_grad_(False), pkg.vae.requires_grad_(False), text,
+                   device), pkg.hash
+
+
+def _check_batch(samples: list[dict]) -> tuple[int, int, int, int]:
+    keys = {(s["frames"], s["height"], s["width"], s["steps"]) for s in samples}
+    if len(keys) != 1:
+        raise ValueError(f"a batch needs one (frames, height, width, steps), got {sorted(keys)}")
+    return keys.pop()
+
+
+@torch.no_grad()
+def render_batch(model: RenderModel, samples: list[dict], sampler: str = "euler",
+                 shift: float = 1.0) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Samples of one shape and step count -> (latents (B, C, T', H', W'), videos (T, H, W, 3)).
+
+    Needs no Ray. Each sample's noise comes from its own seed (`get_noise`) and cfg is per
+    sample, so a video depends only on its own row: batch size and batch mates change nothing
+    but the summation order inside batched matmuls (float32 latents agree to ~1e-6, pixels to
+    one uint8 level; see tests/test_render.py).
+    """
+    frames, height, width, steps = _check_batch(samples)
+    unique = list(dict.fromkeys([s["prompt"] for s in samples]
+                                + [s["negative_prompt"] for s in samples]))
+    emb, emb_mask = model.text(unique)  # (U, L, D), (U, L): each distinct string once
+    pos = [unique.index(s["prompt"]) for s in samples]
+    neg = [unique.index(s["negative_prompt"]) for s in samples]
+    text, mask = emb[pos], emb_mask[pos]  # (B, L, D), (B, L)
+    neg_text, neg_mask = emb[neg], emb_mask[neg]  # (B, L, D), (B, L)
+    shape = model.vae.latent_shape(frames, height, width)  # (C, T', H', W')
+    noise = get_noise(shape, [s["seed"] for s in samples], device=model.device)  # (B, C, T', ..)
+    cfg = torch.tensor([float(s["cfg"]) for s in samples])  # (B,)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
+    with autocast:
+        z = denoise(model.dit, noise, text, mask, neg_text, neg_mask, steps=steps, cfg=cfg,
+                    shift=shift, sampler=sampler)  # (B, C, T', H', W') float32
+    pixels = model.vae.decode(z.float())  # (B, 3, T, H, W), unclamped
+    return z, [to_uint8(v) for v in pixels]
+
+
+# ----------------------------------------------------------------------------- the actor
+
+
+class Renderer:
+    """Ray Data actor: a row {"index", "samples" (JSON)} -> written videos + a manifest part."""
+
+    def __init__(self, cfg: RenderConfig, job: dict) -> None:
+        self.cfg, self.job = cfg, job
+        self.model, digest = RenderModel.load(cfg.model, truncate=cfg.truncate)
+        if digest != job["package_hash"]:  # every row must say what made its video
+            raise PackageError(f"{cfg.model}: the package changed while the job ran (hash "
+                               f"{digest[:12]}, planned {job['package_hash'][:12]})")
+        self.written = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for index, samples in zip(batch["index"], batch["samples"], strict=True):
+            out.append(json.dumps(self._batch(int(index), json.loads(samples))))
+        return {"rows": np.array(out, dtype=object)}
+
+    def _fault(self) -> None:
+        limit = self.cfg.fail_after
+        if limit is not None and self.written >= limit:
+            raise InjectedFault(f"fail_after={limit}: injected failure after {self.written} "
+                                "videos written by this actor")
+
+    def _batch(self, index: int, samples: list[dict]) -> list[dict]:
+        self._fault()
+        t0 = time.time()
+        try:
+            results = [(s, v, None) for s, v in zip(samples, self._sample(samples), strict=True)]
+        except Exception as e:  # noqa: BLE001 - a bad batch is isolated row by row below
+            if len(samples) == 1:
+                results = [(samples[0], None, _line(e))]
+            else:
+                results = [self._one(s) for s in samples]
+        per_video = (time.time() - t0) / len(samples)
+        rows = [self._write(s, video, err, per_video) for s, video, err in results]
+        self._fault()  # after the videos, before their rows: the worst moment to die
+        mf.write_part(self.cfg.out, self.job["run"], f"b{index:06d}", rows)
+        return rows
+
+    def _sample(self, samples: list[dict]) -> list[np.ndarray]:
+        z, videos = render_batch(self.model, samples, self.cfg.sampler, self.cfg.shift)
+        bad = (~torch.isfinite(z).flatten(1).all(dim=1)).tolist()
+        if any(bad):
+            raise ValueError("non-finite latents")
+        return videos
+
+    def _one(self, sample: dict) -> tuple[dict, np.ndarray | None, str | None]:
+        try:
+            return sample, self._sample([sample])[0], None
+        except Exception as e:  # noqa: BLE001 - recorded in the row; the job goes on
+            return sample, None, _line(e)
+
+    def _write(self, sample: dict, video: np.ndarray | None, error: str | None,
+               seconds: float) -> dict:
+        if error is None:
+            t0 = time.time()
+            try:
+                mp4 = encode_mp4(video, fps=self.cfg.fps, crf=self.cfg.crf)
+                png = to_png(video[video.shape[0] // 2])  # the middle frame
+                vuri = mf.video_uri(self.cfg.out, sample["id"])
+                puri = mf.poster_uri(self.cfg.out, sample["id"])
+                storage.write_bytes(vuri, mp4)  # atomic: all of it or nothing at the final path
+                storage.write_bytes(puri, png)
+            except (ValueError, storage.StorageError) as e:
+                error = _line(e)
+            else:
+                self.written += 1
+                return mf.make_row(self.job, sample, status="ok", video=vuri, poster=puri,
+                                   seconds=seconds + time.time() - t0)
+        return mf.make_row(self.job, sample, status="error", error=error, seconds=seconds)
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class RenderPlan:
+    cfg: RenderConfig
+    meta: PackageMeta
+    job: dict
+    """Settings every manifest row records (model, package_hash, sampler, run, ...)."""
+    parsed: ParsedPrompts
+    todo: list[dict]
+    """Samples to render in this run."""
+    done: int
+    """Samples skipped: their video and an ok row exist."""
+    changed: int
+    """Of those, samples whose ok row was made with other settings (kept; --overwrite redoes)."""
+
+
+def prompt_rules(cfg: RenderConfig, meta: PackageMeta) -> PromptRules:
+    """Defaults and limits for prompt rows: the job's flags, else the package's, else 9x32x32."""
+    if meta.dit is None or meta.vae is None:
+        raise PackageError(f"{cfg.model}: rendering needs a DiT and a VAE in the package "
+                           f"(dit: {meta.dit is not None}, vae: {meta.vae is not None})")
+    run_size = meta.run.get("size")
+    rules = PromptRules(
+        base_seed=cfg.seed, steps=cfg.steps, cfg=cfg.cfg, negative_prompt=cfg.negative_prompt,
+        frames=cfg.frames or int(meta.run.get("frames") or DEFAULT_FRAMES),
+        height=cfg.height or int(run_size or DEFAULT_SIZE),
+        width=cfg.width or int(run_size or DEFAULT_SIZE),
+        temporal_down=meta.vae.temporal_down, temporal_patch=meta.dit.patch[0],
+        spatial_multiple=meta.vae.spatial_down * math.lcm(*meta.dit.patch[1:]),
+        max_tokens=None if cfg.truncate else meta.text.max_length,
+        num_per_prompt=cfg.num_per_prompt)
+    probe = parse_prompts(b'{"prompt": "x"}', ".jsonl", rules)  # the defaults must be valid
+    if probe.errors:
+        raise ValueError(f"render defaults: {probe.errors[0].error} (set --frames/--height/"
+                         "--width to suit this model)")
+    return rules
+
+
+def load_tokenizer(text: TextEncoderConfig):  # noqa: ANN201 - a transformers tokenizer
+    """The text encoder's tokenizer alone (the driver counts tokens; it needs no weights).
+
+    Same folder rules as TextEncoder: an explicit tokenizer, else beside the weights, else the
+    diffusers layout's sibling `tokenizer/`.
+    """
+    from transformers import AutoTokenizer
+
+    from t2v.models.text import resolve_model_dir
+
+    model_dir = resolve_model_dir(text.ref)
+    tok_dir = resolve_model_dir(text.tokenizer, "tokenizer") if text.tokenizer else model_dir
+    if text.tokenizer is None and (model_dir.parent / "tokenizer").is_dir() and not (
+            (model_dir / "tokenizer.json").exists() or (model_dir / "spiece.model").exists()):
+        tok_dir = model_dir.parent / "tokenizer"
+    return AutoTokenizer.from_pretrained(Path(tok_dir), local_files_only=True)
+
+
+def preflight(out: str) -> None:
+    """Prove the output location exists and takes writes, before any rendering."""
+    uri = storage.join(out, ".preflight")
+    storage.write_bytes(uri, b"t2v render preflight\n")
+    storage.delete(uri)
+
+
+def _settings(row: dict) -> tuple:
+    keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "frames", "height", "width",
+            "sampler", "shift", "package_hash")
+    return tuple(row.get(k) for k in keys)
+
+
+def plan_render(cfg: RenderConfig) -> RenderPlan:
+    """Every whole-job check, the parsed prompt file and what is left to do; writes nothing but
+    the preflight object (and that not in a dry run)."""
+    from t2v.data.encode import package_hash
+
+    for name in ("model", "prompts", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"render needs {name}=URI (--{name})")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"sampler={cfg.sampler!r} unknown; known: {', '.join(SAMPLERS)}")
+    meta = read_meta(cfg.model)
+    if meta.vae_ref is not None:
+        raise PackageError(f"{cfg.model}: diffusers VAE references ({meta.vae_ref}) are not "
+                           "supported by render yet")
+    rules = prompt_rules(cfg, meta)
+    fmt = prompt_format(cfg.prompts)
+    data = storage.read_bytes(cfg.prompts)
+    if not cfg.dry_run:
+        preflight(cfg.out)
+    counter = None
+    if not cfg.truncate:
+        tokenizer = load_tokenizer(meta.text)
+        counter = lambda texts: [len(i) for i in tokenizer(texts)["input_ids"]]  # noqa: E731
+    parsed = parse_prompts(data, fmt, rules, source=cfg.prompts, count_tokens=counter)
+    job = {"model": cfg.model, "package_hash": package_hash(cfg.model), "sampler": cfg.sampler,
+           "shift": cfg.shift, "fps": cfg.fps, "crf": cfg.crf, "run": mf.new_run_id(),
+           "source": cfg.prompts}
+    samples = [s for row in parsed.rows for s in row.samples(cfg.num_per_prompt)]
+    ok, _ = mf.latest_rows(mf.read_manifest(cfg.out))  # raises on a missing bucket
+    videos = set(storage.list_prefix(storage.join(cfg.out, mf.VIDEOS_DIR), suffix=".mp4"))
+    todo, done, changed = [], 0, 0
+    for s in samples:
+        row = ok.get(s["id"])
+        if cfg.overwrite or row is None or mf.video_uri(cfg.out, s["id"]) not in videos:
+            todo.append(s)
+            continue
+        done += 1
+        changed += _settings(row) != _settings({**s, **job})
+    return RenderPlan(cfg, meta, job, parsed, todo, done, changed)
+
+
+def batch_key(sample: dict) -> tuple:
+    """Samples that may share a sampler call: same shape and steps, and all guided (cfg != 1)
+    or none (an unguided batch runs the conditional half only)."""
+    return (sample["frames"], sample["height"], sample["width"], sample["steps"],
+            float(sample["cfg"]) != 1.0)
+
+
+def make_batches(samples: list[dict], batch_size: int) -> list[list[dict]]:
+    """Group by `batch_key` (in first-appearance order, rows in line order), then chunk."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in samples:
+        groups.setdefault(batch_key(s), []).append(s)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def estimate_seconds(plan: RenderPlan) -> tuple[float, str]:
+    """Wall seconds to render `plan.todo` with the max actors, and how that was estimated."""
+    cfg, dcfg = plan.cfg, plan.meta.dit
+    batches = make_batches(plan.todo, cfg.batch_size)
+    if not batches:
+        return 0.0, "nothing to render"
+    calls = {"euler": 1, "dpm_solver_2m": 1, "heun": 2}[cfg.sampler]
+    with torch.device("meta"):
+        params = VideoDiT(dcfg).num_params()
+    measure = cfg.gpus_per_worker == 0 and params <= MEASURE_MAX_PARAMS
+    shapes: dict[tuple, float] = {}
+    total = 0.0
+    for batch in batches:
+        s = batch[0]
+        b = len(batch) * (2 if batch_key(s)[4] else 1)
+        vae_shape = (s["frames"] - 1) // plan.meta.vae.temporal_down + 1
+        x_shape = (b, dcfg.in_channels, vae_shape, s["height"] // plan.meta.vae.spatial_down,
+                   s["width"] // plan.meta.vae.spatial_down)
+        if x_shape not in shapes:
+            shapes[x_shape] = (_time_step(dcfg, x_shape, plan.meta.text.max_length) if measure
+                               else _flops_step(dcfg, x_shape, plan.meta.text.max_length, cfg))
+        total += shapes[x_shape] * s["steps"] * calls
+    how = (f"measured one DiT step per shape on this CPU ({len(shapes)} shapes, DiT only)"
+           if measure else "DiT FLOPs at an assumed "
+           f"{ASSUMED_FLOPS['gpu' if cfg.gpus_per_worker else 'cpu'] / 1e12:.2f} TFLOP/s")
+    return total / cfg.concurrency[1], how
+
+
+@torch.no_grad()
+def _time_step(dcfg, x_shape: tuple, text_len: int) -> float:  # noqa: ANN001 - DiTConfig
+    torch.manual_seed(0)
+    dit = VideoDiT(dcfg).eval()
+    x, t = torch.randn(x_shape), torch.full((x_shape[0],), 0.5)
+    text = torch.randn(x_shape[0], text_len, dcfg.text_dim)
+    dit(x, t, text)  # warm-up: RoPE cache, allocator
+    t0 = time.perf_counter()
+    dit(x, t, text)
+    return time.perf_counter() - t0
+
+
+def _flops_step(dcfg, x_shape: tuple, text_len: int, cfg: RenderConfig) -> float:  # noqa: ANN001
+    with torch.device("meta"):
+        flops = VideoDiT(dcfg).flops(x_shape, text_len)
+    return flops / ASSUMED_FLOPS["gpu" if cfg.gpus_per_worker else "cpu"]
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _counts(plan: RenderPlan) -> dict:
+    p = plan.parsed
+    return {"lines": p.lines, "valid_rows": len(p.rows), "error_rows": len(p.errors),
+            "videos": len(p.rows) * plan.cfg.num_per_prompt, "to_render": len(plan.todo),
+            "already_done": plan.done}
+
+
+def dry_run(plan: RenderPlan) -> dict:
+    seconds, how = estimate_seconds(plan)
+    report = {"dry_run": True, **_counts(plan), "eta_s": round(seconds, 1), "eta_method": how,
+              "errors": [{"line": e.line, "error": e.error} for e in plan.parsed.errors]}
+    print(f"[render] dry run: {report['lines']} lines, {report['valid_rows']} valid, "
+          f"{report['error_rows']} errors; {report['to_render']} videos to render "
+          f"({plan.done} already done); ETA ~{seconds:.0f} s ({how})", flush=True)
+    for e in plan.parsed.errors[:20]:
+        print(f"[render]   {plan.cfg.prompts}:{e.line}: {e.error}", flush=True)
+    return report
+
+
+def run_render(cfg: RenderConfig, remote_args: dict | None = None) -> dict:
+    """Render `cfg.prompts` into `cfg.out` on the connected Ray cluster; returns the summary
+    (the dry-run report with `dry_run`).
+
+    `remote_args` go to the actor pool (e.g. `{"resources": {...}}` to pin renderers).
+    """
+    t0 = time.time()
+    plan = plan_render(cfg)
+    return dry_run(plan) if cfg.dry_run else render_plan(plan, remote_args, t0)
+
+
+def render_plan(plan: RenderPlan, remote_args: dict | None = None,
+                t0: float | None = None) -> dict:
+    """Write the prompt file's error rows, render what is left, then summary and index."""
+    cfg, job, counts = plan.cfg, plan.job, _counts(plan)
+    t0 = time.time() if t0 is None else t0
+    errors = [mf.prompt_error_row(job, e) for e in plan.parsed.errors]
+    if errors:
+        mf.write_part(cfg.out, job["run"], "prompts", errors)
+    print(f"[render] {counts['valid_rows']} prompts ({counts['error_rows']} bad lines) -> "
+          f"{counts['videos']} videos; {plan.done} already done"
+          + (f" ({plan.changed} with other settings: kept, --overwrite redoes them)"
+             if plan.changed else "") + f"; run {job['run']}", flush=True)
+    rendered = _execute(plan, remote_args or {}) if plan.todo else Counter()
+    summary = mf.summarize(rendered=rendered["ok"], skipped=plan.done,
+                           failed=len(errors) + rendered["error"], wall_s=time.time() - t0,
+                           out=cfg.out, run=job["run"], model=cfg.model,
+                           package_hash=job["package_hash"], **counts)
+    mf.write_outputs(cfg.out, summary, title=f"t2v render: {Path(cfg.prompts).name}")
+    print(mf.summary_line(summary), flush=True)
+    return summary
+
+
+def _execute(plan: RenderPlan, remote_args: dict) -> Counter:
+    cfg, t0 = plan.cfg, time.time()
+    batches = make_batches(plan.todo, cfg.batch_size)
+    items = [{"index": i, "samples": json.dumps(b)} for i, b in enumerate(batches)]
+    shapes = Counter(f"{k[0]}x{k[1]}x{k[2]} steps {k[3]}" for k in map(batch_key, plan.todo))
+    log.info("render: %d videos in %d batches (%s) on %d-%d actors", len(plan.todo),
+             len(batches), dict(shapes), *cfg.concurrency)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(Renderer, batch_size=1, fn_constructor_kwargs={"cfg": cfg, "job": plan.job},
+                        concurrency=tuple(cfg.concurrency), num_cpus=cfg.cpus_per_worker,
+                        num_gpus=cfg.gpus_per_worker or None, **remote_args)
+    counts: Counter = Counter()
+    total = len(plan.todo)
+    for row in ds.iter_rows():
+        counts.update(r["status"] for r in json.loads(row["rows"]))
+        done, elapsed = counts.total(), time.time() - t0
+        rate = done / max(elapsed, 1e-9)  # actor start-up included: a pessimistic ETA early on
+        print(f"[render] {done}/{total} videos ({counts['error']} failed) | {rate:.2f} videos/s "
+              f"| ETA {(total - done) / max(rate, 1e-9):.0f} s | {elapsed:.0f} s", flush=True)
+    return counts
+
+
+def run_render_command(cfg: RenderConfig) -> dict:
+    """`t2v render`: whole-job checks first (one line each), then join or start Ray, render.
+
+    A dry run starts no Ray: validating and estimating need no cluster.
+    """
+    from t2v.runtime import check_output_uri, ensure_ray
+
+    t0 = time.time()
+    check_output_uri(cfg.out)
+    plan = plan_render(cfg)
+    if cfg.dry_run:
+        return dry_run(plan)
+    ensure_ray()
+    return render_plan(plan, t0=t0)

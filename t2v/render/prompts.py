@@ -1,0 +1,390 @@
+"""Prompt files -> validated prompt rows and error rows (DESIGN.md "Contracts", Prompt rows).
+
+Pure: no Ray, no torch. A file is `.txt` (a prompt a line; blank and `#` lines skipped),
+`.jsonl` (an object a line) or `.csv` (a header, then a row a line). The bytes are decoded line by
+line, so one line of invalid UTF-8 is one error row, not a dead file. Every line that is not a
+valid row becomes a `RowError` naming its line and reason; the caller records it in the manifest
+and goes on. Only a file that cannot be read at all, or a CSV header that makes every row
+meaningless, is an error of the whole job (ValueError naming file:line).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+FIELDS = ("prompt", "id", "negative_prompt", "seed", "steps", "cfg", "frames", "height", "width",
+          "meta")
+FORMATS = (".txt", ".jsonl", ".csv")
+ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+MAX_SEED = 2**63 - 1
+INT_FIELDS = ("seed", "steps", "frames", "height", "width")
+STR_FIELDS = ("prompt", "id", "negative_prompt")
+
+# count_tokens(prompts) -> tokens each prompt needs (special tokens included), untruncated.
+TokenCounter = Callable[[list[str]], list[int]]
+
+
+class RowInvalid(ValueError):
+    """One row is unusable; the message is the reason recorded in its error row."""
+
+
+@dataclass(frozen=True)
+class PromptRules:
+    """What a row may hold and what it gets when it leaves a field out (job config + model)."""
+
+    base_seed: int = 0
+    """A row without `seed` gets one derived from (base_seed, id)."""
+    steps: int = 30
+    cfg: float = 5.0
+    frames: int = 9
+    height: int = 32
+    width: int = 32
+    negative_prompt: str = ""
+    temporal_down: int = 4
+    """frames must be 1 + temporal_down * k (the causal VAE's clip lengths)."""
+    temporal_patch: int = 1
+    """The latent frame count 1 + k must be divisible by the DiT's temporal patch."""
+    spatial_multiple: int = 8
+    """height and width must be multiples of the VAE's spatial_down x the DiT's patch."""
+    max_tokens: int | None = None
+    """Token limit of the text encoder when truncation is off (None: prompts are cut, any length
+    goes)."""
+    num_per_prompt: int = 1
+    """Videos per row: ids `{id}-{k}` with seeds seed + k when > 1."""
+    max_steps: int = 1000
+    max_cfg: float = 50.0
+    max_frames: int = 1025
+    max_side: int = 4096
+
+
+@dataclass
+class PromptRow:
+    """A valid row, defaults filled in."""
+
+    line: int
+    id: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    cfg: float
+    frames: int
+    height: int
+    width: int
+    meta: dict = field(default_factory=dict)
+
+    def samples(self, num_per_prompt: int) -> list[dict]:
+        """The videos this row asks for: one, or `num_per_prompt` with ids `{id}-{k}`."""
+        base = {"prompt_id": self.id, "line": self.line, "prompt": self.prompt,
+                "negative_prompt": self.negative_prompt, "steps": self.steps, "cfg": self.cfg,
+                "frames": self.frames, "height": self.height, "width": self.width,
+                "meta": self.meta}
+        if num_per_prompt == 1:
+            return [base | {"id": self.id, "sample": 0, "seed": self.seed}]
+        return [base | {"id": f"{self.id}-{k}", "sample": k, "seed": self.seed + k}
+                for k in range(num_per_prompt)]
+
+
+@dataclass
+class RowError:
+    """A line that is not a valid row."""
+
+    line: int
+    error: str
+    id: str | None = None
+    """The row's id when it had a well-formed one (else None)."""
+    prompt: str | None = None
+
+
+@dataclass
+class ParsedPrompts:
+    source: str
+    rows: list[PromptRow]
+    errors: list[RowError]
+    lines: int
+    """Lines read (blank and comment lines included)."""
+
+
+def prompt_format(uri: str) -> str:
+    """The format a prompt file's extension names, or ValueError."""
+    lower = uri.lower()
+    for ext in FORMATS:
+        if lower.endswith(ext):
+            return ext
+    raise ValueError(f"{uri}: prompt file must end in {', '.join(FORMATS)}")
+
+
+def derive_id(given: dict) -> str:
+    """A row without an id: a hash of the fields it gives (values after type coercion), so the
+    same row gets the same id in every run and format."""
+    canon = json.dumps(given, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def derive_seed(base_seed: int, row_id: str) -> int:
+    """A row without a seed: 31 bits of sha256(base_seed, id); stable across runs and machines."""
+    digest = hashlib.sha256(f"{base_seed}/{row_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------- lines
+
+
+def _lines(data: bytes) -> list[tuple[int, str | None, str | None]]:
+    """(line number, text or None, error or None) per line; decoded one line at a time."""
+    out = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        raw = raw.removesuffix(b"\r")
+        if n == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.append((n, None, f"invalid UTF-8 at byte {e.start + 1} of the line"))
+            continue
+        if "\x00" in text:
+            out.append((n, None, "NUL character in the line"))
+            continue
+        out.append((n, text, None))
+    if out and out[-1][1] == "":  # a final newline is not an extra line
+        out.pop()
+    return out
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_json_types(row: dict) -> dict:
+    """JSON values -> typed fields; null means "not given" for every field but prompt."""
+    out = {}
+    for key, value in row.items():
+        if value is None and key != "prompt":
+            continue
+        if key in STR_FIELDS and not isinstance(value, str):
+            raise RowInvalid(f"{key}: expected a string, got {_type_name(value)}")
+        if key in INT_FIELDS and (isinstance(value, bool) or not isinstance(value, int)):
+            raise RowInvalid(f"{key}: expected an integer, got {value!r}")
+        if key == "cfg" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RowInvalid(f"cfg: expected a number, got {value!r}")
+        if key == "meta" and not isinstance(value, dict):
+            raise RowInvalid(f"meta: expected a JSON object, got {_type_name(value)}")
+        out[key] = float(value) if key == "cfg" else value
+    return out
+
+
+def _check_csv_types(row: dict[str, str]) -> dict:
+    """CSV cells (strings) -> typed fields; an empty cell means "not given" (but see prompt)."""
+    out: dict = {}
+    for key, value in row.items():
+        if value == "" and key != "prompt":
+            continue
+        if key in INT_FIELDS:
+            if not re.fullmatch(r"\s*[+-]?\d+\s*", value):
+                raise RowInvalid(f"{key}: expected an integer, got {value!r}")
+            out[key] = int(value)
+        elif key == "cfg":
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise RowInvalid(f"cfg: expected a number, got {value!r}") from None
+        elif key == "meta":
+            try:
+                meta = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise RowInvalid(f"meta: invalid JSON ({e.msg})") from None
+            if not isinstance(meta, dict):
+                raise RowInvalid(f"meta: expected a JSON object, got {_type_name(meta)}")
+            out[key] = meta
+        else:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- one row
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise RowInvalid(f"{name}={value} out of range [{lo}, {hi}]")
+
+
+def _check_row(fields: dict, rules: PromptRules) -> tuple[dict, str]:
+    """Typed fields -> (checked fields, id); RowInvalid names the first problem."""
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise RowInvalid(f"unknown field{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))} (known: {', '.join(FIELDS)})")
+    prompt = fields.get("prompt")
+    if prompt is None:
+        raise RowInvalid("missing prompt")
+    if not prompt.strip():
+        raise RowInvalid("empty prompt")
+    for key in STR_FIELDS:
+        if "\x00" in fields.get(key, ""):
+            raise RowInvalid(f"{key} contains a NUL character")
+    if "id" in fields:
+        row_id = fields["id"]
+        if not ID_PATTERN.fullmatch(row_id):
+            raise RowInvalid(f"id {row_id[:140]!r} must match {ID_PATTERN.pattern}")
+        if row_id.startswith("."):  # hidden files; and list_prefix hides `.t2v-tmp-*` outputs
+            raise RowInvalid(f"id {row_id!r} must not start with '.'")
+    if "seed" in fields:
+        _check_range("seed", fields["seed"], 0, MAX_SEED - rules.num_per_prompt)
+    if "steps" in fields:
+        _check_range("steps", fields["steps"], 1, rules.max_steps)
+    if "cfg" in fields:
+        _check_range("cfg", fields["cfg"], 0, rules.max_cfg)
+    frames = fields.get("frames", rules.frames)
+    _check_range("frames", frames, 1, rules.max_frames)
+    latent_frames = 1 + (frames - 1) // rules.temporal_down
+    if (frames - 1) % rules.temporal_down or latent_frames % rules.temporal_patch:
+        raise RowInvalid(f"frames={frames} must be 1 + {rules.temporal_down}k for the VAE"
+                         + (f" with 1 + k divisible by {rules.temporal_patch}"
+                            if rules.temporal_patch > 1 else ""))
+    for side in ("height", "width"):
+        value = fields.get(side, getattr(rules, side))
+        _check_range(side, value, rules.spatial_multiple, rules.max_side)
+        if value % rules.spatial_multiple:
+            raise RowInvalid(f"{side}={value} must be a multiple of {rules.spatial_multiple} "
+                             "(VAE spatial_down x DiT patch)")
+    return fields, fields["id"] if "id" in fields else derive_id(fields)
+
+
+def _make_row(line: int, fields: dict, row_id: str, rules: PromptRules) -> PromptRow:
+    return PromptRow(
+        line=line, id=row_id, prompt=fields["prompt"],
+        negative_prompt=fields.get("negative_prompt", rules.negative_prompt),
+        seed=fields["seed"] if "seed" in fields else derive_seed(rules.base_seed, row_id),
+        steps=fields.get("steps", rules.steps), cfg=float(fields.get("cfg", rules.cfg)),
+        frames=fields.get("frames", rules.frames), height=fields.get("height", rules.height),
+        width=fields.get("width", rules.width), meta=fields.get("meta", {}))
+
+
+def _given_id(fields: object) -> str | None:
+    if isinstance(fields, dict) and isinstance(fields.get("id"), str):
+        row_id = fields["id"]
+        if ID_PATTERN.fullmatch(row_id) and not row_id.startswith("."):
+            return row_id
+    return None
+
+
+def _given_prompt(fields: object) -> str | None:
+    if isinstance(fields, dict) and isinstance(fields.get("prompt"), str):
+        return fields["prompt"].replace("\x00", "")
+    return None
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _raw_rows(data: bytes, fmt: str, source: str) -> list[tuple[int, dict | None, str | None]]:
+    """(line, typed fields or None, error or None) per non-blank, non-comment line."""
+    out: list[tuple[int, dict | None, str | None]] = []
+    header: list[str] | None = None
+    for n, text, err in _lines(data):
+        if err is not None:
+            out.append((n, None, err))
+            continue
+        if not text.strip() or (fmt == ".txt" and text.strip().startswith("#")):
+            continue
+        if fmt == ".txt":
+            out.append((n, {"prompt": text.strip()}, None))
+            continue
+        try:
+            if fmt == ".jsonl":
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise RowInvalid(f"invalid JSON: {e.msg} at column {e.colno}") from None
+                if not isinstance(value, dict):
+                    raise RowInvalid(f"expected a JSON object, got {_type_name(value)}")
+                out.append((n, _check_json_types(value), None))
+                continue
+            try:
+                cells = next(csv.reader([text], strict=True))
+            except csv.Error as e:
+                raise RowInvalid(f"invalid CSV: {e}") from None
+            if header is None:
+                header = _csv_header(cells, source, n)
+                continue
+            if len(cells) != len(header):
+                raise RowInvalid(f"{len(cells)} cells, the header has {len(header)}")
+            out.append((n, _check_csv_types(dict(zip(header, cells, strict=True))), None))
+        except RowInvalid as e:
+            out.append((n, None, str(e)))
+    return out
+
+
+def _csv_header(cells: list[str], source: str, line: int) -> list[str]:
+    names = [c.strip() for c in cells]
+    unknown = [c for c in names if c not in FIELDS]
+    if unknown:
+        raise ValueError(f"{source}:{line}: CSV header has unknown columns "
+                         f"{', '.join(map(repr, unknown))} (known: {', '.join(FIELDS)})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{source}:{line}: CSV header repeats a column: {names}")
+    if "prompt" not in names:
+        raise ValueError(f"{source}:{line}: CSV header has no 'prompt' column: {names}")
+    return names
+
+
+def parse_prompts(data: bytes, fmt: str, rules: PromptRules, source: str = "<prompts>",
+                  count_tokens: TokenCounter | None = None) -> ParsedPrompts:
+    """The bytes of a prompt file -> valid rows and error rows, in line order.
+
+    `count_tokens` checks prompt lengths against `rules.max_tokens` (truncation off). A repeated
+    id (or an id a previous row's `{id}-{k}` samples took) is an error naming the first line.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; known: {', '.join(FORMATS)}")
+    checked: list[tuple[int, dict, str]] = []
+    errors: list[RowError] = []
+    raw = _raw_rows(data, fmt, source)
+    for n, fields, err in raw:
+        if err is None:
+            try:
+                checked.append((n, *_check_row(fields, rules)))
+                continue
+            except RowInvalid as e:
+                err = str(e)
+        errors.append(RowError(n, err, _given_id(fields), _given_prompt(fields)))
+    too_long = _too_long(checked, rules, count_tokens)
+    rows, first_line = [], {}
+    for n, fields, row_id in checked:
+        row = _make_row(n, fields, row_id, rules)
+        names = [row_id] + [s["id"] for s in row.samples(rules.num_per_prompt)]
+        taken = next((name for name in names if name in first_line), None)
+        if n in too_long:
+            errors.append(RowError(n, too_long[n], row_id, row.prompt))
+        elif taken is not None:
+            errors.append(RowError(n, f"repeated id {taken!r} (first on line {first_line[taken]})",
+                                   row_id, row.prompt))
+        else:
+            first_line |= dict.fromkeys(names, n)
+            rows.append(row)
+    errors.sort(key=lambda e: e.line)
+    lines = len(_lines(data))
+    return ParsedPrompts(source=source, rows=rows, errors=errors, lines=lines)
+
+
+def _too_long(checked: list[tuple[int, dict, str]], rules: PromptRules,
+              count_tokens: TokenCounter | None) -> dict[int, str]:
+    """Line -> reason, for rows whose prompt or negative prompt the encoder would have to cut."""
+    if rules.max_tokens is None or count_tokens is None or not checked:
+        return {}
+    texts = [(n, key, f.get(key, rules.negative_prompt if key == "negative_prompt" else ""))
+             for n, f, _ in checked for key in ("prompt", "negative_prompt")]
+    counts = count_tokens([t for _, _, t in texts])
+    out: dict[int, str] = {}
+    for (n, key, _), count in zip(texts, counts, strict=True):
+        if count > rules.max_tokens and n not in out:
+            out[n] = (f"{key.replace('_', ' ')} has {count} tokens, more than the text encoder's "
+                      f"max_length={rules.max_tokens} (truncate is off)")
+    return out
