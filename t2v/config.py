@@ -147,6 +147,13 @@ class TrainDataConfig(Section):
     """File-level shuffle per epoch = f(shuffle_seed, epoch); see t2v/train/trainer.py."""
     local_shuffle_buffer: int = Field(0, ge=0)
     """Rows in each worker's shuffle buffer (0 = off)."""
+    encode_on_the_fly: bool = False
+    """Stage dit: read RAW shards and encode each batch in the worker with `vae` and the text
+    encoder, instead of precomputed latent shards (`t2v encode`)."""
+    text_encoder: str = "builtin:minilm"
+    """Text encoder for encode_on_the_fly."""
+    text_max_length: int = Field(64, ge=1)
+    """Tokens per caption for encode_on_the_fly."""
 
 
 class OptimConfig(Section):

@@ -151,19 +151,27 @@ def debug_vae_package(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def train_latents(ray_local, debug_vae_package, tmp_path_factory):
+def train_raw(tmp_path_factory):
+    """Raw shards behind `train_latents`: 5 clips in shards of 2 (the last one held out)."""
+    from t2v.cli import run_synth
+    from t2v.config import SynthConfig
+
+    raw = str(tmp_path_factory.mktemp("train-raw"))
+    run_synth(SynthConfig(out=raw, num=5, frames=9, size=32, shard_size=2, seed=21))
+    return raw
+
+
+@pytest.fixture(scope="session")
+def train_latents(ray_local, train_raw, debug_vae_package, tmp_path_factory):
     """Latent shards for training tests: 2 training shards of 2 clips + 1 held-out shard.
 
     4 training samples = one global batch of 2 workers x 2, so every optimizer step sees the
     same whole set whichever worker gets which sample: ZeRO stages, gradient accumulation and
     resumed runs can then be compared step by step.
     """
-    from t2v.cli import run_synth
-    from t2v.config import EncodeConfig, SynthConfig
+    from t2v.config import EncodeConfig
     from t2v.data.encode import run_encode
 
-    raw = str(tmp_path_factory.mktemp("train-raw"))
-    run_synth(SynthConfig(out=raw, num=5, frames=9, size=32, shard_size=2, seed=21))
     out = str(tmp_path_factory.mktemp("train-latents"))
-    run_encode(EncodeConfig(src=raw, out=out, vae=debug_vae_package, batch_size=4))
+    run_encode(EncodeConfig(src=train_raw, out=out, vae=debug_vae_package, batch_size=4))
     return out

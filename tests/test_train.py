@@ -140,3 +140,29 @@ def test_package_from_training_loads_and_samples(reference):
     z = denoise(pkg.dit, get_noise((4, 3, 8, 8), [0]), emb, mask, steps=2, cfg=1.0)
     video = pkg.vae.decode(z)
     assert video.shape == (1, 3, 9, 32, 32) and torch.isfinite(video).all()
+
+
+def test_vae_stage_then_dit_encoding_on_the_fly(ray_local, train_raw, tmp_path):
+    """stage vae on raw shards -> VAE-only package with fitted latent stats; then a DiT run
+    that reads the RAW shards and encodes each batch in the worker with that VAE."""
+    from t2v.config import load_config
+
+    out = str(tmp_path)
+    vae_cfg = load_config(TrainConfig, "jobs/configs/debug-vae.yaml",
+                          [f"out={out}", f"data.shards={train_raw}", "batch_size=2",
+                           "cpus_per_worker=0.5", "val_samples=1"])
+    result = run_train(vae_cfg)
+    pkg = storage.join(out, "debug-vae", "package")
+    meta = json.loads(storage.read_text(storage.join(pkg, "model.json")))
+    assert result["step"] == 4 and meta["dit"] is None and meta["run"]["stage"] == "vae"
+    assert meta["vae"]["shift"] != 0.0 and meta["vae"]["scale"] != 1.0  # fitted, per channel
+    rows = [json.loads(x) for x in storage.read_text(
+        storage.join(out, "debug-vae", "metrics.jsonl")).splitlines()]
+    assert any("psnr" in r.get("val", {}) for r in rows)
+
+    dit = config(out, "fly", train_raw, pkg, steps=2, val_samples=1,
+                 data={"shards": train_raw, "encode_on_the_fly": True, "text_max_length": 16})
+    assert run_train(dit)["step"] == 2
+    got = losses(storage.join(out, "fly"))
+    assert all(v == v and v > 0 for v in got.values())  # finite, positive
+    assert storage.exists(storage.join(out, "fly", "package", "dit.safetensors"))

@@ -44,17 +44,52 @@ def _npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def _encode_val_on_the_fly(cfg: TrainConfig, val_uri: str, text_cfg) -> list[dict]:
+    """Held-out rows in latent-shard form, encoded here from a raw shard."""
+    import torch
+
+    from t2v.data.video import VideoDecodeError, decode_video
+    from t2v.models.package import load_package
+    from t2v.models.text import TextEncoder
+
+    size = (cfg.data.size, cfg.data.size) if cfg.data.size else None
+    clips, captions = [], []
+    for _key, fields in iter_shard_samples([val_uri]):
+        try:
+            clip = decode_video(fields["mp4"], num_frames=cfg.data.frames, size=size)
+        except VideoDecodeError:
+            continue
+        if clip.shape[0] == cfg.data.frames:
+            clips.append(clip)
+            captions.append(fields["txt"].decode())
+        if len(clips) == VAL_COUNT:
+            break
+    vae = load_package(cfg.vae, load_text=False, load_dit=False).vae
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack(clips)).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0
+        latent = vae.encode_latents(x).numpy()
+    emb, mask = TextEncoder(text_cfg)(captions)
+    return [{"latent": latent[i], "text": emb[i].numpy(), "mask": mask[i].numpy(),
+             "txt": captions[i]} for i in range(len(latent))]
+
+
 def dit_data(cfg: TrainConfig, train: list[str], val_uri: str) -> dict:
     from t2v.models.text import TextEncoder, TextEncoderConfig
 
-    index = read_index(cfg.data.shards)
-    text_cfg = TextEncoderConfig.from_dict(index["text_encoder"])
-    rows = []
-    for _key, fields in iter_shard_samples([val_uri]):
-        rows.append(fields)
-        if len(rows) == VAL_COUNT:
-            break
-    latent = np.stack([_npy(r["latent.npy"]).astype(np.float32) for r in rows])
+    if cfg.data.encode_on_the_fly:
+        text_cfg = TextEncoderConfig(ref=cfg.data.text_encoder, max_length=cfg.data.text_max_length)
+        rows = _encode_val_on_the_fly(cfg, val_uri, text_cfg)
+        index = {}
+    else:
+        index = read_index(cfg.data.shards)
+        text_cfg = TextEncoderConfig.from_dict(index["text_encoder"])
+        rows = []
+        for _key, fields in iter_shard_samples([val_uri]):
+            rows.append({"latent": _npy(fields["latent.npy"]), "text": _npy(fields["text.npy"]),
+                         "mask": _npy(fields["mask.npy"]), "txt": fields["txt"].decode()})
+            if len(rows) == VAL_COUNT:
+                break
+    latent = np.stack([r["latent"].astype(np.float32) for r in rows])
     empty, empty_mask = TextEncoder(text_cfg)([""])
     c, t, h, w = latent.shape[1:]
     from t2v.models.dit import VideoDiT, dit_config
@@ -73,9 +108,9 @@ def dit_data(cfg: TrainConfig, train: list[str], val_uri: str) -> dict:
         "empty_text": (empty[0].numpy().astype(np.float16), empty_mask[0].numpy().astype(
             np.uint8)),
         "val": {"latent": latent,
-                "text": np.stack([_npy(r["text.npy"]).astype(np.float32) for r in rows]),
-                "mask": np.stack([_npy(r["mask.npy"]) for r in rows]),
-                "captions": [r["txt"].decode() for r in rows]},
+                "text": np.stack([r["text"].astype(np.float32) for r in rows]),
+                "mask": np.stack([r["mask"].astype(np.uint8) for r in rows]),
+                "captions": [r["txt"] for r in rows]},
         "vae_index": index.get("vae"),
         "num_train_shards": len(train),
     }
@@ -116,7 +151,7 @@ def build_dataset(cfg: TrainConfig, train: list[str], resume_step: int):
     import ray
 
     seed = cfg.data.shuffle_seed * 1_000_003 + resume_step
-    if cfg.stage == "vae":
+    if cfg.stage == "vae" or cfg.data.encode_on_the_fly:
         from t2v.config import ReaderConfig
         from t2v.data.streaming import VideoCollate, video_stream
 

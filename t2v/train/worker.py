@@ -84,6 +84,27 @@ def full_params(engine, zero_stage: int):
 # ----------------------------------------------------------------------------- batches + losses
 
 
+class OnTheFlyEncoder:
+    """Stage dit on RAW shards: the VAE and text encoder turn each batch into latents here."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        from t2v.models.package import load_package
+        from t2v.models.text import TextEncoder, TextEncoderConfig
+
+        self.vae = load_package(cfg.vae, load_text=False, load_dit=False).vae.to(device)
+        self.text = TextEncoder(TextEncoderConfig(ref=cfg.data.text_encoder,
+                                                  max_length=cfg.data.text_max_length)).to(device)
+
+    @torch.no_grad()
+    def __call__(self, batch, device: torch.device):
+        from t2v.data.latents import LatentBatch
+
+        video = batch.video.to(device).permute(0, 2, 1, 3, 4)  # (B, 3, T, H, W)
+        emb, mask = self.text(batch.captions)  # (B, L, D), (B, L)
+        return LatentBatch(latent=self.vae.encode_latents(video), text=emb, mask=mask,
+                           captions=batch.captions, keys=batch.keys)
+
+
 class StepInputs:
     """A micro-batch moved to the device, with the sample keys for per-sample randomness."""
 
@@ -212,6 +233,8 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.stage == "dit":
         empty = tuple(torch.from_numpy(a) for a in data_info["empty_text"])
         empty = (empty[0].float().to(device), empty[1].bool().to(device))
+    encoder = (OnTheFlyEncoder(cfg, device) if cfg.stage == "dit" and cfg.data.encode_on_the_fly
+               else None)
     validator = Validator(cfg, data_info, run_uri, device, rank) if rank == 0 else None
     monitor = Monitor(cfg, data_info, run_uri, rank, world)
     monitor.start(step)
@@ -226,6 +249,8 @@ def train_loop_per_worker(config: dict) -> None:
         monitor.wait_start()
         for batch in batches:
             monitor.got_batch(len(batch.keys))
+            if encoder is not None:
+                batch = encoder(batch, device)
             inp = StepInputs(batch, device, dtype)
             loss = (dit_loss(engine, inp, cfg, step, empty) if cfg.stage == "dit"
                     else vae_loss(engine, inp, cfg, step))
