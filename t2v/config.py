@@ -25,6 +25,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _check_min_max(v: list[int]) -> list[int]:
+    """An actor-pool size: [min, max] with 1 <= min <= max (Ray Data's `concurrency`)."""
+    if len(v) != 2 or not 1 <= v[0] <= v[1]:
+        raise ValueError(f"concurrency must be [min, max] with 1 <= min <= max, got {v}")
+    return v
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -126,12 +133,7 @@ class EncodeConfig(Section):
     sample: bool = False
     """Store the posterior MEAN (False, the contract) or a sample (True)."""
 
-    @field_validator("concurrency")
-    @classmethod
-    def _min_max(cls, v: list[int]) -> list[int]:
-        if len(v) != 2 or not 1 <= v[0] <= v[1]:
-            raise ValueError(f"concurrency must be [min, max] with 1 <= min <= max, got {v}")
-        return v
+    _min_max = field_validator("concurrency")(classmethod(lambda cls, v: _check_min_max(v)))
 
 
 class TrainDataConfig(Section):
@@ -266,12 +268,7 @@ class RenderConfig(Section):
     fail_after: int | None = Field(None, ge=0)
     """Test hook: the job raises after this many videos are written (fault injection)."""
 
-    @field_validator("concurrency")
-    @classmethod
-    def _render_min_max(cls, v: list[int]) -> list[int]:
-        if len(v) != 2 or not 1 <= v[0] <= v[1]:
-            raise ValueError(f"concurrency must be [min, max] with 1 <= min <= max, got {v}")
-        return v
+    _min_max = field_validator("concurrency")(classmethod(lambda cls, v: _check_min_max(v)))
 
 
 class DemoConfig(Section):

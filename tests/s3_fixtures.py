@@ -51,15 +51,20 @@ _ENV = {
 _UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS")
 
 
-@pytest.fixture(scope="session")
-def moto_s3() -> Iterator[MotoS3]:
+def start_moto_server():
+    """A moto S3 server on a free 127.0.0.1 port: (server, endpoint URL). Caller stops it."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access-log line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    server, endpoint = start_moto_server()
     with pytest.MonkeyPatch.context() as mp:
         for var in _UNSET:
             mp.delenv(var, raising=False)

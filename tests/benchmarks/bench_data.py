@@ -76,18 +76,13 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench/data.json")
     args = p.parse_args()
 
-    import logging
 
     import ray
-    from moto.server import ThreadedMotoServer
 
-    from tests.s3_fixtures import free_port
+    from tests.s3_fixtures import start_moto_server
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+    server, endpoint = start_moto_server()
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     storage.s3_client().create_bucket(Bucket="bench")
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import sys
@@ -67,15 +66,11 @@ def main() -> None:
     args = p.parse_args()
 
     import ray
-    from moto.server import ThreadedMotoServer
 
-    from tests.s3_fixtures import free_port
+    from tests.s3_fixtures import start_moto_server
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+    server, endpoint = start_moto_server()
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     storage.s3_client().create_bucket(Bucket="bench")
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
