@@ -23,6 +23,7 @@ from t2v.config import (
     DemoConfig,
     EncodeConfig,
     PackConfig,
+    RenderConfig,
     SynthConfig,
     TrainConfig,
     load_config,
@@ -82,6 +83,12 @@ def run_train(cfg: TrainConfig) -> dict:
     return train(cfg)
 
 
+def run_render(cfg: RenderConfig) -> dict:
+    from t2v.render.pipeline import run_render_command
+
+    return run_render_command(cfg)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from t2v.demo import run_demo as demo
 
@@ -100,6 +107,14 @@ COMMANDS: dict[str, Command] = {
     "train": Command(TrainConfig, run_train, "train the VAE or the DiT (Ray Train + DeepSpeed)",
                      {"out": "out", "name": "name", "data": "data.shards", "vae": "vae",
                       "steps": "steps", "stage": "stage", "init-from": "init_from"}),
+    "render": Command(RenderConfig, run_render,
+                      "prompt file -> videos, posters, manifest (Ray Data actor pool)",
+                      {"model": "model", "prompts": "prompts", "out": "out", "steps": "steps",
+                       "cfg": "cfg", "sampler": "sampler", "seed": "seed", "frames": "frames",
+                       "height": "height", "width": "width", "num-per-prompt": "num_per_prompt",
+                       "crf": "crf", "batch-size": "batch_size", "concurrency": "concurrency",
+                       "gpus-per-worker": "gpus_per_worker", "overwrite": "overwrite",
+                       "dry-run": "dry_run"}),
     "demo": Command(DemoConfig, run_demo, "synthetic data -> Ray Data stream (grows with t2v)",
                     {"out": "out", "ray-address": "ray_address"}),
 }
@@ -109,7 +124,14 @@ def _parser(name: str, cmd: Command) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"t2v {name}", description=cmd.help)
     p.add_argument("--config", help="YAML config file (local path or s3:// URI)")
     for flag, key in cmd.flags.items():
-        p.add_argument(f"--{flag}", dest=f"flag:{key}", metavar="VALUE", help=f"= {key}=VALUE")
+        field = cmd.config.model_fields.get(key)
+        if field is not None and field.annotation is bool:
+            # A switch: `--dry-run` alone means true (`dry_run=false` still works as override).
+            p.add_argument(f"--{flag}", dest=f"flag:{key}", action="store_const", const="true",
+                           help=f"= {key}=true")
+        else:
+            p.add_argument(f"--{flag}", dest=f"flag:{key}", metavar="VALUE",
+                           help=f"= {key}=VALUE")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
 
@@ -117,6 +139,7 @@ def _parser(name: str, cmd: Command) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # no "Found credentials" chatter
     name = " ".join(argv[:2]) if argv[:1] == ["data"] else (argv[0] if argv else "")
     if name not in COMMANDS:
         print("usage: t2v {" + ",".join(COMMANDS) + "} [--config FILE] [key=value ...]",

@@ -32,6 +32,17 @@ def _check_min_max(v: list[int]) -> list[int]:
     return v
 
 
+def _parse_min_max(v: object) -> object:
+    """`--concurrency 1,4` (YAML reads "1,4" as text) or a single N -> [min, max]."""
+    if isinstance(v, str):
+        parts = [p.strip() for p in v.split(",")]
+        if all(p.isdigit() for p in parts) and len(parts) in (1, 2):
+            return [int(parts[0]), int(parts[-1])]
+    if isinstance(v, int):
+        return [v, v]
+    return v
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -134,6 +145,8 @@ class EncodeConfig(Section):
     """Store the posterior MEAN (False, the contract) or a sample (True)."""
 
     _min_max = field_validator("concurrency")(classmethod(lambda cls, v: _check_min_max(v)))
+    _pair = field_validator("concurrency", mode="before")(classmethod(
+        lambda cls, v: _parse_min_max(v)))
 
 
 class TrainDataConfig(Section):
@@ -266,9 +279,11 @@ class RenderConfig(Section):
     truncate: bool = True
     """Prompts longer than the text encoder takes are cut (True) or become error rows (False)."""
     fail_after: int | None = Field(None, ge=0)
-    """Test hook: the job raises after this many videos are written (fault injection)."""
+    """Test hook: a renderer actor raises after writing this many videos (fault injection)."""
 
     _min_max = field_validator("concurrency")(classmethod(lambda cls, v: _check_min_max(v)))
+    _pair = field_validator("concurrency", mode="before")(classmethod(
+        lambda cls, v: _parse_min_max(v)))
 
 
 class DemoConfig(Section):

@@ -6,8 +6,8 @@ rows) and each renderer batch writes `{run}-b{index}.jsonl`. Run ids are UTC tim
 file names are chronological; a batch Ray retries rewrites its own part under the same name.
 
 Reading dedupes: the latest ok row of an id wins (a rerun with --overwrite renders an id again),
-and error rows come from the latest run only (each run re-validates the whole prompt file), minus
-ids that are ok. The summary and index.html are built from that view, so each id counts once.
+and error rows come from one run only, the latest (each run re-validates the whole prompt file).
+The summary and index.html are built from that view, so each id counts once.
 """
 
 from __future__ import annotations
@@ -105,16 +105,20 @@ def read_manifest(out: str) -> list[dict]:
     return rows
 
 
-def latest_rows(rows: list[dict]) -> tuple[dict[str, dict], list[dict]]:
-    """(id -> its latest ok row, error rows of the latest run whose id is not ok)."""
+def latest_rows(rows: list[dict], run: str | None = None) -> tuple[dict[str, dict], list[dict]]:
+    """(id -> its latest ok row, error rows of `run`, by default the latest run with rows).
+
+    An error row is about a line (a repeated id names one that is ok elsewhere) or about one
+    render of an id, so it is kept even when the id has an ok row from another line or run.
+    """
     ok: dict[str, dict] = {}
     for row in rows:
         if row.get("status") == "ok" and row.get("id"):
             ok[row["id"]] = row
     runs = [r.get("run") or "" for r in rows]
-    last = max(runs, default="")
+    last = run if run is not None else max(runs, default="")
     errors = [r for r, run in zip(rows, runs, strict=True)
-              if r.get("status") == "error" and run == last and r.get("id") not in ok]
+              if r.get("status") == "error" and run == last]
     errors.sort(key=lambda r: (r.get("line") or 0, r.get("sample") or 0))
     return ok, errors
 
@@ -174,8 +178,8 @@ def gallery_html(ok: dict[str, dict], errors: list[dict], title: str = "t2v rend
 
 
 def write_outputs(out: str, summary: dict, title: str) -> tuple[dict[str, dict], list[dict]]:
-    """Rebuild the deduplicated view; write summary.json (with its totals) and index.html."""
-    ok, errors = latest_rows(read_manifest(out))
+    """Rebuild the deduplicated view (errors: this run's); write summary.json and index.html."""
+    ok, errors = latest_rows(read_manifest(out), run=summary.get("run"))
     summary["total_ok"] = len(ok)
     storage.write_text(storage.join(out, SUMMARY_NAME), json.dumps(summary, indent=1))
     storage.write_text(storage.join(out, INDEX_NAME), gallery_html(ok, errors, title))

@@ -260,10 +260,9 @@ def preflight(out: str) -> None:
     storage.delete(uri)
 
 
-def _settings(row: dict) -> tuple:
-    keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "frames", "height", "width",
+SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "frames", "height", "width",
             "sampler", "shift", "package_hash")
-    return tuple(row.get(k) for k in keys)
+"""What a video depends on: an ok row that differs in any of these was made otherwise."""
 
 
 def plan_render(cfg: RenderConfig) -> RenderPlan:
@@ -303,7 +302,7 @@ def plan_render(cfg: RenderConfig) -> RenderPlan:
             todo.append(s)
             continue
         done += 1
-        changed += _settings(row) != _settings({**s, **job})
+        changed += any(row.get(k) != {**s, **job}.get(k) for k in SETTINGS)
     return RenderPlan(cfg, meta, job, parsed, todo, done, changed)
 
 
@@ -323,49 +322,37 @@ def make_batches(samples: list[dict], batch_size: int) -> list[list[dict]]:
 
 
 def estimate_seconds(plan: RenderPlan) -> tuple[float, str]:
-    """Wall seconds to render `plan.todo` with the max actors, and how that was estimated."""
-    cfg, dcfg = plan.cfg, plan.meta.dit
-    batches = make_batches(plan.todo, cfg.batch_size)
-    if not batches:
-        return 0.0, "nothing to render"
-    calls = {"euler": 1, "dpm_solver_2m": 1, "heun": 2}[cfg.sampler]
+    """Wall seconds to render `plan.todo` on the max actors (DiT steps only), and how."""
+    cfg, meta, text_len = plan.cfg, plan.meta, plan.meta.text.max_length
     with torch.device("meta"):
-        params = VideoDiT(dcfg).num_params()
-    measure = cfg.gpus_per_worker == 0 and params <= MEASURE_MAX_PARAMS
-    shapes: dict[tuple, float] = {}
+        shapes_only = VideoDiT(meta.dit)  # no memory: parameter count and FLOPs
+    measure = cfg.gpus_per_worker == 0 and shapes_only.num_params() <= MEASURE_MAX_PARAMS
+    rate = ASSUMED_FLOPS["gpu" if cfg.gpus_per_worker else "cpu"]
+    dit = VideoDiT(meta.dit).eval() if measure and plan.todo else None  # random weights: timing
+    step: dict[tuple, float] = {}
     total = 0.0
-    for batch in batches:
+    for batch in make_batches(plan.todo, cfg.batch_size):
         s = batch[0]
-        b = len(batch) * (2 if batch_key(s)[4] else 1)
-        vae_shape = (s["frames"] - 1) // plan.meta.vae.temporal_down + 1
-        x_shape = (b, dcfg.in_channels, vae_shape, s["height"] // plan.meta.vae.spatial_down,
-                   s["width"] // plan.meta.vae.spatial_down)
-        if x_shape not in shapes:
-            shapes[x_shape] = (_time_step(dcfg, x_shape, plan.meta.text.max_length) if measure
-                               else _flops_step(dcfg, x_shape, plan.meta.text.max_length, cfg))
-        total += shapes[x_shape] * s["steps"] * calls
-    how = (f"measured one DiT step per shape on this CPU ({len(shapes)} shapes, DiT only)"
-           if measure else "DiT FLOPs at an assumed "
-           f"{ASSUMED_FLOPS['gpu' if cfg.gpus_per_worker else 'cpu'] / 1e12:.2f} TFLOP/s")
+        x_shape = (len(batch) * (2 if batch_key(s)[4] else 1), meta.dit.in_channels,
+                   1 + (s["frames"] - 1) // meta.vae.temporal_down,
+                   s["height"] // meta.vae.spatial_down, s["width"] // meta.vae.spatial_down)
+        if x_shape not in step:
+            step[x_shape] = (_time_step(dit, x_shape, text_len) if dit is not None
+                             else shapes_only.flops(x_shape, text_len) / rate)
+        total += step[x_shape] * s["steps"] * (2 if cfg.sampler == "heun" else 1)
+    how = (f"one DiT step per shape timed on this CPU ({len(step)} shapes)" if measure
+           else f"DiT FLOPs at an assumed {rate / 1e12:.2f} TFLOP/s") + "; VAE decode not counted"
     return total / cfg.concurrency[1], how
 
 
 @torch.no_grad()
-def _time_step(dcfg, x_shape: tuple, text_len: int) -> float:  # noqa: ANN001 - DiTConfig
-    torch.manual_seed(0)
-    dit = VideoDiT(dcfg).eval()
-    x, t = torch.randn(x_shape), torch.full((x_shape[0],), 0.5)
-    text = torch.randn(x_shape[0], text_len, dcfg.text_dim)
+def _time_step(dit: VideoDiT, x_shape: tuple, text_len: int) -> float:
+    x, t = torch.randn(x_shape), torch.full((x_shape[0],), 0.5)  # (B, C, T, H, W), (B,)
+    text = torch.randn(x_shape[0], text_len, dit.config.text_dim)  # (B, L, D)
     dit(x, t, text)  # warm-up: RoPE cache, allocator
     t0 = time.perf_counter()
     dit(x, t, text)
     return time.perf_counter() - t0
-
-
-def _flops_step(dcfg, x_shape: tuple, text_len: int, cfg: RenderConfig) -> float:  # noqa: ANN001
-    with torch.device("meta"):
-        flops = VideoDiT(dcfg).flops(x_shape, text_len)
-    return flops / ASSUMED_FLOPS["gpu" if cfg.gpus_per_worker else "cpu"]
 
 
 # ----------------------------------------------------------------------------- the job
@@ -380,7 +367,7 @@ def _counts(plan: RenderPlan) -> dict:
 
 def dry_run(plan: RenderPlan) -> dict:
     seconds, how = estimate_seconds(plan)
-    report = {"dry_run": True, **_counts(plan), "eta_s": round(seconds, 1), "eta_method": how,
+    report = {"dry_run": True, **_counts(plan), "eta_s": round(seconds, 3), "eta_method": how,
               "errors": [{"line": e.line, "error": e.error} for e in plan.parsed.errors]}
     print(f"[render] dry run: {report['lines']} lines, {report['valid_rows']} valid, "
           f"{report['error_rows']} errors; {report['to_render']} videos to render "
@@ -431,9 +418,13 @@ def _execute(plan: RenderPlan, remote_args: dict) -> Counter:
     log.info("render: %d videos in %d batches (%s) on %d-%d actors", len(plan.todo),
              len(batches), dict(shapes), *cfg.concurrency)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    lo, hi = cfg.concurrency
+    # Ray Data's actor defaults (max_restarts=-1, max_task_retries=-1) bring a renderer back on
+    # another node and resend its batch; `remote_args` may override them.
     ds = ds.map_batches(Renderer, batch_size=1, fn_constructor_kwargs={"cfg": cfg, "job": plan.job},
-                        concurrency=tuple(cfg.concurrency), num_cpus=cfg.cpus_per_worker,
-                        num_gpus=cfg.gpus_per_worker or None, **remote_args)
+                        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
+                        **remote_args)
     counts: Counter = Counter()
     total = len(plan.todo)
     for row in ds.iter_rows():

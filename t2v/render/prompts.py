@@ -284,11 +284,13 @@ def _given_prompt(fields: object) -> str | None:
 # ----------------------------------------------------------------------------- files
 
 
-def _raw_rows(data: bytes, fmt: str, source: str) -> list[tuple[int, dict | None, str | None]]:
-    """(line, typed fields or None, error or None) per non-blank, non-comment line."""
+def _raw_rows(data: bytes, fmt: str,
+              source: str) -> tuple[list[tuple[int, dict | None, str | None]], int]:
+    """((line, typed fields or None, error or None) per non-blank, non-comment line, lines)."""
     out: list[tuple[int, dict | None, str | None]] = []
     header: list[str] | None = None
-    for n, text, err in _lines(data):
+    lines = _lines(data)
+    for n, text, err in lines:
         if err is not None:
             out.append((n, None, err))
             continue
@@ -319,7 +321,7 @@ def _raw_rows(data: bytes, fmt: str, source: str) -> list[tuple[int, dict | None
             out.append((n, _check_csv_types(dict(zip(header, cells, strict=True))), None))
         except RowInvalid as e:
             out.append((n, None, str(e)))
-    return out
+    return out, len(lines)
 
 
 def _csv_header(cells: list[str], source: str, line: int) -> list[str]:
@@ -346,7 +348,7 @@ def parse_prompts(data: bytes, fmt: str, rules: PromptRules, source: str = "<pro
         raise ValueError(f"unknown prompt format {fmt!r}; known: {', '.join(FORMATS)}")
     checked: list[tuple[int, dict, str]] = []
     errors: list[RowError] = []
-    raw = _raw_rows(data, fmt, source)
+    raw, lines = _raw_rows(data, fmt, source)
     for n, fields, err in raw:
         if err is None:
             try:
@@ -370,7 +372,6 @@ def parse_prompts(data: bytes, fmt: str, rules: PromptRules, source: str = "<pro
             first_line |= dict.fromkeys(names, n)
             rows.append(row)
     errors.sort(key=lambda e: e.line)
-    lines = len(_lines(data))
     return ParsedPrompts(source=source, rows=rows, errors=errors, lines=lines)
 
 
