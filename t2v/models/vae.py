@@ -29,13 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Cache = dict[nn.Module, Tensor]
-"""Per-layer carry between time chunks; None instead of a dict means one whole clip."""
+Cache = dict[nn.Module, Tensor]  # per-layer carry between time chunks; None = one whole clip
 
 
 @dataclass
 class VAEConfig:
-    """Shape of a `CausalVideoVAE` plus the latent normalisation fitted after training."""
+    """Shape of a `CausalVideoVAE` plus the latent normalisation fitted after training.
+
+    The defaults are the `base` preset.
+    """
 
     in_channels: int = 3
     """Pixel channels (RGB)."""
@@ -98,7 +100,7 @@ class VAEConfig:
 
 
 VAE_PRESETS: dict[str, dict[str, Any]] = {
-    # tests: a few thousand params' worth of work per frame, well under a second on 9x32x32
+    # tests: 0.56M params, encode + decode of 9x32x32 in well under a second on 2 CPU cores
     "debug": dict(latent_channels=4, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                   spatial_down=4, temporal_down=4, norm_groups=8),
     # the 2-core laptop demo: 9x32x32 clips -> 4x3x8x8 latents (36x fewer values)
@@ -233,8 +235,7 @@ class Upsample(nn.Module):
             b, c, t, h, w = x.shape
             y = self.time_conv(x, cache)  # (B, 2C, T, H, W): two sub-frames per frame
             x = y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
-            first = cache is None or self not in cache
-            if first:  # latent frame 0 is an image: it keeps only its second sub-frame
+            if cache is None or self not in cache:  # latent frame 0 is an image: 1 sub-frame
                 x = x[:, :, 1:]  # (B, C, 2T-1, H, W)
                 if cache is not None:
                     cache[self] = x.new_empty(0)  # marks "first chunk done"
@@ -255,9 +256,9 @@ class OutHead(nn.Module):
 
 
 def _temporal_stages(cfg: VAEConfig) -> list[bool]:
-    """Which 2x spatial stages also halve time: the deepest log2(temporal_down) ones."""
-    stages, t = len(cfg.channel_mult) - 1, int(math.log2(cfg.temporal_down))
-    return [s >= stages - t for s in range(stages)]
+    """Which 2x spatial stages also halve time: the deepest log2(temporal_down) ones (as Wan)."""
+    stages = len(cfg.channel_mult) - 1
+    return [s >= stages - int(math.log2(cfg.temporal_down)) for s in range(stages)]
 
 
 def _encoder_layers(cfg: VAEConfig) -> list[nn.Module]:
@@ -389,11 +390,10 @@ class CausalVideoVAE(nn.Module):
 
     # ---- latent normalisation
 
-    def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.config.latent_channels
-        shift = torch.as_tensor(self.config.shift, dtype=z.dtype, device=z.device)
-        scale = torch.as_tensor(self.config.scale, dtype=z.dtype, device=z.device)
-        return shift.expand(c).view(1, c, 1, 1, 1), scale.expand(c).view(1, c, 1, 1, 1)
+    def _stats(self, z: Tensor) -> tuple[Tensor, ...]:
+        c = self.config.latent_channels  # plain floats in the config: nothing to load or move
+        return tuple(torch.as_tensor(v, dtype=z.dtype, device=z.device).expand(c).view(1, c, 1, 1, 1)
+                     for v in (self.config.shift, self.config.scale))
 
     def normalize(self, z: Tensor) -> Tensor:
         shift, scale = self._stats(z)
