@@ -223,7 +223,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.time_conv = CausalConv3d(ch, 2 * ch, (3, 1, 1)) if temporal else None
         self.conv = CausalConv3d(ch, ch, (1, 3, 3))
-        if self.time_conv is not None:  # start as "repeat each frame twice" (it trains faster)
+        if self.time_conv is not None:  # start as "repeat each frame twice", like the 2D init
             with torch.no_grad():
                 w = self.time_conv.conv.weight  # (2C, C, 3, 1, 1)
                 w.zero_()
