@@ -22,6 +22,8 @@ from t2v.config import (
     ConfigError,
     DemoConfig,
     EncodeConfig,
+    EvalConfig,
+    ImportConfig,
     PackConfig,
     RenderConfig,
     SynthConfig,
@@ -89,6 +91,18 @@ def run_render(cfg: RenderConfig) -> dict:
     return run_render_command(cfg)
 
 
+def run_eval(cfg: EvalConfig) -> dict:
+    from t2v.eval.report import run_eval_command
+
+    return run_eval_command(cfg)
+
+
+def run_import(cfg: ImportConfig) -> dict:
+    from t2v.models.wan_import import run_import_command
+
+    return run_import_command(cfg)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from t2v.demo import run_demo as demo
 
@@ -115,6 +129,13 @@ COMMANDS: dict[str, Command] = {
                        "crf": "crf", "batch-size": "batch_size", "concurrency": "concurrency",
                        "gpus-per-worker": "gpus_per_worker", "overwrite": "overwrite",
                        "dry-run": "dry_run"}),
+    "eval": Command(EvalConfig, run_eval,
+                    "score renders against prompt ground truth; VAE and flow-loss numbers",
+                    {"renders": "renders", "prompts": "prompts", "out": "out", "model": "model",
+                     "heldout": "heldout"}),
+    "import": Command(ImportConfig, run_import,
+                      "a pretrained checkpoint folder (Wan 2.1 diffusers format) -> package",
+                      {"wan": "wan", "out": "out"}),
     "demo": Command(DemoConfig, run_demo, "synthetic data -> Ray Data stream (grows with t2v)",
                     {"out": "out", "ray-address": "ray_address"}),
 }

@@ -190,6 +190,21 @@ class FaultConfig(Section):
     kill_rank: int = Field(0, ge=0)
 
 
+class LoRAConfig(Section):
+    """Low-rank adapters (peft) on the DiT's linear layers; rank 0 = full fine-tuning."""
+
+    rank: int = Field(0, ge=0)
+    """Adapter rank r; 0 trains every weight instead."""
+    alpha: float | None = Field(None, gt=0)
+    """Scale numerator (the update is alpha / r * B @ A); None = rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out"]
+    """Names (suffixes) of the nn.Linear modules that get adapters."""
+    merge_on_export: bool = True
+    """True: the exported package's dit.safetensors has the adapters merged in; False: it keeps
+    the base weights and the adapters go to lora.safetensors, applied at load/render."""
+
+
 class TrainConfig(Section):
     """`t2v train`: one Ray Train + DeepSpeed run (stage vae or dit)."""
 
@@ -240,6 +255,7 @@ class TrainConfig(Section):
     peak_flops: float | None = Field(None, gt=0)
     """Per-worker peak FLOP/s for the MFU estimate; None: 989e12 on GPU (H100 bf16 dense),
     2.6e11 on CPU (this project's 2-core reference machine, fp32 matmul, NOTES-stack)."""
+    lora: LoRAConfig = LoRAConfig()
     fault: FaultConfig = FaultConfig()
     ray_address: str | None = None
 
@@ -284,6 +300,39 @@ class RenderConfig(Section):
     _min_max = field_validator("concurrency")(classmethod(lambda cls, v: _check_min_max(v)))
     _pair = field_validator("concurrency", mode="before")(classmethod(
         lambda cls, v: _parse_min_max(v)))
+
+
+class ImportConfig(Section):
+    """`t2v import`: a pretrained checkpoint on disk or in a bucket -> a t2v model package."""
+
+    wan: str = ""
+    """A diffusers-format Wan 2.1 T2V folder/prefix (transformer/, vae/, text_encoder/,
+    tokenizer/, model_index.json)."""
+    out: str = ""
+    """Where the model package goes (local path or s3:// URI)."""
+
+
+class EvalConfig(Section):
+    """`t2v eval`: score rendered videos against their prompts' ground truth (shapes data)."""
+
+    renders: str = ""
+    """A render job's output location (its manifest/ and videos/)."""
+    prompts: str = ""
+    """The prompt file that was rendered (rows with `meta` = ground-truth attributes)."""
+    out: str | None = None
+    """Where report.json, contact_sheet.png and gifs/ go (None: RENDERS/eval)."""
+    model: str | None = None
+    """The model package: adds VAE reconstruction PSNR, compression and held-out flow loss."""
+    heldout: str | None = None
+    """Raw shards of held-out clips for the VAE and flow-loss numbers (needs `model`)."""
+    heldout_clips: int = Field(32, ge=1)
+    """Clips of `heldout` used."""
+    flow_t: list[float] = [0.25, 0.5, 0.75]
+    """Fixed t values of the held-out flow loss."""
+    sheet_rows: int = Field(48, ge=1)
+    """Prompts (rows) on the contact sheet."""
+    gifs: bool = True
+    """Write a GIF per video under OUT/gifs/."""
 
 
 class DemoConfig(Section):
