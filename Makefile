@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/t2v demo $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check t2v jobs tests
+	$(BIN)/ruff check t2v jobs tests cluster
 
 test: lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
