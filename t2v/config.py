@@ -62,7 +62,8 @@ class SynthConfig(Section):
     shard_size: int = Field(64, ge=1)
     """Samples per shard tar."""
     two_object_prob: float = Field(0.0, ge=0.0, le=1.0)
-    """Probability that a clip holds a second object (captions then name both)."""
+    """Probability that a clip tries a second object (captions then name both). It is only
+    placed where its whole path stays clear of the first object (about half the tries at 32x32)."""
     exclude: list[str] = []
     """Colour-shape-motion combinations never generated, e.g. "red circle left"."""
     only: list[str] = []
@@ -198,11 +199,15 @@ class LoRAConfig(Section):
     alpha: float | None = Field(None, gt=0)
     """Scale numerator (the update is alpha / r * B @ A); None = rank."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out"]
-    """Names (suffixes) of the nn.Linear modules that get adapters."""
+    """Dropout on the adapter input while training (peft's lora_dropout)."""
+    target_modules: list[str] = ["qkv", "q", "kv", "out"]
+    """Name suffixes of the VideoDiT nn.Linear layers that get adapters: `qkv` (fused self-
+    attention), `q`, `kv` (cross-attention), `out` (both outputs) are every attention projection,
+    Wan's to_q/to_k/to_v/to_out; add `ffn.fc1`, `ffn.fc2` for the feed-forward. A name that
+    matches no layer is an error when the model is built."""
     merge_on_export: bool = True
     """True: the exported package's dit.safetensors has the adapters merged in; False: it keeps
-    the base weights and the adapters go to lora.safetensors, applied at load/render."""
+    the base weights and the adapters go to lora.safetensors, merged when the package loads."""
 
 
 class TrainConfig(Section):
@@ -272,8 +277,9 @@ class RenderConfig(Section):
     steps: int = Field(30, ge=1, le=1000)
     cfg: float = Field(5.0, ge=0, le=50)
     sampler: str = "euler"
-    shift: float = Field(1.0, gt=0)
-    """Timestep shift of the sampling schedule (1 = none)."""
+    shift: float | None = Field(None, gt=0)
+    """Timestep shift of the sampling schedule (1 = none); None takes the package's (an imported
+    Wan model records its scheduler's flow_shift), else 1."""
     seed: int = 0
     """Base seed: a row without `seed` gets one derived from (seed, id)."""
     frames: int | None = Field(None, ge=1)
@@ -294,6 +300,12 @@ class RenderConfig(Section):
     dry_run: bool = False
     truncate: bool = True
     """Prompts longer than the text encoder takes are cut (True) or become error rows (False)."""
+    offload_text: bool = False
+    """Keep the text encoder on the CPU and move it to the GPU only to encode a batch's prompts
+    (a single GPU then holds umT5-xxl only while encoding)."""
+    vae_chunk: int | None = Field(None, ge=1)
+    """Decode a batch's videos one at a time, this many latent frames per pass (bounds VAE
+    memory on one GPU); None decodes the whole batch at once."""
     fail_after: int | None = Field(None, ge=0)
     """Test hook: a renderer actor raises after writing this many videos (fault injection)."""
 
@@ -310,6 +322,17 @@ class ImportConfig(Section):
     tokenizer/, model_index.json)."""
     out: str = ""
     """Where the model package goes (local path or s3:// URI)."""
+    text_max_length: int = Field(512, ge=1)
+    """Tokens per prompt for the umT5 encoder (Wan 2.1 was trained with 512)."""
+    frames: int = Field(81, ge=1)
+    """Default frames of a rendered video (1 + 4k; Wan 2.1 T2V: 81)."""
+    height: int = Field(480, ge=8)
+    """Default render height (Wan 2.1 T2V 1.3B: 480)."""
+    width: int = Field(832, ge=8)
+    """Default render width (Wan 2.1 T2V 1.3B: 832)."""
+    shift: float | None = Field(None, gt=0)
+    """Timestep shift recorded as the render default; None takes the folder's scheduler
+    `flow_shift` (Wan 2.1 ships 3.0 for 480p), or none if it has no scheduler."""
 
 
 class EvalConfig(Section):
@@ -336,15 +359,35 @@ class EvalConfig(Section):
 
 
 class DemoConfig(Section):
-    """`t2v demo`: the README's first command."""
+    """`t2v demo`: synthetic data -> VAE -> latents -> DiT -> render held-out prompts -> eval.
+
+    Every stage's settings are its own command's config (`vae.steps=...`, `render.cfg=...`);
+    the demo fills in the paths. `quick` and `long` switch to other embedded profiles (see
+    t2v/demo.py PROFILES); a key set on the command line or in --config wins over a profile.
+    """
 
     out: str = "runs/demo"
+    """Everything goes under here: data/, latents/, runs/, prompts/, renders/, eval/."""
     ray_address: str | None = None
     """Join this Ray cluster; None starts a local one."""
     num_cpus: int | None = None
     """Logical CPUs for a local Ray instance (None: Ray counts cores)."""
-    synth: SynthConfig = SynthConfig()
-    reader: ReaderConfig = ReaderConfig()
+    quick: bool = False
+    """CI-sized run (a few minutes): checks the whole pipeline, not the quality bar."""
+    long: bool = False
+    """64x64 clips of 17 frames and longer training (<= 45 min on a 2-core laptop)."""
+    heldout_combos: int = Field(12, ge=1, le=60)
+    """Colour x shape x motion combinations kept out of training and rendered for eval."""
+    seeds_per_combo: int = Field(8, ge=1)
+    """Videos rendered per held-out combination (one prompt row each, its own seed)."""
+    heldout_clips: int = Field(32, ge=1)
+    """Generator clips of the held-out combinations, for the VAE PSNR and flow-loss numbers."""
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    vae: TrainConfig = Field(default_factory=lambda: TrainConfig(stage="vae", name="vae"))
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    dit: TrainConfig = Field(default_factory=lambda: TrainConfig(stage="dit", name="dit"))
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -61,6 +61,10 @@ class DiTConfig:
     """RoPE base."""
     checkpointing: bool = False
     """Activation checkpointing of each block while training (memory for recompute)."""
+    text_mask: bool = True
+    """Mask padded text tokens out of cross-attention. False attends to every position, the
+    zero-padded ones included, as Wan 2.1 was trained (its pipeline passes no mask); imported
+    Wan packages set False so that they reproduce Wan's outputs."""
 
     def __post_init__(self) -> None:
         self.patch = tuple(int(p) for p in self.patch)  # JSON gives a list
@@ -381,7 +385,8 @@ class VideoDiT(nn.Module):
 
         The timestep is embedded as t * 1000, which equals Wan/diffusers' `timestep`. text is
         (B, L, text_dim) with text_mask (B, L), True = real token; a row with no real token gets
-        no cross-attention at all (zero branch output), never NaN.
+        no cross-attention at all (zero branch output), never NaN. With `config.text_mask` False
+        the mask is ignored (Wan's convention, see DiTConfig).
         """
         c = self.config
         b = x.shape[0]
@@ -400,7 +405,7 @@ class VideoDiT(nn.Module):
         mod = self.time_proj(F.silu(temb)).unflatten(1, (6, c.dim))  # (B, 6, D)
         ctx = self.text_embed(text.to(x.dtype))  # (B, L, D)
         mask = keep = None
-        if text_mask is not None:
+        if text_mask is not None and c.text_mask:
             if text_mask.shape != text.shape[:2]:
                 raise ValueError(f"text_mask {tuple(text_mask.shape)} != text (B, L) "
                                  f"{tuple(text.shape[:2])}")

@@ -1,11 +1,15 @@
 """Model packages: what render and eval load with one `--model URI` (DESIGN.md "Contracts").
 
 A package is a folder or prefix holding
-    model.json        format version, DiT config, VAE config (incl. latent scale/shift) or a
-                      `diffusers:URI` VAE reference, text-encoder config, training run and step
+    model.json        format version, DiT config, VAE config (incl. latent scale/shift), a
+                      `diffusers:URI` VAE reference for an imported VAE, text-encoder config,
+                      LoRA rank/alpha, training run and step
     dit.safetensors   the (EMA) DiT weights       (absent in a VAE-only package)
     vae.safetensors   the VAE weights             (absent when the VAE is a diffusers reference)
-    lora.safetensors  optional LoRA weights
+    lora.safetensors  optional LoRA adapters, kept apart from the base weights in
+                      dit.safetensors; `load_package` merges them into the DiT it returns
+An imported VAE (`vae_ref`) is described in model.json by a WanVAEConfig (latent channels,
+factors, normalisation) and loaded from its reference by the diffusers backend (wan_vae.py).
 Weights are safetensors only: nothing is ever unpickled. `model.json` is written last, so a
 package without it is incomplete. The content hash (sha256 over model.json and the weight
 files, in a fixed order) identifies the package in every manifest row.
@@ -24,8 +28,10 @@ from torch import nn
 
 from t2v import storage
 from t2v.models.dit import DiTConfig, VideoDiT
+from t2v.models.lora import lora_scale, merge_into
 from t2v.models.text import TextEncoder, TextEncoderConfig
 from t2v.models.vae import CausalVideoVAE, VAEConfig
+from t2v.models.wan_vae import WanVAE, WanVAEConfig, parse_ref
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -39,12 +45,16 @@ class PackageError(ValueError):
 @dataclass
 class PackageMeta:
     dit: DiTConfig | None
-    vae: VAEConfig | None
+    vae: VAEConfig | WanVAEConfig | None
+    """Our VAE's config, or (with vae_ref) the imported VAE's geometry and normalisation."""
     text: TextEncoderConfig
     vae_ref: str | None = None
     """`diffusers:URI` for an imported VAE; None when vae.safetensors holds our own VAE."""
     run: dict = field(default_factory=dict)
-    """Training provenance: run name, step, source URIs."""
+    """Training provenance: run name, step, source URIs; render defaults (frames, height,
+    width, shift) where the package sets them."""
+    lora: dict | None = None
+    """{"rank", "alpha", "target_modules"} of lora.safetensors; None without adapters."""
 
     def to_json(self) -> str:
         return json.dumps({
@@ -54,6 +64,7 @@ class PackageMeta:
             "vae_ref": self.vae_ref,
             "text_encoder": self.text.to_dict(),
             "run": self.run,
+            "lora": self.lora,
         }, indent=1, sort_keys=True)
 
     @classmethod
@@ -64,11 +75,15 @@ class PackageMeta:
             if version != FORMAT_VERSION:
                 raise PackageError(f"{uri}: format_version {version!r}, this t2v reads "
                                    f"{FORMAT_VERSION}")
+            ref = d.get("vae_ref")
+            if ref is not None:
+                parse_ref(ref)  # ValueError: a malformed reference is an invalid model.json
+            vae_cls = WanVAEConfig if ref is not None else VAEConfig
             return cls(dit=DiTConfig.from_dict(d["dit"]) if d.get("dit") else None,
-                       vae=VAEConfig.from_dict(d["vae"]) if d.get("vae") else None,
+                       vae=vae_cls.from_dict(d["vae"]) if d.get("vae") else None,
                        vae_ref=d.get("vae_ref"),
                        text=TextEncoderConfig.from_dict(d["text_encoder"]),
-                       run=d.get("run", {}))
+                       run=d.get("run", {}), lora=d.get("lora"))
         except PackageError:
             raise
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -89,15 +104,30 @@ def content_hash(parts: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def save_package(uri: str, *, vae: CausalVideoVAE | None, dit: VideoDiT | None = None,
-                 text: TextEncoderConfig | None = None, run: dict | None = None,
-                 vae_ref: str | None = None, lora: dict[str, torch.Tensor] | None = None) -> str:
-    """Write a package (weights first, model.json last); returns its content hash."""
-    if vae is None and vae_ref is None:
-        raise ValueError("a package needs a VAE (module or diffusers: reference)")
+def save_package(uri: str, *, vae: CausalVideoVAE | WanVAE | None,
+                 dit: VideoDiT | None = None, text: TextEncoderConfig | None = None,
+                 run: dict | None = None, vae_ref: str | None = None,
+                 vae_config: WanVAEConfig | None = None,
+                 lora: dict[str, torch.Tensor] | None = None,
+                 lora_meta: dict | None = None) -> str:
+    """Write a package (weights first, model.json last); returns its content hash.
+
+    The VAE is our module (weights written), a loaded WanVAE (its reference recorded), or,
+    without a module, `vae_ref` + `vae_config` (what `t2v import` writes). `lora` adapters need
+    `lora_meta` ({"rank", "alpha", "target_modules"}).
+    """
+    if isinstance(vae, WanVAE):
+        vae_ref, vae_config, vae = vae.ref, vae.config, None
+    if vae is None and (vae_ref is None or vae_config is None):
+        raise ValueError("a package needs a VAE (module, or diffusers: reference + its config)")
+    if lora and not (lora_meta and {"rank", "alpha"} <= set(lora_meta)):
+        raise ValueError(f"LoRA weights need lora_meta with rank and alpha, got {lora_meta}")
+    if vae_ref is not None:
+        parse_ref(vae_ref)
     meta = PackageMeta(dit=dit.config if dit is not None else None,
-                       vae=vae.config if vae is not None else None, vae_ref=vae_ref,
-                       text=text or TextEncoderConfig(), run=run or {})
+                       vae=vae.config if vae is not None else vae_config, vae_ref=vae_ref,
+                       text=text or TextEncoderConfig(), run=run or {},
+                       lora=lora_meta if lora else None)
     parts: dict[str, bytes] = {}
     if dit is not None:
         parts["dit.safetensors"] = _state_bytes(dit)
@@ -137,8 +167,9 @@ class LoadedPackage:
     uri: str
     meta: PackageMeta
     hash: str
-    vae: CausalVideoVAE | None
+    vae: CausalVideoVAE | WanVAE | None
     dit: VideoDiT | None
+    """With `lora`, the adapters are already merged in (unless load_package(merge_lora=False))."""
     text: TextEncoder | None
     lora: dict[str, torch.Tensor] | None
 
@@ -154,7 +185,10 @@ def read_meta(uri: str) -> PackageMeta:
 
 def load_package(uri: str, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, load_text: bool = True,
-                 load_dit: bool = True) -> LoadedPackage:
+                 load_dit: bool = True, load_vae: bool = True,
+                 merge_lora: bool = True) -> LoadedPackage:
+    """Everything a package holds, built on `device`; an imported VAE comes from its reference
+    (needs diffusers), unmerged LoRA adapters are merged into the DiT unless told otherwise."""
     meta = read_meta(uri)
     parts = {MODEL_JSON: storage.read_bytes(storage.join(uri, MODEL_JSON))}
     for name in WEIGHT_FILES:
@@ -162,17 +196,37 @@ def load_package(uri: str, *, device: str | torch.device = "cpu",
             parts[name] = storage.read_bytes(storage.join(uri, name))
     if meta.dit is not None and "dit.safetensors" not in parts:
         raise PackageError(f"{uri}: model.json has a DiT but dit.safetensors is missing")
-    if meta.vae is not None and "vae.safetensors" not in parts:
+    if meta.vae_ref is None and meta.vae is not None and "vae.safetensors" not in parts:
         raise PackageError(f"{uri}: model.json has a VAE but vae.safetensors is missing")
-    if meta.vae_ref is not None:
-        raise PackageError(f"{uri}: diffusers VAE references ({meta.vae_ref}) need the Wan "
-                           "import backend, which this t2v does not have yet")
-    vae = (_build(CausalVideoVAE, meta.vae, parts["vae.safetensors"], uri, dtype, device)
-           if meta.vae is not None else None)
+    if "lora.safetensors" in parts and not meta.lora:
+        raise PackageError(f"{uri}: lora.safetensors without LoRA rank/alpha in model.json")
+    if not load_vae:
+        vae = None
+    elif meta.vae_ref is not None:
+        vae = _load_wan_vae(uri, meta, dtype, device)
+    else:
+        vae = (_build(CausalVideoVAE, meta.vae, parts["vae.safetensors"], uri, dtype, device)
+               if meta.vae is not None else None)
     dit = (_build(VideoDiT, meta.dit, parts["dit.safetensors"], uri, dtype, device)
            if meta.dit is not None and load_dit else None)
     text = TextEncoder(meta.text).to(device) if load_text and meta.dit is not None else None
     lora = (_safetensors(parts["lora.safetensors"], f"{uri} (lora)")
             if "lora.safetensors" in parts else None)
+    if lora and dit is not None and merge_lora:
+        try:
+            merge_into(dit, lora, lora_scale(int(meta.lora["rank"]), meta.lora.get("alpha")))
+        except (ValueError, KeyError) as e:
+            raise PackageError(f"{uri}: lora.safetensors does not fit the DiT: {e}") from None
     return LoadedPackage(uri=uri, meta=meta, hash=content_hash(parts), vae=vae, dit=dit,
                          text=text, lora=lora)
+
+
+def _load_wan_vae(uri: str, meta: PackageMeta, dtype: torch.dtype,
+                  device: str | torch.device) -> WanVAE:
+    if not isinstance(meta.vae, WanVAEConfig):
+        raise PackageError(f"{uri}: vae_ref {meta.vae_ref} without its VAE config in model.json")
+    try:
+        return WanVAE.load(meta.vae_ref, meta.vae, device=device, dtype=dtype)
+    except (ImportError, FileNotFoundError, ValueError, OSError) as e:
+        raise PackageError(f"{uri}: cannot load VAE {meta.vae_ref}: "
+                           f"{str(e).splitlines()[0]}") from None

@@ -9,8 +9,10 @@ the reference is a folder holding a T5/umT5 encoder (e.g. Wan 2.1's `text_encode
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,6 +37,9 @@ class TextEncoderConfig:
     """Tokens per prompt; embeddings are padded to exactly this length (the shard contract)."""
     truncate: bool = True
     """Cut longer prompts (True) or refuse them with PromptTooLongError (False)."""
+    clean: bool = False
+    """Normalise prompts as Wan's pipeline does before tokenizing (`clean_prompt`); imported
+    Wan packages set it, so the same prompt gives the same tokens as WanPipeline."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +50,19 @@ class TextEncoderConfig:
         if unknown:
             raise ValueError(f"TextEncoderConfig: unknown keys {sorted(unknown)}")
         return cls(**d)
+
+
+def clean_prompt(text: str) -> str:
+    """WanPipeline's prompt normalisation: ftfy (when installed, as there), HTML entities
+    unescaped twice, runs of whitespace collapsed, ends stripped."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 _MARKERS = {"model": ("config.json",), "tokenizer": ("tokenizer_config.json", "tokenizer.json")}
@@ -96,7 +114,9 @@ def _download_prefix(uri: str, markers: tuple[str, ...]) -> Path:
 
 def _load_encoder(path: Path) -> nn.Module:
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per actor is noise in job logs
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type in ("t5", "umt5", "mt5"):
         # Only the encoder stack: the decoder of a T5 is never used for conditioning.
@@ -129,14 +149,19 @@ class TextEncoder(nn.Module):
         return int(self.model.config.hidden_size if hasattr(self.model.config, "hidden_size")
                    else self.model.config.d_model)
 
+    def _prepare(self, prompts: list[str]) -> list[str]:
+        return [clean_prompt(p) for p in prompts] if self.config.clean else list(prompts)
+
     def token_counts(self, prompts: list[str]) -> list[int]:
         """Tokens each prompt needs (special tokens included), before any truncation."""
-        return [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+        ids = self.tokenizer(self._prepare(prompts), truncation=False)["input_ids"]
+        return [len(i) for i in ids]
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Empty strings are encoded like any prompt: that encoding IS the unconditional input."""
         n = self.config.max_length
+        prompts = self._prepare(prompts)
         if not self.config.truncate:
             for i, count in enumerate(self.token_counts(prompts)):
                 if count > n:

@@ -30,7 +30,8 @@ def wan_config_to_dit(config: dict) -> DiTConfig:
     """DiTConfig from a diffusers `WanTransformer3DModel` config.json dict.
 
     `rope_max_seq_len` is dropped: VideoDiT computes RoPE for any grid size, and matches
-    diffusers wherever diffusers works (grid sides <= rope_max_seq_len).
+    diffusers wherever diffusers works (grid sides <= rope_max_seq_len). The geometry only:
+    `text_mask` keeps its default, and `t2v import` sets it False for WanPipeline's convention.
     """
     name = config.get("_class_name", "WanTransformer3DModel")
     if name != "WanTransformer3DModel":

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +29,13 @@ import torch
 from t2v import storage
 from t2v.config import RenderConfig
 from t2v.data.video import encode_mp4, to_png
-from t2v.diffusion.sampling import SAMPLERS, denoise, get_noise
+from t2v.diffusion.sampling import SAMPLERS
 from t2v.models.dit import VideoDiT
-from t2v.models.package import PackageError, PackageMeta, load_package, read_meta
-from t2v.models.text import TextEncoder, TextEncoderConfig
-from t2v.models.vae import CausalVideoVAE
+from t2v.models.package import PackageError, PackageMeta, read_meta
+from t2v.models.text import TextEncoderConfig
 from t2v.render import manifest as mf
+from t2v.render.model import RenderModel, render_batch  # noqa: F401 - re-exported
 from t2v.render.prompts import ParsedPrompts, PromptRules, parse_prompts, prompt_format
-from t2v.train.validation import to_uint8
 
 log = logging.getLogger("t2v.render")
 
@@ -57,73 +56,14 @@ class InjectedFault(RuntimeError):
 # ----------------------------------------------------------------------------- sampling
 
 
-@dataclass
-class RenderModel:
-    """What a renderer holds: the networks of one package, on one device."""
-
-    dit: VideoDiT
-    vae: CausalVideoVAE
-    text: TextEncoder
-    device: torch.device
-
-    @classmethod
-    def load(cls, uri: str, truncate: bool = True,
-             device: torch.device | None = None) -> tuple[RenderModel, str]:
-        """Load a package (DiT + VAE + text encoder); returns the model and the package hash."""
-        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        pkg = load_package(uri, device=device, load_text=False)
-        if pkg.dit is None or pkg.vae is None:
-            raise PackageError(f"{uri}: rendering needs a DiT and a VAE in the package")
-        text = TextEncoder(replace(pkg.meta.text, truncate=truncate)).to(device)
-        return cls(pkg.dit.requires_grad_(False), pkg.vae.requires_grad_(False), text,
-                   device), pkg.hash
-
-
-def _check_batch(samples: list[dict]) -> tuple[int, int, int, int]:
-    keys = {(s["frames"], s["height"], s["width"], s["steps"]) for s in samples}
-    if len(keys) != 1:
-        raise ValueError(f"a batch needs one (frames, height, width, steps), got {sorted(keys)}")
-    return keys.pop()
-
-
-@torch.no_grad()
-def render_batch(model: RenderModel, samples: list[dict], sampler: str = "euler",
-                 shift: float = 1.0) -> tuple[torch.Tensor, list[np.ndarray]]:
-    """Samples of one shape and step count -> (latents (B, C, T', H', W'), videos (T, H, W, 3)).
-
-    Needs no Ray. Each sample's noise comes from its own seed (`get_noise`) and cfg is per
-    sample, so a video depends only on its own row: batch size and batch mates change nothing
-    but the summation order inside batched matmuls (float32 latents agree to ~1e-6, pixels to
-    one uint8 level; see tests/test_render.py).
-    """
-    frames, height, width, steps = _check_batch(samples)
-    unique = list(dict.fromkeys([s["prompt"] for s in samples]
-                                + [s["negative_prompt"] for s in samples]))
-    emb, emb_mask = model.text(unique)  # (U, L, D), (U, L): each distinct string once
-    pos = [unique.index(s["prompt"]) for s in samples]
-    neg = [unique.index(s["negative_prompt"]) for s in samples]
-    text, mask = emb[pos], emb_mask[pos]  # (B, L, D), (B, L)
-    neg_text, neg_mask = emb[neg], emb_mask[neg]  # (B, L, D), (B, L)
-    shape = model.vae.latent_shape(frames, height, width)  # (C, T', H', W')
-    noise = get_noise(shape, [s["seed"] for s in samples], device=model.device)  # (B, C, T', ..)
-    cfg = torch.tensor([float(s["cfg"]) for s in samples])  # (B,)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
-    with autocast:
-        z = denoise(model.dit, noise, text, mask, neg_text, neg_mask, steps=steps, cfg=cfg,
-                    shift=shift, sampler=sampler)  # (B, C, T', H', W') float32
-    pixels = model.vae.decode(z.float())  # (B, 3, T, H, W), unclamped
-    return z, [to_uint8(v) for v in pixels]
-
-
-# ----------------------------------------------------------------------------- the actor
-
-
 class Renderer:
     """Ray Data actor: a row {"index", "samples" (JSON)} -> written videos + a manifest part."""
 
     def __init__(self, cfg: RenderConfig, job: dict) -> None:
         self.cfg, self.job = cfg, job
-        self.model, digest = RenderModel.load(cfg.model, truncate=cfg.truncate)
+        self.model, digest = RenderModel.load(cfg.model, truncate=cfg.truncate,
+                                              offload_text=cfg.offload_text,
+                                              vae_chunk=cfg.vae_chunk)
         if digest != job["package_hash"]:  # every row must say what made its video
             raise PackageError(f"{cfg.model}: the package changed while the job ran (hash "
                                f"{digest[:12]}, planned {job['package_hash'][:12]})")
@@ -218,12 +158,12 @@ def prompt_rules(cfg: RenderConfig, meta: PackageMeta) -> PromptRules:
     if meta.dit is None or meta.vae is None:
         raise PackageError(f"{cfg.model}: rendering needs a DiT and a VAE in the package "
                            f"(dit: {meta.dit is not None}, vae: {meta.vae is not None})")
-    run_size = meta.run.get("size")
+    run = meta.run
     rules = PromptRules(
         base_seed=cfg.seed, steps=cfg.steps, cfg=cfg.cfg, negative_prompt=cfg.negative_prompt,
-        frames=cfg.frames or int(meta.run.get("frames") or DEFAULT_FRAMES),
-        height=cfg.height or int(run_size or DEFAULT_SIZE),
-        width=cfg.width or int(run_size or DEFAULT_SIZE),
+        frames=cfg.frames or int(run.get("frames") or DEFAULT_FRAMES),
+        height=cfg.height or int(run.get("height") or run.get("size") or DEFAULT_SIZE),
+        width=cfg.width or int(run.get("width") or run.get("size") or DEFAULT_SIZE),
         temporal_down=meta.vae.temporal_down, temporal_patch=meta.dit.patch[0],
         spatial_multiple=meta.vae.spatial_down * math.lcm(*meta.dit.patch[1:]),
         max_tokens=None if cfg.truncate else meta.text.max_length,
@@ -276,9 +216,8 @@ def plan_render(cfg: RenderConfig) -> RenderPlan:
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"sampler={cfg.sampler!r} unknown; known: {', '.join(SAMPLERS)}")
     meta = read_meta(cfg.model)
-    if meta.vae_ref is not None:
-        raise PackageError(f"{cfg.model}: diffusers VAE references ({meta.vae_ref}) are not "
-                           "supported by render yet")
+    if cfg.shift is None:  # the package's own (an imported Wan model: its scheduler's), else 1
+        cfg = cfg.model_copy(update={"shift": float(meta.run.get("shift") or 1.0)})
     rules = prompt_rules(cfg, meta)
     fmt = prompt_format(cfg.prompts)
     data = storage.read_bytes(cfg.prompts)

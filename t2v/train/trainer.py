@@ -92,13 +92,17 @@ def dit_data(cfg: TrainConfig, train: list[str], val_uri: str) -> dict:
     latent = np.stack([r["latent"].astype(np.float32) for r in rows])
     empty, empty_mask = TextEncoder(text_cfg)([""])
     c, t, h, w = latent.shape[1:]
-    from t2v.models.dit import VideoDiT, dit_config
-
-    over = {"in_channels": c, "text_dim": int(empty.shape[-1]), **cfg.model_overrides}
     import torch
 
+    from t2v.models.dit import VideoDiT
+    from t2v.train.worker import dit_geometry
+
     with torch.device("meta"):
-        probe = VideoDiT(dit_config(cfg.model, **over))
+        probe = VideoDiT(dit_geometry(cfg, c, int(empty.shape[-1])))
+    if cfg.lora.rank:  # a bad target name fails here, once, not in every worker
+        from t2v.models.lora import target_layers
+
+        target_layers(probe, cfg.lora.target_modules)
     flops = probe.flops((1, c, t, h, w), text_cfg.max_length)
     return {
         "latent_channels": c, "text_dim": int(empty.shape[-1]),
@@ -178,6 +182,9 @@ def run_train(cfg: TrainConfig) -> dict:
         raise ValueError("train: data.shards is required")
     if cfg.stage == "dit" and not cfg.vae:
         raise ValueError("train: stage dit needs vae=PACKAGE (the VAE the latents were made with)")
+    from t2v.train.worker import check_lora
+
+    check_lora(cfg)
     ensure_ray(cfg.ray_address)
     t0 = time.time()
     run_uri = storage.join(cfg.out, cfg.name)

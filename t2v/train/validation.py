@@ -115,8 +115,13 @@ class Validator:
 
     @torch.no_grad()
     def export(self, module: nn.Module, step: int) -> str:
-        """Write RUN/package from the EMA weights; returns the package hash."""
-        from t2v.models.package import load_package, save_package
+        """Write RUN/package from the EMA weights; returns the package hash.
+
+        A LoRA run writes the adapters merged into dit.safetensors (lora.merge_on_export) or
+        the untouched base weights plus lora.safetensors. An imported VAE is exported as its
+        reference; render defaults (frames, size, shift) of `init_from` carry over.
+        """
+        from t2v.models.package import load_package, read_meta, save_package
         from t2v.models.text import TextEncoderConfig
 
         out = storage.join(self.run_uri, "package")
@@ -132,9 +137,23 @@ class Validator:
             module.set_latent_stats(shift=shift, scale=scale)
             h = save_package(out, vae=module.cpu(), run=run)
         else:
-            vae = load_package(self.cfg.vae, load_text=False, load_dit=False).vae
+            from t2v.models.lora import export_dit, lora_scale
+
+            lcfg = self.cfg.lora
+            scale = lora_scale(lcfg.rank, lcfg.alpha) if lcfg.rank else 1.0
+            dit, lora = export_dit(module.cpu(), merge=lcfg.merge_on_export, scale=scale)
+            lora_meta = ({"rank": lcfg.rank, "alpha": lcfg.alpha or float(lcfg.rank),
+                          "target_modules": lcfg.target_modules} if lora else None)
+            vae_meta = read_meta(self.cfg.vae)
+            vae = (None if vae_meta.vae_ref else  # imported: keep the reference, load nothing
+                   load_package(self.cfg.vae, load_text=False, load_dit=False).vae)
+            run |= {"vae": self.cfg.vae, "init_from": self.cfg.init_from,
+                    "lora": lcfg.rank or None, "lora_merged": bool(lcfg.rank and lora is None)}
+            if self.cfg.init_from:
+                init = read_meta(self.cfg.init_from).run
+                run |= {k: init[k] for k in ("frames", "height", "width", "shift") if k in init}
             text = TextEncoderConfig.from_dict(self.info["text_encoder"])
-            h = save_package(out, vae=vae, dit=module.cpu(), text=text,
-                             run=run | {"vae": self.cfg.vae})
+            h = save_package(out, vae=vae, vae_ref=vae_meta.vae_ref, vae_config=vae_meta.vae,
+                             dit=dit, text=text, run=run, lora=lora, lora_meta=lora_meta)
         print(f"[t2v] exported model package {out} (sha256 {h[:12]})", flush=True)
         return h

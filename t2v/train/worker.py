@@ -14,6 +14,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray.train
 import torch
@@ -25,33 +26,72 @@ from t2v.config import TrainConfig
 from t2v.diffusion.flow import noisy, velocity_target
 from t2v.train.schedule import EMA, lr_factor, per_sample_generators
 
+if TYPE_CHECKING:
+    from t2v.models.dit import DiTConfig
+
 CKPT_TAG = "ds"
 
 
 # ----------------------------------------------------------------------------- model + engine
 
 
+def dit_geometry(cfg: TrainConfig, latent_channels: int, text_dim: int) -> DiTConfig:
+    """The DiT config of a run: `init_from`'s own (an imported Wan model keeps its geometry and
+    text convention; model/model_overrides are ignored) or the preset with overrides."""
+    from t2v.models.dit import DiTConfig, dit_config
+
+    if not cfg.init_from:
+        over = {"in_channels": latent_channels, "text_dim": text_dim,
+                "checkpointing": cfg.activation_checkpointing, **cfg.model_overrides}
+        return dit_config(cfg.model, **over)
+    from t2v.models.package import read_meta
+
+    meta = read_meta(cfg.init_from)
+    if meta.dit is None:
+        raise ValueError(f"init_from={cfg.init_from}: the package has no DiT")
+    if (meta.dit.in_channels, meta.dit.text_dim) != (latent_channels, text_dim):
+        raise ValueError(f"init_from={cfg.init_from}: DiT takes {meta.dit.in_channels} latent "
+                         f"channels and text width {meta.dit.text_dim}, the data has "
+                         f"{latent_channels} and {text_dim} (encode with that package's VAE "
+                         "and text encoder)")
+    return DiTConfig.from_dict({**meta.dit.to_dict(),
+                                "checkpointing": cfg.activation_checkpointing})
+
+
 def build_model(cfg: TrainConfig, data_info: dict) -> nn.Module:
-    """The trainable module, from a preset (+ overrides) or from `init_from`'s package."""
+    """The trainable module, from a preset (+ overrides) or from `init_from`'s package, with
+    LoRA adapters when `lora.rank` > 0 (base frozen, adapters trainable)."""
     if cfg.stage == "vae":
         from t2v.models.vae import CausalVideoVAE, vae_config
 
         model = CausalVideoVAE(vae_config(cfg.model, **cfg.model_overrides))
     else:
-        from t2v.models.dit import VideoDiT, dit_config
+        from t2v.models.dit import VideoDiT
 
-        over = {"in_channels": data_info["latent_channels"], "text_dim": data_info["text_dim"],
-                "checkpointing": cfg.activation_checkpointing, **cfg.model_overrides}
-        model = VideoDiT(dit_config(cfg.model, **over))
+        model = VideoDiT(dit_geometry(cfg, data_info["latent_channels"], data_info["text_dim"]))
     if cfg.init_from:
         from t2v.models.package import load_package
 
-        pkg = load_package(cfg.init_from, load_text=False)
-        src = pkg.vae if cfg.stage == "vae" else pkg.dit
+        pkg = load_package(cfg.init_from, load_text=False, load_dit=cfg.stage == "dit",
+                           load_vae=cfg.stage == "vae")
+        src = pkg.vae if cfg.stage == "vae" else pkg.dit  # a package's LoRA is merged in
         if src is None:
             raise ValueError(f"init_from={cfg.init_from}: package has no {cfg.stage} weights")
         model.load_state_dict(src.state_dict(), strict=True)
+    if cfg.lora.rank:
+        from t2v.models.lora import add_lora
+
+        check_lora(cfg)
+        model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                         cfg.lora.target_modules)
     return model
+
+
+def check_lora(cfg: TrainConfig) -> None:
+    """LoRA adapts a pretrained DiT: refuse it for the VAE or from a random init."""
+    if cfg.lora.rank and (cfg.stage != "dit" or not cfg.init_from):
+        raise ValueError(f"lora.rank={cfg.lora.rank} needs stage dit and init_from=PACKAGE "
+                         f"(got stage {cfg.stage}, init_from {cfg.init_from!r})")
 
 
 def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
@@ -69,16 +109,17 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
 
 
 def full_params(engine, zero_stage: int):
-    """(name, full tensor) pairs; under ZeRO-3 gathers the partitions (a collective)."""
+    """(name, full tensor) of the trainable parameters (frozen ones never change: a LoRA run's
+    EMA needs only its adapters); under ZeRO-3 gathers the partitions (a collective)."""
     import contextlib
 
     import deepspeed
 
-    module = engine.module
-    ctx = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    ctx = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
            if zero_stage == 3 else contextlib.nullcontext())
     with ctx:
-        yield from module.named_parameters()
+        yield from params
 
 
 # ----------------------------------------------------------------------------- batches + losses
@@ -212,7 +253,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = build_model(cfg, data_info).to(device)
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
         s, warmup=cfg.optim.warmup_steps, total=cfg.steps, kind=cfg.optim.schedule,
@@ -228,7 +270,8 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[t2v] {cfg.stage} run {cfg.name}: {'resumed at' if step else 'starting at'} "
               f"step {step}/{cfg.steps}, {world} workers, ZeRO-{cfg.zero_stage}, "
               f"{'bf16' if bf16 else 'fp32'}, {sum(p.numel() for p in model.parameters()):,} "
-              f"params", flush=True)
+              f"params ({sum(p.numel() for p in trainable):,} trainable"
+              f"{f', LoRA rank {cfg.lora.rank}' if cfg.lora.rank else ''})", flush=True)
     empty = None
     if cfg.stage == "dit":
         empty = tuple(torch.from_numpy(a) for a in data_info["empty_text"])

@@ -1,0 +1,111 @@
+"""What one renderer holds and does without Ray: a package's networks on a device, and one
+batch of prompts -> latents -> pixels. `t2v/render/pipeline.py` runs it on a Ray Data actor pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from t2v.diffusion.sampling import denoise, get_noise
+from t2v.models.dit import VideoDiT
+from t2v.models.package import PackageError, load_package
+from t2v.models.text import TextEncoder
+from t2v.models.vae import CausalVideoVAE
+from t2v.models.wan_vae import WanVAE
+from t2v.train.validation import to_uint8
+
+
+@dataclass
+class RenderModel:
+    """What a renderer holds: the networks of one package, on one device.
+
+    Memory savers for one GPU: `offload_text` keeps the text encoder on the CPU between batches
+    (it visits the device only to encode a batch's prompts: umT5-xxl is ~11 GB in bf16), and
+    `vae_chunk` decodes the videos of a batch one at a time, `vae_chunk` latent frames a pass.
+    """
+
+    dit: VideoDiT
+    vae: CausalVideoVAE | WanVAE
+    text: TextEncoder
+    device: torch.device
+    offload_text: bool = False
+    vae_chunk: int | None = None
+
+    @classmethod
+    def load(cls, uri: str, truncate: bool = True, device: torch.device | None = None,
+             offload_text: bool = False,
+             vae_chunk: int | None = None) -> tuple[RenderModel, str]:
+        """Load a package (DiT with any LoRA merged, VAE, text encoder); returns the model and
+        the package hash."""
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        pkg = load_package(uri, device=device, load_text=False)
+        if pkg.dit is None or pkg.vae is None:
+            raise PackageError(f"{uri}: rendering needs a DiT and a VAE in the package")
+        text = TextEncoder(replace(pkg.meta.text, truncate=truncate))
+        text = text.to("cpu" if offload_text else device)
+        return cls(pkg.dit.requires_grad_(False), pkg.vae.requires_grad_(False), text,
+                   device, offload_text, vae_chunk), pkg.hash
+
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings (U, L, D), mask (U, L)) on the device; see `offload_text`."""
+        if not self.offload_text:
+            return self.text(prompts)
+        self.text.to(self.device)
+        try:
+            emb, mask = self.text(prompts)
+        finally:
+            self.text.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the encoder's memory to the DiT
+        return emb.to(self.device), mask.to(self.device)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, T, H, W) from normalised latents; see `vae_chunk`."""
+        if self.vae_chunk is None:
+            return self.vae.decode(z)
+        return torch.cat([self.vae.decode(zi[None], chunk_latent_frames=self.vae_chunk)
+                          for zi in z])
+
+
+def _check_batch(samples: list[dict]) -> tuple[int, int, int, int]:
+    keys = {(s["frames"], s["height"], s["width"], s["steps"]) for s in samples}
+    if len(keys) != 1:
+        raise ValueError(f"a batch needs one (frames, height, width, steps), got {sorted(keys)}")
+    return keys.pop()
+
+
+@torch.no_grad()
+def render_batch(model: RenderModel, samples: list[dict], sampler: str = "euler",
+                 shift: float | None = 1.0) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Samples of one shape and step count -> (latents (B, C, T', H', W'), videos (T, H, W, 3)).
+
+    `shift` None means 1 (the job resolves RenderConfig.shift None to the package's first).
+
+    Needs no Ray. Each sample's noise comes from its own seed (`get_noise`) and cfg is per
+    sample, so a video depends only on its own row: batch size and batch mates change nothing
+    but the summation order inside batched matmuls (float32 latents agree to ~1e-6, pixels to
+    one uint8 level; see tests/test_render.py).
+    """
+    frames, height, width, steps = _check_batch(samples)
+    unique = list(dict.fromkeys([s["prompt"] for s in samples]
+                                + [s["negative_prompt"] for s in samples]))
+    emb, emb_mask = model.encode_text(unique)  # (U, L, D), (U, L): each distinct string once
+    pos = [unique.index(s["prompt"]) for s in samples]
+    neg = [unique.index(s["negative_prompt"]) for s in samples]
+    text, mask = emb[pos], emb_mask[pos]  # (B, L, D), (B, L)
+    neg_text, neg_mask = emb[neg], emb_mask[neg]  # (B, L, D), (B, L)
+    shape = model.vae.latent_shape(frames, height, width)  # (C, T', H', W')
+    noise = get_noise(shape, [s["seed"] for s in samples], device=model.device)  # (B, C, T', ..)
+    cfg = torch.tensor([float(s["cfg"]) for s in samples])  # (B,)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
+    with autocast:
+        z = denoise(model.dit, noise, text, mask, neg_text, neg_mask, steps=steps, cfg=cfg,
+                    shift=shift or 1.0, sampler=sampler)  # (B, C, T', H', W') float32
+    pixels = model.decode(z.float())  # (B, 3, T, H, W), unclamped
+    return z, [to_uint8(v) for v in pixels]
+
+
+# ----------------------------------------------------------------------------- the actor

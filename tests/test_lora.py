@@ -1,0 +1,153 @@
+"""LoRA: adapters on VideoDiT (peft), merged == unmerged, and a Ray Train fine-tune of an
+imported Wan package that changes only the adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2v.models.dit import VideoDiT, dit_config
+from t2v.models.lora import (
+    add_lora,
+    base_state_dict,
+    export_dit,
+    load_lora,
+    lora_scale,
+    lora_state_dict,
+    merge_lora,
+)
+
+RANK, ALPHA = 4, 8.0
+
+
+def _inputs(model: VideoDiT, b: int = 2) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    c = model.config
+    x = torch.randn(b, c.in_channels, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.rand(b, generator=g, dtype=torch.float64)
+    text = torch.randn(b, 6, c.text_dim, generator=g, dtype=torch.float64)
+    mask = torch.ones(b, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    return x, t, text, mask
+
+
+def _adapted(seed: int = 0) -> tuple[VideoDiT, dict[str, torch.Tensor]]:
+    """A debug DiT (random, non-zero output) with rank-4 adapters whose B is random too."""
+    torch.manual_seed(seed)
+    model = VideoDiT(dit_config("debug", depth=2)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    add_lora(model, RANK, ALPHA)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: the adapters would be a no-op
+                p.normal_(0.0, 0.05)
+    return model.eval(), base
+
+
+def test_only_adapters_train_and_targets_are_checked() -> None:
+    model, base = _adapted()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    # qkv, out (self), q, kv, out (cross) in each of 2 blocks, A and B each
+    assert len(trainable) == 2 * 5 * 2
+    assert base_state_dict(model).keys() == base.keys()
+    with pytest.raises(ValueError, match=r"\['to_q'\] match no nn.Linear.*self_attn.qkv"):
+        add_lora(VideoDiT(dit_config("debug")), RANK, targets=["qkv", "to_q"])
+    assert lora_scale(4, None) == 1.0 and lora_scale(4, 8.0) == 2.0
+
+
+def test_merged_export_matches_unmerged_model() -> None:
+    model, base = _adapted()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        unmerged = model(*inputs)  # peft layers: base(x) + scale * B(A(x))
+        merged, none = export_dit(model, merge=True, scale=lora_scale(RANK, ALPHA))
+        plain, lora = export_dit(model, merge=False, scale=lora_scale(RANK, ALPHA))
+        assert none is None and set(lora) == set(lora_state_dict(model))
+        for k, v in plain.state_dict().items():  # merge=False keeps the base untouched
+            assert torch.equal(v, base[k]), k
+        torch.testing.assert_close(merged(*inputs), unmerged, rtol=0, atol=1e-12)
+        assert (plain(*inputs) - unmerged).abs().max() > 1e-3  # the adapters do something
+        # and back: adapters loaded into a fresh wrapped base give the same model
+        again = add_lora(plain, RANK, ALPHA)
+        load_lora(again, lora)
+        torch.testing.assert_close(again(*inputs), unmerged, rtol=0, atol=1e-12)
+
+
+def test_merge_refuses_adapters_that_do_not_fit() -> None:
+    model, base = _adapted()
+    lora = lora_state_dict(model)
+    key = "blocks.0.self_attn.qkv.lora_A.weight"
+    with pytest.raises(ValueError, match="needs both lora_A and lora_B"):
+        merge_lora(base, {key: lora[key]}, 1.0)
+    with pytest.raises(ValueError, match="do not fit weight"):
+        merge_lora(base, {key: lora[key][:, :5], key.replace("_A", "_B"):
+                          lora[key.replace("_A", "_B")]}, 1.0)
+
+
+# ----------------------------------------------------------------------------- Ray Train
+
+
+@pytest.fixture(scope="module")
+def wan_package(tmp_path_factory) -> str:
+    pytest.importorskip("diffusers")
+    from t2v.models.wan_import import run_import_command
+    from tests.test_wan_import import import_config, make_wan_folder
+
+    folder = make_wan_folder(tmp_path_factory.mktemp("wan") / "wan")
+    out = tmp_path_factory.mktemp("wan-pkg")
+    run_import_command(import_config(folder, out))
+    return str(out)
+
+
+def test_lora_finetune_of_imported_wan_changes_only_adapters(ray_local, train_raw, wan_package,
+                                                             tmp_path: Path) -> None:
+    """Encode with the imported VAE + umT5, LoRA-train 3 steps on 2 workers, export unmerged."""
+    from t2v.config import EncodeConfig, TrainConfig
+    from t2v.data.encode import run_encode
+    from t2v.models.package import load_package, read_meta
+    from t2v.train.trainer import run_train
+
+    latents = str(tmp_path / "latents")
+    run_encode(EncodeConfig(src=train_raw, out=latents, vae=wan_package, batch_size=4))
+    cfg = TrainConfig.model_validate(dict(
+        stage="dit", name="lora", out=str(tmp_path / "runs"), init_from=wan_package,
+        vae=wan_package, steps=3, batch_size=2, num_workers=2, cpus_per_worker=0.5,
+        zero_stage=2, activation_checkpointing=True, log_every=1, ckpt_every=3, val_every=3,
+        val_samples=1, val_steps=2, max_failures=0, caption_dropout=0.25,
+        optim={"lr": 1e-2}, data={"shards": latents},
+        lora={"rank": RANK, "alpha": ALPHA, "merge_on_export": False}))
+    result = run_train(cfg)
+    assert result["step"] == 3
+    pkg = Path(result["package"])
+    meta = read_meta(str(pkg))
+    assert meta.lora == {"rank": RANK, "alpha": ALPHA, "target_modules": ["qkv", "q", "kv", "out"]}
+    assert meta.vae_ref == read_meta(wan_package).vae_ref and meta.dit.text_mask is False
+    assert meta.run["shift"] == 3.0  # render defaults of the imported package carry over
+
+    base = load_file(Path(wan_package) / "dit.safetensors")
+    tuned = load_file(pkg / "dit.safetensors")
+    assert tuned.keys() == base.keys()
+    assert all(torch.equal(tuned[k], base[k]) for k in base)  # the base did not move
+    lora = load_file(pkg / "lora.safetensors")
+    assert len(lora) == 2 * 5 * 2  # A and B of 5 layers in each of 2 blocks
+    assert all(lora[k].abs().max() > 0 for k in lora if "lora_B" in k)  # B left zero: trained
+
+    # The package loads merged (what render and init_from see) == base + adapters unmerged.
+    f64 = {"load_text": False, "load_vae": False, "dtype": torch.float64}
+    merged = load_package(str(pkg), **f64).dit
+    unmerged = load_package(wan_package, **f64).dit
+    add_lora(unmerged, RANK, ALPHA)
+    load_lora(unmerged, {k: v.double() for k, v in lora.items()})
+    inputs = _inputs(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(*inputs), unmerged.eval()(*inputs), rtol=0, atol=1e-10)
+        plain = load_package(wan_package, **f64).dit
+        assert (plain(*inputs) - merged(*inputs)).abs().max() > 1e-6
+    assert any(p.name.endswith(".mp4") for p in (tmp_path / "runs" / "lora").rglob("*"))
