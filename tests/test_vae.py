@@ -283,3 +283,40 @@ def test_debug_vae_overfits_moving_squares():
           f"{time.perf_counter() - t0:.1f}s")
     assert start < 14.0
     assert best > 25.0
+
+
+# ----------------------------------------------------------------------------- shortcut
+
+
+def test_shortcut_pool_matches_reference_and_round_trips_constants():
+    vae = _vae(latent_channels=6, shortcut=True)
+    x = _video(9)  # (1, 3, 9, 32, 32)
+    pooled = vae.pool(x)  # (1, 3, 3, 8, 8)
+    assert pooled.shape == (1, 3, 3, 8, 8)
+    # Reference: latent cell (j, a, b) = mean of its frames (0 | 4j-3..4j) x 4x4 pixels.
+    for j, frames in enumerate([[0], [1, 2, 3, 4], [5, 6, 7, 8]]):
+        ref = x[:, :, frames, 4:8, 8:12].mean(dim=(2, 3, 4))  # cell (1, 2)
+        torch.testing.assert_close(pooled[:, :, j, 1, 2], ref)
+    flat = torch.full((1, 3, 9, 32, 32), 0.25)
+    torch.testing.assert_close(vae.unpool(vae.pool(flat)), flat)
+
+
+def test_shortcut_keeps_causality_and_chunking():
+    vae = _vae(latent_channels=6, shortcut=True)
+    x = _video(13)
+    y = x.clone()
+    y[:, :, 5] = -y[:, :, 5]
+    with torch.no_grad():
+        a, b = vae.encode(x).mean, vae.encode(y).mean
+        assert torch.equal(a[:, :, :2], b[:, :, :2]) and not torch.equal(a[:, :, 2], b[:, :, 2])
+        torch.testing.assert_close(vae.encode(x, chunk_frames=4).mean, a, rtol=0,
+                                   atol=CHUNK_ATOL)
+        torch.testing.assert_close(vae.decode_raw(a, chunk_latent_frames=1), vae.decode_raw(a),
+                                   rtol=0, atol=CHUNK_ATOL)
+    # The posterior starts near-deterministic, so samples do not drown the pooled colours.
+    assert vae.encode(x).logvar.mean() < -6
+
+
+def test_shortcut_needs_three_latent_channels():
+    with pytest.raises(ValueError, match="shortcut needs latent_channels"):
+        vae_config("debug", latent_channels=2, shortcut=True)

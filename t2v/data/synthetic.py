@@ -8,6 +8,7 @@ Every clip is a pure function of (seed, index), so a data set can be regenerated
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -177,6 +178,12 @@ def _place(combo: Combo, size: int, frames: int, rng: np.random.Generator) -> Ob
     return ObjectSpec(combo.colour, combo.shape, combo.motion, radius, (x, y), speed)
 
 
+def _apart(a: ObjectSpec, b: ObjectSpec, frames: int) -> bool:
+    """True when the two objects never overlap (bounding circles apart in every frame)."""
+    gap = (a.radius + b.radius) * 1.28  # a square's corner reaches 0.9 * sqrt(2) = 1.27 r
+    return all(math.dist(a.centre(t), b.centre(t)) > gap for t in range(frames))
+
+
 def clip_spec(index: int, *, seed: int, frames: int, size: int, fps: float = 8.0,
               allowed: list[Combo], two_object_prob: float = 0.0,
               key_prefix: str = "synth") -> ClipSpec:
@@ -187,7 +194,14 @@ def clip_spec(index: int, *, seed: int, frames: int, size: int, fps: float = 8.0
     if rng.random() < two_object_prob:
         others = [c for c in allowed if c.colour != main.colour and c.shape != main.shape]
         if others:
-            objects.append(_place(others[int(rng.integers(len(others)))], size, frames, rng))
+            combo = others[int(rng.integers(len(others)))]
+            # Keep both objects whole: redraw the second one's path (up to 50 tries) until the
+            # two never overlap, so "count" and each object's shape are in every frame.
+            for _ in range(50):
+                second = _place(combo, size, frames, rng)
+                if _apart(objects[0], second, frames):
+                    objects.append(second)
+                    break
     grey = int(rng.integers(0, 50))
     return ClipSpec(
         key=f"{key_prefix}-{seed:04d}-{index:07d}",

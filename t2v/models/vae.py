@@ -55,6 +55,12 @@ class VAEConfig:
     """Temporal factor, a power of 2 (1 = image-only); done at the deepest stages, as in Wan."""
     norm_groups: int = 32
     """GroupNorm groups; must divide every level's channels."""
+    shortcut: bool = False
+    """Residual autoencoding (the idea of DC-AE, Chen et al. 2024): the first in_channels latent
+    channels get the clip average-pooled over each latent cell (space and causal time groups)
+    added, and the decoder adds them back upsampled. The networks learn residuals around a
+    blocky but correctly coloured reconstruction; without it a small VAE spends its first
+    hundreds of steps drawing every object in the mean colour. Needs latent_channels >= 3."""
     scale: list[float] | float = 1.0
     """Latent normalisation: normalised = (mean - shift) * scale (per channel or global)."""
     shift: list[float] | float = 0.0
@@ -73,6 +79,9 @@ class VAEConfig:
                              f"log2(spatial_down={self.spatial_down}) + 1 levels")
         if self.temporal_down > self.spatial_down:  # each 2x time stage rides on a spatial one
             raise ValueError(f"temporal_down={self.temporal_down} > spatial_down={self.spatial_down}")
+        if self.shortcut and self.latent_channels < self.in_channels:
+            raise ValueError(f"shortcut needs latent_channels >= in_channels={self.in_channels}, "
+                             f"got {self.latent_channels}")
         if any(m < 1 or self.base_channels * m % self.norm_groups for m in self.channel_mult):
             raise ValueError(f"norm_groups={self.norm_groups} must divide every level's channels "
                              f"{[self.base_channels * m for m in self.channel_mult]}")
@@ -327,6 +336,10 @@ class CausalVideoVAE(nn.Module):
         self.config = config
         self.encoder = CausalStack(_encoder_layers(config))
         self.decoder = CausalStack(_decoder_layers(config))
+        if config.shortcut:  # start near-deterministic: unit posterior noise on the shortcut
+            head = self.encoder.layers[-1].conv.conv  # channels would swamp the pooled colours
+            with torch.no_grad():
+                head.bias[config.latent_channels:] = -8.0  # logvar: std e^-4 ~ 0.02
 
     # ---- shapes
 
@@ -362,7 +375,24 @@ class CausalVideoVAE(nn.Module):
         else:  # whole groups of temporal_down frames per chunk keep every chunk aligned
             h = self.encoder.stream(x, chunk_frames)  # (B, 2C, T', H', W')
         mean, logvar = h.chunk(2, dim=1)  # (B, C, T', H', W') each
+        if self.config.shortcut:
+            c = self.config.in_channels
+            mean = torch.cat([mean[:, :c] + self.pool(x), mean[:, c:]], dim=1)
         return DiagonalGaussian(mean, logvar)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """(B, 3, T, H, W) -> its mean over each latent cell: frame 0 alone, then groups of
+        temporal_down frames, spatial_down x spatial_down pixels (the shortcut's encoder half)."""
+        b, c, t, h, w = x.shape
+        td, sd = self.config.temporal_down, self.config.spatial_down
+        rest = x[:, :, 1:].reshape(b, c, (t - 1) // td, td, h, w).mean(3)  # (B, 3, k, H, W)
+        return F.avg_pool3d(torch.cat([x[:, :, :1], rest], dim=2), (1, sd, sd))  # (B,3,1+k,..)
+
+    def unpool(self, z: Tensor) -> Tensor:
+        """Latent cells -> pixels by repetition (the shortcut's decoder half)."""
+        td, sd = self.config.temporal_down, self.config.spatial_down
+        y = torch.cat([z[:, :, :1], z[:, :, 1:].repeat_interleave(td, dim=2)], dim=2)
+        return F.interpolate(y, scale_factor=(1.0, float(sd), float(sd)), mode="nearest")
 
     def encode_latents(self, x: Tensor, sample: bool = False, chunk_frames: int | None = None,
                        generator: torch.Generator | None = None) -> Tensor:
@@ -383,10 +413,14 @@ class CausalVideoVAE(nn.Module):
             raise ValueError(f"z must be (B, {self.config.latent_channels}, T', H', W'), "
                              f"got {tuple(z.shape)}")
         if chunk_latent_frames is None:
-            return self.decoder(z)  # (B, 3, T, H, W)
-        if chunk_latent_frames < 1:
+            out = self.decoder(z)  # (B, 3, T, H, W)
+        elif chunk_latent_frames < 1:
             raise ValueError(f"chunk_latent_frames={chunk_latent_frames} must be >= 1")
-        return self.decoder.stream(z, chunk_latent_frames)  # (B, 3, T, H, W)
+        else:
+            out = self.decoder.stream(z, chunk_latent_frames)  # (B, 3, T, H, W)
+        if self.config.shortcut:
+            out = out + self.unpool(z[:, : self.config.in_channels])
+        return out
 
     # ---- latent normalisation
 
@@ -416,7 +450,7 @@ class CausalVideoVAE(nn.Module):
                 generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mean
-        return self.decoder(z), posterior  # (B, 3, T, H, W), q(z | x)
+        return self.decode_raw(z), posterior  # (B, 3, T, H, W), q(z | x)
 
     def loss(self, x: Tensor, recon: Tensor, posterior: DiagonalGaussian,
              kl_weight: float = 1e-6, l1_weight: float = 1.0,
