@@ -136,8 +136,10 @@ COMMANDS: dict[str, Command] = {
     "import": Command(ImportConfig, run_import,
                       "a pretrained checkpoint folder (Wan 2.1 diffusers format) -> package",
                       {"wan": "wan", "out": "out"}),
-    "demo": Command(DemoConfig, run_demo, "synthetic data -> Ray Data stream (grows with t2v)",
-                    {"out": "out", "ray-address": "ray_address"}),
+    "demo": Command(DemoConfig, run_demo,
+                    "synthetic data -> VAE -> latents -> DiT -> render held-out prompts -> eval",
+                    {"out": "out", "ray-address": "ray_address", "quick": "quick",
+                     "long": "long"}),
 }
 
 

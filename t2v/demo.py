@@ -1,49 +1,213 @@
-"""`t2v demo`, the README's first command.
+"""`t2v demo`, the README's first command: the whole system on one laptop, in one go.
 
-Today: synthesise a shapes data set (with a held-out set of colour x shape x motion combinations
-kept out of it) and stream it back through Ray Data into torch batches, printing what was read.
-Training, rendering and evaluation join this same command as they land.
+synthesise shapes clips (some colour x shape x motion combinations held out) -> train the VAE
+(Ray Train + DeepSpeed) -> encode latents (Ray Data actors) -> train the DiT (ZeRO-2, 2 workers)
+-> render the held-out prompt file (Ray Data actors) -> evaluate prompt adherence.
+
+Each stage is the same code as its own command, with the paths filled in, so every stage is
+resumable: rerunning `t2v demo` with the same --out skips finished data, resumes training from
+its last checkpoint, skips rendered videos and re-scores. Settings live in PROFILES (embedded, no
+files needed); `--quick` / `--long` pick another profile; a key you set wins over any profile.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from typing import Any
+
+from pydantic import BaseModel
 
 from t2v import storage
 from t2v.config import DemoConfig, save_resolved
-from t2v.data.synthetic import heldout_combos
+from t2v.data.synthetic import MOVING_TEMPLATES, STILL_TEMPLATES, Combo, heldout_combos
+
+# The default profile: 32x32, 9 frames, <= 10 minutes on a 2-core laptop (BENCHMARKS.md).
+DEFAULT: dict[str, Any] = {
+    "synth.num": 1024, "synth.frames": 9, "synth.size": 32, "synth.shard_size": 128,
+    # 24x at 9x32x32; the pooled-colour shortcut (VAEConfig.shortcut) gets colours right early
+    "vae.model": "debug", "vae.model_overrides": {"latent_channels": 6, "shortcut": True},
+    "vae.steps": 550, "vae.batch_size": 4, "vae.num_workers": 2, "vae.cpus_per_worker": 0.5,
+    "vae.zero_stage": 2, "vae.precision": "fp32",
+    "vae.optim.lr": 2e-3, "vae.optim.warmup_steps": 20, "vae.optim.schedule": "cosine",
+    "vae.log_every": 50, "vae.ckpt_every": 275, "vae.val_every": 275, "vae.val_samples": 2,
+    "vae.ema_decay": 0.99, "vae.data.frames": 9, "vae.data.size": 32,
+    "encode.batch_size": 16, "encode.concurrency": [2, 2],
+    "dit.model": "debug", "dit.steps": 1600, "dit.batch_size": 16, "dit.num_workers": 2,
+    "dit.cpus_per_worker": 0.5, "dit.zero_stage": 2, "dit.precision": "fp32",
+    "dit.optim.lr": 3e-3, "dit.optim.warmup_steps": 50, "dit.optim.schedule": "cosine",
+    "dit.log_every": 100, "dit.ckpt_every": 800, "dit.val_every": 800, "dit.val_samples": 4,
+    "dit.val_steps": 20, "dit.caption_dropout": 0.1, "dit.ema_decay": 0.995,
+    "render.steps": 25, "render.cfg": 4.0, "render.sampler": "euler", "render.batch_size": 16,
+    "render.concurrency": [2, 2],
+}
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": DEFAULT,
+    # CI: the whole chain in a few minutes; quality is only checked to be above chance.
+    "quick": DEFAULT | {
+        "synth.num": 256, "synth.shard_size": 64, "vae.steps": 100,
+        "vae.ckpt_every": 100, "vae.val_every": 100, "vae.log_every": 25,
+        "dit.steps": 300, "dit.ckpt_every": 300, "dit.val_every": 300, "dit.log_every": 50,
+        "dit.val_samples": 2, "dit.val_steps": 10, "dit.optim.warmup_steps": 10,
+        "render.steps": 12, "heldout_combos": 12, "seeds_per_combo": 2, "heldout_clips": 8,
+    },
+    # 64x64, 17 frames (27x compression): <= 45 minutes on a 2-core laptop.
+    "long": DEFAULT | {
+        "synth.num": 1024, "synth.frames": 17, "synth.size": 64,
+        "vae.steps": 400, "vae.ckpt_every": 200, "vae.val_every": 200, "vae.log_every": 25,
+        "vae.data.frames": 17, "vae.data.size": 64,
+        "dit.steps": 1500, "dit.batch_size": 8, "dit.ckpt_every": 500, "dit.val_every": 500,
+        "render.batch_size": 8,
+    },
+}
+
+
+def _explicit(section: BaseModel, path: list[str]) -> bool:
+    """Whether the user set this dotted key (in --config or on the command line)."""
+    node: Any = section
+    for part in path:
+        if not isinstance(node, BaseModel) or part not in node.model_fields_set:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def apply_profile(cfg: DemoConfig, profile: dict[str, Any]) -> DemoConfig:
+    """`cfg` with each profile value set unless the user set that key explicitly."""
+    data = cfg.model_dump()
+    for key, value in profile.items():
+        parts = key.split(".")
+        if _explicit(cfg, parts):
+            continue
+        node = data
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = value
+    return DemoConfig.model_validate(data)
+
+
+def heldout_prompt_rows(combos: list[Combo], seeds: int) -> list[dict]:
+    """The eval prompt file: `seeds` rows per held-out combination, ground truth in `meta`."""
+    rows = []
+    for combo in combos:
+        for k in range(seeds):
+            pool = STILL_TEMPLATES if combo.motion == "still" else MOVING_TEMPLATES
+            prompt = pool[k % len(pool)].format(colour=combo.colour, shape=combo.shape,
+                                                motion=combo.motion)
+            rows.append({"id": f"{combo.colour}-{combo.shape}-{combo.motion}-{k}",
+                         "prompt": prompt, "seed": 1000 + k,
+                         "meta": {"colour": combo.colour, "shape": combo.shape,
+                                  "motion": combo.motion, "count": 1}})
+    return rows
+
+
+class Stages:
+    """Numbered progress lines with elapsed time, and per-stage wall times for the summary."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n, self.t0, self.times = total, 0, time.time(), {}
+        self._name, self._start = None, self.t0
+
+    def start(self, name: str, what: str) -> None:
+        self._close()
+        self.n += 1
+        self._name, self._start = name, time.time()
+        print(f"\n[demo {self.n}/{self.total} +{self._start - self.t0:.0f}s] {what}", flush=True)
+
+    def _close(self) -> None:
+        if self._name is not None:
+            self.times[self._name] = round(time.time() - self._start, 1)
+
+    def done(self) -> dict[str, float]:
+        self._close()
+        self._name = None
+        return self.times | {"total": round(time.time() - self.t0, 1)}
+
+
+def _synth_once(synth, label: str) -> None:
+    from t2v.cli import run_synth
+
+    if storage.exists(storage.join(synth.out, "_index.json")):
+        print(f"[demo] {label}: {synth.out} exists, kept", flush=True)
+        return
+    run_synth(synth)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from t2v.cli import run_synth
-    from t2v.data.streaming import video_stream
+    from t2v.cli import run_encode, run_render, run_train
+    from t2v.eval.report import results_table, run_eval
     from t2v.runtime import check_output_uri, ensure_ray
 
-    t0 = time.time()
+    if cfg.quick and cfg.long:
+        raise ValueError("demo: --quick and --long exclude each other")
+    profile = "quick" if cfg.quick else "long" if cfg.long else "default"
+    cfg = apply_profile(cfg, PROFILES[profile])
     check_output_uri(cfg.out)
-    heldout = [str(c) for c in heldout_combos(12)]
-    synth = cfg.synth.model_copy(update={"out": storage.join(cfg.out, "shards"),
-                                         "exclude": sorted(set(cfg.synth.exclude) | set(heldout))})
-    save_resolved(cfg.model_copy(update={"synth": synth}), storage.join(cfg.out, "config.yaml"))
-    print(f"[demo] 1/2 synthesising {synth.num} clips ({synth.frames}x{synth.size}x{synth.size}),"
-          f" {len(heldout)} combinations held out", flush=True)
-    made = run_synth(synth)
+    out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)  # Ray Train needs absolute
+    stages = Stages(7)
+    held = heldout_combos(cfg.heldout_combos)
+    held_names = [str(c) for c in held]
+    path = {k: storage.join(out, k) for k in ("data/train", "data/heldout", "latents", "runs",
+                                               "prompts/heldout.jsonl", "renders", "eval")}
+    s = cfg.synth
+    train_synth = s.model_copy(update={"out": path["data/train"],
+                                       "exclude": sorted(set(s.exclude) | set(held_names))})
+    held_synth = s.model_copy(update={"out": path["data/heldout"], "only": held_names,
+                                      "exclude": [], "num": cfg.heldout_clips,
+                                      "seed": s.seed + 7919, "shard_size": cfg.heldout_clips})
+    vae_pkg = storage.join(path["runs"], cfg.vae.name, "package")
+    dit_pkg = storage.join(path["runs"], cfg.dit.name, "package")
+    vae = cfg.vae.model_copy(update={"stage": "vae", "out": path["runs"],
+                                     "ray_address": cfg.ray_address})
+    vae.data = vae.data.model_copy(update={"shards": path["data/train"]})
+    encode = cfg.encode.model_copy(update={"src": path["data/train"], "out": path["latents"],
+                                           "vae": vae_pkg})
+    dit = cfg.dit.model_copy(update={"stage": "dit", "out": path["runs"], "vae": vae_pkg,
+                                     "ray_address": cfg.ray_address})
+    dit.data = dit.data.model_copy(update={"shards": path["latents"]})
+    render = cfg.render.model_copy(update={"model": dit_pkg, "prompts": path[
+        "prompts/heldout.jsonl"], "out": path["renders"], "fps": s.fps})
+    evaluate = cfg.eval.model_copy(update={"renders": path["renders"], "prompts": path[
+        "prompts/heldout.jsonl"], "out": path["eval"], "model": dit_pkg,
+        "heldout": path["data/heldout"], "heldout_clips": cfg.heldout_clips})
+    save_resolved(cfg.model_copy(update={"out": out, "synth": train_synth, "vae": vae,
+                                         "encode": encode, "dit": dit, "render": render,
+                                         "eval": evaluate}),
+                  storage.join(out, "config.yaml"))
 
-    print("[demo] 2/2 streaming the shards back through Ray Data", flush=True)
-    ensure_ray(cfg.ray_address, num_cpus=cfg.num_cpus)
-    reader = cfg.reader.model_copy(update={"shards": synth.out})
-    stream = video_stream(reader)
-    n, first, t1 = 0, None, time.time()
-    for batch in stream.iter_batches(reader.batch_size):
-        if first is None:
-            first = batch
-            v = batch.video
-            print(f"[demo] batch: video {tuple(v.shape)} {v.dtype} in [{v.min():.2f}, "
-                  f"{v.max():.2f}]; first caption: {batch.captions[0]!r}", flush=True)
-        n += len(batch.keys)
-    rate = n / max(time.time() - t1, 1e-9)
-    skipped = len(stream.skipped())
-    print(f"[demo] read {n} clips from {stream.num_shards} shards ({rate:.1f} clips/s), "
-          f"skipped {skipped}", flush=True)
-    return {"out": cfg.out, "synthesised": made["samples"], "read": n, "skipped": skipped,
-            "heldout": heldout, "seconds": round(time.time() - t0, 1)}
+    stages.start("synth", f"synthesising {s.num} training clips ({s.frames}x{s.size}x{s.size}) "
+                 f"without {len(held)} held-out combinations, + {cfg.heldout_clips} held-out")
+    _synth_once(train_synth, "training data")
+    _synth_once(held_synth, "held-out clips")
+    rows = heldout_prompt_rows(held, cfg.seeds_per_combo)
+    storage.write_text(path["prompts/heldout.jsonl"],
+                       "".join(json.dumps(r) + "\n" for r in rows))
+    # Logical CPUs for a local Ray: at least 4, so that Ray Data's decode tasks get scheduled
+    # beside 2 training workers on a 2-core laptop (they mostly wait on each other anyway).
+    ensure_ray(cfg.ray_address, num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1))
+
+    stages.start("vae", f"training the VAE ({vae.model}, {vae.steps} steps, {vae.num_workers} "
+                 f"workers, ZeRO-{vae.zero_stage})")
+    run_train(vae)
+    stages.start("encode", "encoding training clips to latent shards (Ray Data actors)")
+    run_encode(encode)
+    stages.start("dit", f"training the DiT ({dit.model}, {dit.steps} steps, {dit.num_workers} "
+                 f"workers, ZeRO-{dit.zero_stage})")
+    run_train(dit)
+    stages.start("render", f"rendering {len(rows)} held-out prompts ({render.steps} "
+                 f"{render.sampler} steps, cfg {render.cfg})")
+    run_render(render)
+    stages.start("eval", "detecting colour, shape and motion in every video")
+    report = run_eval(evaluate)
+    stages.start("report", "results")
+    times = stages.done()
+    table = results_table(report)
+    print(f"\n{table}\n\nstage seconds: {json.dumps(times)}\nreport: "
+          f"{storage.join(path['eval'], 'report.json')}\ncontact sheet: "
+          f"{storage.join(path['eval'], 'contact_sheet.png')}", flush=True)
+    summary = {"out": out, "profile": profile, "heldout": held_names, "seconds": times,
+               "accuracy": {a: round(v["accuracy"], 4) for a, v in report["attributes"].items()},
+               "model": report.get("model", {}), "render": report.get("render", {})}
+    storage.write_text(storage.join(out, "demo_summary.json"), json.dumps(summary, indent=1))
+    return summary

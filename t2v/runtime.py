@@ -38,8 +38,15 @@ def check_output_uri(uri: str, what: str = "out") -> str:
 def ensure_ray(address: str | None = None, num_cpus: int | None = None,
                object_store_memory: int | None = None) -> None:
     """Join `address` (or RAY_ADDRESS / a submitted job's cluster), else start a local Ray."""
-    import ray
+    import sys
 
+    import ray
+    from ray.data import DataContext
+
+    # Ray Data's tqdm bars redraw with terminal escapes: in a log file or CI they are noise.
+    # Our own progress lines (steps, clips/s, videos/s) remain.
+    if not sys.stderr.isatty():
+        DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
@@ -49,6 +56,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         ray.init(address=address or "auto", **kwargs)
         log.info("joined Ray cluster at %s", address or "auto")
         return
+    # The dashboard (on 127.0.0.1 only) is where users watch jobs; Ray Train's clean-up actor
+    # also polls its state API and logs a warning every few seconds without it.
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
-             include_dashboard=False, runtime_env={"env_vars": env} if env else None, **kwargs)
+             include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": env} if env else None, **kwargs)
     log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))

@@ -41,15 +41,21 @@ def _ray_cli(*args: str, env: dict) -> None:
         raise RuntimeError(f"ray {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
 
 
-def _stop_processes_under(temp: str) -> None:
+def _stop_processes_under(temp: str, gcs: str | None = None) -> None:
     """Stop this session's Ray processes only (`ray stop` would end every Ray on the machine).
 
-    Every process of the cluster names its temp dir on its command line (session/log dirs).
+    Every process of the cluster names its temp dir on its command line (session/log dirs),
+    except the Ray client server, which names only the GCS address: `gcs` catches it.
     """
+    import re
+
     import psutil
 
+    # The address must not continue with a digit: 127.0.0.1:6379 is not 127.0.0.1:63791.
+    marks = [re.escape(temp)] + ([re.escape(gcs) + r"(?!\d)"] if gcs else [])
     mine = [p for p in psutil.process_iter(["cmdline"])
-            if any(temp in arg for arg in (p.info["cmdline"] or []))]
+            if any(re.search(m, arg) for arg in (p.info["cmdline"] or []) for m in marks)]
+    mine = [p for p in mine if p.pid != os.getpid()]
     for p in mine:
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -105,7 +111,7 @@ def ray_cluster(moto_s3):  # noqa: F811 - moto first: Ray's processes inherit th
         yield cluster
     finally:
         ray.shutdown()
-        _stop_processes_under(temp)  # also matches node 2's "{temp}n2"
+        _stop_processes_under(temp, cluster.address)  # also matches node 2's "{temp}n2"
         # NOTES-stack: a custom --temp-dir leaves this file and later ray.init() would try it.
         Path(temp, "ray_current_cluster").unlink(missing_ok=True)
         shutil.rmtree(temp, ignore_errors=True)

@@ -19,8 +19,8 @@ def test_yaml_plus_overrides(tmp_path):
 
 
 def test_nested_override_and_round_trip(tmp_path):
-    cfg = load_config(DemoConfig, None, ["synth.num=5", "reader.batch_size=3", "out=s3://b/demo"])
-    assert cfg.synth.num == 5 and cfg.reader.batch_size == 3 and cfg.out == "s3://b/demo"
+    cfg = load_config(DemoConfig, None, ["synth.num=5", "dit.steps=3", "out=s3://b/demo"])
+    assert cfg.synth.num == 5 and cfg.dit.steps == 3 and cfg.out == "s3://b/demo"
     again = load_config(DemoConfig, write(tmp_path, to_yaml(cfg)))
     assert again == cfg
 
@@ -40,8 +40,8 @@ def test_unknown_key_names_file_and_key(tmp_path):
 
 
 def test_unknown_override_key():
-    with pytest.raises(ConfigError, match=r"reader\.bogus: unknown key"):
-        load_config(DemoConfig, None, ["reader.bogus=1"])
+    with pytest.raises(ConfigError, match=r"render\.bogus: unknown key"):
+        load_config(DemoConfig, None, ["render.bogus=1"])
 
 
 def test_wrong_type_names_key_and_value(tmp_path):
