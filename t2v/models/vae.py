@@ -325,21 +325,15 @@ class CausalStack(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-class CausalVideoVAE(nn.Module):
-    """Video (B, 3, T, H, W) in [-1, 1] <-> latents (B, C, 1 + (T-1)/4, H/s, W/s).
+class LatentVAE(nn.Module):
+    """The latent contract every VAE backend shares (CausalVideoVAE, the imported WanVAE): clip
+    and latent shapes, and the normalisation `(z - shift) * scale` from `config.shift/scale`.
 
-    The decoder output is unclamped (clamp to [-1, 1] when writing pixels).
+    Subclasses provide `config` (latent_channels, temporal_down, spatial_down, in_channels,
+    shift, scale), `encode(x, chunk_frames) -> DiagonalGaussian` and `decode_raw(z, chunk)`.
     """
 
-    def __init__(self, config: VAEConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.encoder = CausalStack(_encoder_layers(config))
-        self.decoder = CausalStack(_decoder_layers(config))
-        if config.shortcut:  # start near-deterministic: unit posterior noise on the shortcut
-            head = self.encoder.layers[-1].conv.conv  # channels would swamp the pooled colours
-            with torch.no_grad():
-                head.bias[config.latent_channels:] = -8.0  # logvar: std e^-4 ~ 0.02
+    config: Any
 
     # ---- shapes
 
@@ -358,6 +352,49 @@ class CausalVideoVAE(nn.Module):
         """Input values per latent value at this clip size."""
         c, t, h, w = self.latent_shape(frames, height, width)
         return (self.config.in_channels * frames * height * width) / (c * t * h * w)
+
+    def encode_latents(self, x: Tensor, sample: bool = False, chunk_frames: int | None = None,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """Normalised latents (z - shift) * scale: what latent shards store and the DiT sees."""
+        posterior = self.encode(x, chunk_frames)
+        z = posterior.sample(generator) if sample else posterior.mean  # (B, C, T', H', W')
+        return self.normalize(z)
+
+    def decode(self, z: Tensor, chunk_latent_frames: int | None = None) -> Tensor:
+        """Pixels (B, 3, T, H, W) from NORMALISED latents (inverts scale/shift first)."""
+        return self.decode_raw(self.denormalize(z), chunk_latent_frames)
+
+    # ---- latent normalisation
+
+    def _stats(self, z: Tensor) -> tuple[Tensor, ...]:
+        c = self.config.latent_channels  # plain floats in the config: nothing to load or move
+        return tuple(torch.as_tensor(v, dtype=z.dtype, device=z.device).expand(c).view(1, c, 1, 1, 1)
+                     for v in (self.config.shift, self.config.scale))
+
+    def normalize(self, z: Tensor) -> Tensor:
+        shift, scale = self._stats(z)
+        return (z - shift) * scale
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        shift, scale = self._stats(z)
+        return z / scale + shift
+
+
+class CausalVideoVAE(LatentVAE):
+    """Video (B, 3, T, H, W) in [-1, 1] <-> latents (B, C, 1 + (T-1)/4, H/s, W/s).
+
+    The decoder output is unclamped (clamp to [-1, 1] when writing pixels).
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = CausalStack(_encoder_layers(config))
+        self.decoder = CausalStack(_decoder_layers(config))
+        if config.shortcut:  # start near-deterministic: unit posterior noise on the shortcut
+            head = self.encoder.layers[-1].conv.conv  # channels would swamp the pooled colours
+            with torch.no_grad():
+                head.bias[config.latent_channels:] = -8.0  # logvar: std e^-4 ~ 0.02
 
     # ---- encode
 
@@ -394,18 +431,7 @@ class CausalVideoVAE(nn.Module):
         y = torch.cat([z[:, :, :1], z[:, :, 1:].repeat_interleave(td, dim=2)], dim=2)
         return F.interpolate(y, scale_factor=(1.0, float(sd), float(sd)), mode="nearest")
 
-    def encode_latents(self, x: Tensor, sample: bool = False, chunk_frames: int | None = None,
-                       generator: torch.Generator | None = None) -> Tensor:
-        """Normalised latents (z - shift) * scale: what latent shards store and the DiT sees."""
-        posterior = self.encode(x, chunk_frames)
-        z = posterior.sample(generator) if sample else posterior.mean  # (B, C, T', H', W')
-        return self.normalize(z)
-
     # ---- decode
-
-    def decode(self, z: Tensor, chunk_latent_frames: int | None = None) -> Tensor:
-        """Pixels (B, 3, T, H, W) from NORMALISED latents (inverts scale/shift first)."""
-        return self.decode_raw(self.denormalize(z), chunk_latent_frames)
 
     def decode_raw(self, z: Tensor, chunk_latent_frames: int | None = None) -> Tensor:
         """Pixels from raw latents; chunks of chunk_latent_frames latent frames bound memory."""
@@ -421,21 +447,6 @@ class CausalVideoVAE(nn.Module):
         if self.config.shortcut:
             out = out + self.unpool(z[:, : self.config.in_channels])
         return out
-
-    # ---- latent normalisation
-
-    def _stats(self, z: Tensor) -> tuple[Tensor, ...]:
-        c = self.config.latent_channels  # plain floats in the config: nothing to load or move
-        return tuple(torch.as_tensor(v, dtype=z.dtype, device=z.device).expand(c).view(1, c, 1, 1, 1)
-                     for v in (self.config.shift, self.config.scale))
-
-    def normalize(self, z: Tensor) -> Tensor:
-        shift, scale = self._stats(z)
-        return (z - shift) * scale
-
-    def denormalize(self, z: Tensor) -> Tensor:
-        shift, scale = self._stats(z)
-        return z / scale + shift
 
     def set_latent_stats(self, shift: list[float] | float, scale: list[float] | float) -> None:
         """Store fitted stats in the config (validated), e.g. from `fit_latent_stats`."""

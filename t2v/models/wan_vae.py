@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from t2v.models.vae import DiagonalGaussian
+from t2v.models.vae import DiagonalGaussian, LatentVAE
 
 DIFFUSERS_PREFIX = "diffusers:"
 VAE_CLASS = "AutoencoderKLWan"
@@ -98,7 +98,7 @@ def parse_ref(ref: str) -> str:
     return ref[len(DIFFUSERS_PREFIX):]
 
 
-class WanVAE(nn.Module):
+class WanVAE(LatentVAE):
     """A diffusers `AutoencoderKLWan` with CausalVideoVAE's methods and latent contract."""
 
     def __init__(self, model: nn.Module, config: WanVAEConfig, ref: str) -> None:
@@ -128,24 +128,7 @@ class WanVAE(nn.Module):
                              f"describes ({config})")
         return cls(model.to(device).eval(), config, ref)
 
-    # ---- shapes
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        cfg = self.config
-        if frames < 1 or (frames - 1) % cfg.temporal_down:
-            raise ValueError(f"frames={frames} must be 1 + {cfg.temporal_down}k")
-        for name, v in (("height", height), ("width", width)):
-            if v < 1 or v % cfg.spatial_down:
-                raise ValueError(f"{name}={v} must be a positive multiple of spatial_down="
-                                 f"{cfg.spatial_down}")
-        t = 1 + (frames - 1) // cfg.temporal_down
-        return cfg.latent_channels, t, height // cfg.spatial_down, width // cfg.spatial_down
-
-    def compression_ratio(self, frames: int, height: int, width: int) -> float:
-        c, t, h, w = self.latent_shape(frames, height, width)
-        return (self.config.in_channels * frames * height * width) / (c * t * h * w)
-
-    # ---- encode / decode
+    # ---- encode / decode (shapes and normalisation: LatentVAE)
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -165,17 +148,6 @@ class WanVAE(nn.Module):
         dist = self.model.encode(x.to(self._dtype())).latent_dist
         return DiagonalGaussian(dist.mean.to(x.dtype), dist.logvar.to(x.dtype))
 
-    def encode_latents(self, x: Tensor, sample: bool = False, chunk_frames: int | None = None,
-                       generator: torch.Generator | None = None) -> Tensor:
-        """Normalised latents (z - shift) * scale: what latent shards store and the DiT sees."""
-        posterior = self.encode(x, chunk_frames)
-        z = posterior.sample(generator) if sample else posterior.mean  # (B, C, T', H', W')
-        return self.normalize(z)
-
-    def decode(self, z: Tensor, chunk_latent_frames: int | None = None) -> Tensor:
-        """Pixels (B, 3, T, H, W) in [-1, 1] from NORMALISED latents (inverts scale/shift)."""
-        return self.decode_raw(self.denormalize(z), chunk_latent_frames)
-
     def decode_raw(self, z: Tensor, chunk_latent_frames: int | None = None) -> Tensor:
         """Pixels from raw latents. diffusers decodes one latent frame at a time (causal cache)
         whatever `chunk_latent_frames` says, so memory is already bounded along time; videos
@@ -188,21 +160,6 @@ class WanVAE(nn.Module):
         parts = z.split(1) if chunk_latent_frames is not None else [z]
         out = [self.model.decode(p.to(self._dtype())).sample for p in parts]  # (b, 3, T, H, W)
         return torch.cat(out).to(z.dtype)  # (B, 3, T, H, W)
-
-    # ---- latent normalisation
-
-    def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.config.latent_channels
-        return tuple(torch.as_tensor(v, dtype=z.dtype, device=z.device).expand(c).view(1, c, 1, 1, 1)
-                     for v in (self.config.shift, self.config.scale))
-
-    def normalize(self, z: Tensor) -> Tensor:
-        shift, scale = self._stats(z)
-        return (z - shift) * scale
-
-    def denormalize(self, z: Tensor) -> Tensor:
-        shift, scale = self._stats(z)
-        return z / scale + shift
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction of x (B, 3, T, H, W) through the posterior mean."""
