@@ -12,6 +12,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from t2v import storage
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -242,6 +244,9 @@ class TrainConfig(Section):
     seed: int = 0
     caption_dropout: float = Field(0.1, ge=0, le=1)
     """Probability a caption is replaced by "" (the unconditional input, for CFG)."""
+    shift: float | None = Field(None, gt=0)
+    """Stage dit: timestep shift of the logit-normal training t (SD3/Wan; 1 = none); None takes
+    init_from's render shift, else 1. The package records it as its render shift."""
     kl_weight: float = Field(1e-6, ge=0)
     """Stage vae: weight of the KL term."""
     num_workers: int = Field(2, ge=1)
@@ -274,22 +279,28 @@ class RenderConfig(Section):
     """Prompt file URI: .txt (a prompt a line), .jsonl, or .csv with a header."""
     out: str = ""
     """Output location: videos/, posters/, manifest/, summary.json, index.html."""
-    steps: int = Field(30, ge=1, le=1000)
-    cfg: float = Field(5.0, ge=0, le=50)
-    sampler: str = "euler"
+    steps: int | None = Field(None, ge=1, le=1000)
+    """Sampler steps of a row without `steps`; None: the package's render default, else 30."""
+    cfg: float | None = Field(None, ge=0, le=50)
+    """Guidance scale of a row without `cfg`; None: the package's render default, else 5."""
+    sampler: str | None = None
+    """euler, heun or dpm_solver_2m; None: the package's render default, else euler."""
     shift: float | None = Field(None, gt=0)
-    """Timestep shift of the sampling schedule (1 = none); None takes the package's (an imported
-    Wan model records its scheduler's flow_shift), else 1."""
+    """Timestep shift of the sampling schedule (1 = none); None: the package's (the shift it was
+    trained with; an imported Wan model records its scheduler's flow_shift)."""
     seed: int = 0
     """Base seed: a row without `seed` gets one derived from (seed, id)."""
     frames: int | None = Field(None, ge=1)
-    """Default frames per video (None: the model's training clip length)."""
+    """Frames of a row without `frames`; None: the package's (its training clip length)."""
     height: int | None = Field(None, ge=8)
+    """None: the package's render height (the size it was trained at)."""
     width: int | None = Field(None, ge=8)
+    """None: the package's render width."""
     negative_prompt: str = ""
     num_per_prompt: int = Field(1, ge=1, le=64)
     crf: int = Field(18, ge=0, le=51)
-    fps: float = Field(8.0, gt=0)
+    fps: float | None = Field(None, gt=0)
+    """Frame rate of the written videos; None: the package's (its training data's)."""
     batch_size: int = Field(4, ge=1)
     """Videos per sampler call (rows of equal shape and steps are batched together)."""
     concurrency: list[int] = [1, 1]
@@ -330,9 +341,15 @@ class ImportConfig(Section):
     """Default render height (Wan 2.1 T2V 1.3B: 480)."""
     width: int = Field(832, ge=8)
     """Default render width (Wan 2.1 T2V 1.3B: 832)."""
+    fps: float = Field(16.0, gt=0)
+    """Default frame rate of rendered videos (Wan 2.1 was trained at 16 fps)."""
     shift: float | None = Field(None, gt=0)
     """Timestep shift recorded as the render default; None takes the folder's scheduler
     `flow_shift` (Wan 2.1 ships 3.0 for 480p), or none if it has no scheduler."""
+    steps: int = Field(50, ge=1, le=1000)
+    """Default sampler steps (WanPipeline's default: 50)."""
+    cfg: float = Field(5.0, ge=0, le=50)
+    """Default guidance scale (WanPipeline's default: 5.0)."""
 
 
 class EvalConfig(Section):
@@ -436,8 +453,6 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    from t2v import storage
-
     try:
         text = storage.read_text(path)
     except storage.StorageError as e:
@@ -491,6 +506,4 @@ def to_yaml(cfg: BaseModel) -> str:
 
 def save_resolved(cfg: BaseModel, uri: str) -> None:
     """Write the resolved config beside a job's outputs (atomically)."""
-    from t2v import storage
-
     storage.write_text(uri, to_yaml(cfg))

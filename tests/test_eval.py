@@ -12,8 +12,12 @@ from t2v.data import synthetic as S
 from t2v.data.video import decode_video, encode_mp4
 from t2v.eval.detector import detect
 from t2v.eval.scoring import judge, summarize, wilson_interval
+from t2v.render.rows import RenderJob, Sample
 
 ATTRS = ("colour", "shape", "motion")
+
+JOB = RenderJob(model="pkg", package_hash="0" * 64, sampler="euler", shift=1.0, fps=8.0, crf=18,
+                run="r1", source="prompts.jsonl")
 
 
 def _clips(n: int, *, seed: int, frames: int, size: int, two: float = 0.0, mp4: bool = True):
@@ -130,9 +134,9 @@ def test_eval_report_from_a_render_dir(tmp_path):
         data = encode_mp4(video, fps=8.0) if i != 4 else b"not a video"
         (renders / "videos").mkdir(parents=True, exist_ok=True)
         (renders / "videos" / f"{pid}.mp4").write_bytes(data)
-        rows.append(mf.make_row({"run": "r1"}, {"id": pid, "prompt_id": pid, "sample": 0,
-                                                "meta": truth}, status="ok", video=uri,
-                                seconds=0.5))
+        sample = Sample(id=pid, prompt_id=pid, prompt="p", seed=i, steps=2, cfg=4.0, frames=9,
+                        height=32, width=32, meta=truth)
+        rows.append(mf.make_row(JOB, sample, status="ok", video=uri, seconds=0.5))
     prompts.write_text("\n".join(lines) + "\n")
     mf.write_part(str(renders), "r1", "b0", rows)
     cfg = EvalConfig(renders=str(renders), prompts=str(prompts))

@@ -9,9 +9,18 @@ import torch
 
 from t2v import storage
 from t2v.models.dit import VideoDiT, dit_config
-from t2v.models.package import PackageError, load_package, read_meta, save_package
+from t2v.models.package import (
+    PackageError,
+    RenderDefaults,
+    load_package,
+    package_hash,
+    read_meta,
+    save_package,
+)
 from t2v.models.text import TextEncoderConfig
 from t2v.models.vae import CausalVideoVAE, vae_config
+
+RENDER = RenderDefaults(frames=5, height=16, width=16, fps=12.0, shift=2.0)
 
 
 def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -45,10 +54,10 @@ def test_round_trip_identical_outputs(models, where, tmp_path, request):
     root = (str(tmp_path / "pkg") if where == "local"
             else storage.join(request.getfixturevalue("s3_bucket"), "pkg"))
     h = save_package(root, vae=vae, dit=dit, text=TextEncoderConfig(max_length=8),
-                     run={"name": "unit", "step": 7})
+                     render=RENDER, run={"name": "unit", "step": 7})
     pkg = load_package(root)
-    assert pkg.hash == h and len(h) == 64
-    assert pkg.meta.run == {"name": "unit", "step": 7}
+    assert pkg.hash == h == package_hash(root) and len(h) == 64
+    assert pkg.meta.run == {"name": "unit", "step": 7} and pkg.meta.render == RENDER
     assert pkg.meta.vae.scale == vae.config.scale and pkg.meta.vae.shift == vae.config.shift
     emb, mask = pkg.text(["a red circle moving left"])
     assert emb.shape == (1, 8, 384)
@@ -57,10 +66,10 @@ def test_round_trip_identical_outputs(models, where, tmp_path, request):
         assert torch.equal(a, b)
     # Same content -> same hash; different weights -> different hash.
     assert save_package(root, vae=vae, dit=dit, text=TextEncoderConfig(max_length=8),
-                        run={"name": "unit", "step": 7}) == h
+                        render=RENDER, run={"name": "unit", "step": 7}) == h
     other = randomise(VideoDiT(dit.config), 9)
     assert save_package(root, vae=vae, dit=other, text=TextEncoderConfig(max_length=8),
-                        run={"name": "unit", "step": 7}) != h
+                        render=RENDER, run={"name": "unit", "step": 7}) != h
 
 
 def test_vae_only_package(models, tmp_path):
@@ -68,6 +77,7 @@ def test_vae_only_package(models, tmp_path):
     save_package(str(tmp_path), vae=vae, run={"stage": "vae"})
     pkg = load_package(str(tmp_path))
     assert pkg.dit is None and pkg.text is None and pkg.meta.dit is None
+    assert pkg.meta.render is None
     assert not (tmp_path / "dit.safetensors").exists()
 
 
@@ -76,7 +86,7 @@ def test_refusals(models, tmp_path):
     with pytest.raises(PackageError, match="not a model package"):
         load_package(str(tmp_path / "empty"))
     root = tmp_path / "pkg"
-    save_package(str(root), vae=vae, dit=dit)
+    save_package(str(root), vae=vae, dit=dit, render=RENDER)
     meta = json.loads((root / "model.json").read_text())
     (root / "model.json").write_text(json.dumps(meta | {"format_version": 99}))
     with pytest.raises(PackageError, match="format_version 99"):
@@ -106,9 +116,32 @@ class _Payload:
 def test_pickle_is_never_loaded(models, tmp_path):
     """A pickle named like a weight file is refused, and its payload never runs."""
     vae, dit = models
-    save_package(str(tmp_path), vae=vae, dit=dit)
+    save_package(str(tmp_path), vae=vae, dit=dit, render=RENDER)
     marker = tmp_path / "pwned"
     torch.save({"w": _Payload(marker)}, tmp_path / "dit.safetensors")
     with pytest.raises(PackageError, match="not a safetensors file"):
         load_package(str(tmp_path), load_text=False)
     assert not marker.exists()
+
+
+def test_render_defaults_are_required_typed_and_migrated(models, tmp_path):
+    """A DiT package must say how it renders; version-1 packages migrate their `run` keys."""
+    vae, dit = models
+    with pytest.raises(ValueError, match="needs its render defaults"):
+        save_package(str(tmp_path / "x"), vae=vae, dit=dit)
+    root = tmp_path / "pkg"
+    save_package(str(root), vae=vae, dit=dit, render=RENDER)
+    meta = json.loads((root / "model.json").read_text())
+    assert meta["format_version"] == 2 and meta["render"]["frames"] == 5
+    for bad, why in (({"frames": 0}, "render.frames"), ({"fps": -1}, "render.fps"),
+                     ({"speed": 2}, "unknown keys")):
+        (root / "model.json").write_text(json.dumps(meta | {"render": meta["render"] | bad}))
+        with pytest.raises(PackageError, match=why):
+            read_meta(str(root))
+    # Version 1: imported packages kept the geometry in `run`; trained ones had none.
+    v1 = {k: v for k, v in meta.items() if k != "render"} | {"format_version": 1}
+    run = {"stage": "import", "frames": 81, "height": 480, "width": 832, "shift": 3.0}
+    (root / "model.json").write_text(json.dumps(v1 | {"run": run}))
+    assert read_meta(str(root)).render == RenderDefaults(81, 480, 832, fps=8.0, shift=3.0)
+    (root / "model.json").write_text(json.dumps(v1 | {"run": {"stage": "dit", "step": 3}}))
+    assert read_meta(str(root)).render is None

@@ -23,15 +23,12 @@ from PIL import Image
 from t2v import storage
 from t2v.config import RenderConfig
 from t2v.data.video import decode_video, encode_mp4
+from t2v.models.package import PackageError
 from t2v.render import manifest as mf
-from t2v.render.pipeline import (
-    RenderModel,
-    make_batches,
-    render_batch,
-    run_render,
-    run_render_command,
-)
-from t2v.render.prompts import PromptRules, derive_id, derive_seed, parse_prompts
+from t2v.render.model import RenderModel, render_batch
+from t2v.render.pipeline import make_batches, plan_render, run_render_command
+from t2v.render.prompts import PromptRules, RowError, derive_id, derive_seed, parse_prompts
+from t2v.render.rows import SAMPLES, RenderJob, Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 16
@@ -42,7 +39,7 @@ LONG = "a very long prompt " * 12  # > 16 MiniLM tokens
 def package(tmp_path_factory) -> str:
     """DiT + VAE + MiniLM package; the DiT's zero-init output layers are randomised."""
     from t2v.models.dit import VideoDiT, dit_config
-    from t2v.models.package import save_package
+    from t2v.models.package import RenderDefaults, save_package
     from t2v.models.text import TextEncoderConfig
     from t2v.models.vae import CausalVideoVAE, vae_config
 
@@ -53,7 +50,8 @@ def package(tmp_path_factory) -> str:
             p.normal_(0.0, 0.02)
     uri = str(tmp_path_factory.mktemp("render-pkg"))
     save_package(uri, vae=CausalVideoVAE(vae_config("debug")), dit=dit,
-                 text=TextEncoderConfig(max_length=MAX_LENGTH), run={"stage": "test"})
+                 text=TextEncoderConfig(max_length=MAX_LENGTH), run={"stage": "test"},
+                 render=RenderDefaults(frames=9, height=32, width=32, fps=8.0))
     return uri
 
 
@@ -93,7 +91,8 @@ def test_prompt_parsing_rules():
     two = PromptRules(num_per_prompt=2)
     p2 = parse_prompts(b'{"prompt": "a", "id": "a", "seed": 5}\n{"prompt": "b", "id": "a-1"}',
                        ".jsonl", two)
-    assert [(s["id"], s["seed"]) for s in p2.rows[0].samples(2)] == [("a-0", 5), ("a-1", 6)]
+    assert [(s.id, s.seed) for s in p2.rows[0].samples(2)] == [("a-0", 5), ("a-1", 6)]
+    assert {s.prompt_id for s in p2.rows[0].samples(2)} == {"a"}
     assert p2.errors[0].error == "repeated id 'a-1' (first on line 1)"
     for header, msg in [(b"prompt,colour\n", "unknown columns 'colour'"),
                         (b"id,seed\n", "no 'prompt' column"), (b"prompt,prompt\n", "repeats")]:
@@ -102,20 +101,28 @@ def test_prompt_parsing_rules():
 
 
 def test_batches_group_by_shape_steps_and_guidance():
-    s = [{"id": str(i), "frames": f, "height": 32, "width": 32, "steps": st, "cfg": c}
+    s = [Sample(id=str(i), prompt="p", seed=i, frames=f, height=32, width=32, steps=st, cfg=c)
          for i, (f, st, c) in enumerate([(9, 2, 3.0), (5, 2, 3.0), (9, 2, 4.0), (9, 3, 3.0),
                                           (9, 2, 1.0), (9, 2, 3.0), (9, 2, 3.0)])]
-    batches = [[x["id"] for x in b] for b in make_batches(s, 2)]
+    batches = [[x.id for x in b] for b in make_batches(s, 2)]
+    # The wire format to renderer actors round-trips the typed samples exactly.
+    assert SAMPLES.validate_json(SAMPLES.dump_json(s)) == s
     assert batches == [["0", "2"], ["5", "6"], ["1"], ["3"], ["4"]]
 
 
 def test_manifest_dedupe_and_escaped_gallery():
-    job = {"run": "r1"}
-    rows = [mf.make_row(job, {"id": "a", "line": 1, "prompt": "x"}, status="ok"),
-            mf.make_row(job, {"id": None, "line": 2}, status="error", error="old"),
-            mf.make_row({"run": "r2"}, {"id": "a", "line": 1, "prompt": "<b>&"}, status="ok"),
-            mf.make_row({"run": "r2"}, {"id": None, "line": 3}, status="error", error="e")]
-    assert set(rows[0]) == set(mf.ROW_FIELDS)
+    job = RenderJob(model="m", package_hash="h", sampler="euler", shift=1.0, fps=8.0, crf=18,
+                    run="r1", source="p.jsonl")
+    job2 = job.model_copy(update={"run": "r2"})
+    a = Sample(id="a", prompt="x", seed=1, steps=2, cfg=3.0, frames=9, height=32, width=32,
+               line=1)
+    rows = [mf.make_row(job, a, status="ok"),
+            mf.prompt_error_row(job, RowError(2, "old")),
+            mf.make_row(job2, a.model_copy(update={"prompt": "<b>&"}), status="ok"),
+            mf.prompt_error_row(job2, RowError(3, "e"))]
+    assert list(rows[0].model_dump()) == list(mf.ROW_FIELDS)
+    rows = mf.parse_part(mf.to_jsonl(rows))  # what readers get back from a part file
+    assert rows[0]["seed"] == 1 and rows[1]["seed"] is None and rows[3]["error"] == "e"
     ok, errors = mf.latest_rows(rows)
     assert ok["a"]["run"] == "r2" and [e["line"] for e in errors] == [3]
     page = mf.gallery_html(ok, errors)
@@ -128,8 +135,8 @@ def test_same_seed_same_video_at_batch_size_1_and_4(package):
     """Batch mates change only matmul summation order. Tolerance: latents 1e-5 absolute,
     pixels 2 uint8 levels (one seen), decoded mp4s 1.0 mean absolute level."""
     model, _ = RenderModel.load(package)
-    samples = [{"id": f"s{i}", "prompt": p, "negative_prompt": n, "seed": 100 + i, "cfg": c,
-                "steps": 2, "frames": 9, "height": 32, "width": 32}
+    samples = [Sample(id=f"s{i}", prompt=p, negative_prompt=n, seed=100 + i, cfg=c, steps=2,
+                      frames=9, height=32, width=32)
                for i, (p, n, c) in enumerate([("red circle", "", 3.0), ("blue square", "", 5.0),
                                               ("green star", "blur", 3.0), ("red circle", "", 3.0)])]
     z4, v4 = render_batch(model, samples)
@@ -141,7 +148,7 @@ def test_same_seed_same_video_at_batch_size_1_and_4(package):
         a, b = (decode_video(encode_mp4(v, crf=18)).astype(float) for v in (v1[0], v4[i]))
         assert a.shape == (9, 32, 32, 3) and np.abs(a - b).mean() < 1.0
     with pytest.raises(ValueError, match="one \\(frames, height, width, steps\\)"):
-        render_batch(model, [samples[0], {**samples[1], "steps": 3}])
+        render_batch(model, [samples[0], samples[1].model_copy(update={"steps": 3})])
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -187,7 +194,7 @@ def test_every_format_to_s3_with_every_bad_row(ray_local, package, s3_bucket):
         out = f"{s3_bucket}/out{fmt.replace('.', '-')}"
         extra = {"truncate": False} if fmt == ".jsonl" else {}
         extra |= {"num_per_prompt": 2} if fmt == ".csv" else {}
-        summary = run_render(config(package, prompts, out, **extra))
+        summary = run_render_command(config(package, prompts, out, **extra))
         rows = mf.read_manifest(out)
         errors = {r["line"]: r["error"] for r in rows if r["status"] == "error"}
         assert errors.keys() == expect_errors[fmt].keys(), (fmt, errors)
@@ -228,11 +235,11 @@ def test_fault_after_k_videos_then_resume_and_overwrite(ray_local, package, tmp_
     out = str(tmp_path / "out")
     cfg = config(package, str(prompts), out, batch_size=1)
     with pytest.raises(Exception, match="fail_after=2"):  # raised inside the actor
-        run_render(cfg.model_copy(update={"fail_after": 2}))
+        run_render_command(cfg.model_copy(update={"fail_after": 2}))
     # The actor died after its 2nd video was written, before that video's manifest row.
     assert len(storage.list_prefix(f"{out}/videos")) == 2 and len(ok_rows(out)) == 1
 
-    summary = run_render(cfg)
+    summary = run_render_command(cfg)
     assert (summary["rendered"], summary["skipped"], summary["failed"]) == (4, 1, 0)
     ids = [r["id"] for r in ok_rows(out)]
     assert len(ids) == len(set(ids)) == 5  # exactly once, across all part files
@@ -242,15 +249,56 @@ def test_fault_after_k_videos_then_resume_and_overwrite(ray_local, package, tmp_
     assert leftovers == [] and sorted(os.listdir(f"{out}/videos")) == sorted(
         f"{i}.mp4" for i in ids)
 
-    again = run_render(cfg)  # nothing left: no actor starts
+    again = run_render_command(cfg)  # nothing left: no actor starts
     assert (again["rendered"], again["skipped"]) == (0, 5)
-    redo = run_render(cfg.model_copy(update={"overwrite": True}))
+    redo = run_render_command(cfg.model_copy(update={"overwrite": True}))
     assert (redo["rendered"], redo["skipped"], redo["total_ok"]) == (5, 0, 5)
     assert len(ok_rows(out)) == 10  # raw rows: two runs; the deduplicated view counts once
     ok, errors = mf.latest_rows(mf.read_manifest(out))
     assert sorted(ok) == sorted(ids) and not errors and all(r["run"] == redo["run"]
                                                               for r in ok.values())
     assert storage.read_text(f"{out}/index.html").count("<figure>") == 5
+
+
+def test_package_render_defaults_set_every_row_without_flags(ray_local, package, tmp_path):
+    """No size/fps/shift flags: each video takes the package's recorded geometry (not 9x32x32),
+    a row's own size wins, and every manifest row records what it was rendered at."""
+    odd = tmp_path / "odd-pkg"
+    shutil.copytree(package, odd)
+    meta = json.loads((odd / "model.json").read_text())
+    meta["render"] = {"frames": 5, "height": 16, "width": 24, "fps": 12.0, "shift": 2.5,
+                      "steps": 3, "cfg": 1.0, "sampler": "heun"}
+    (odd / "model.json").write_text(json.dumps(meta))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "a red circle"}\n'
+                       '{"id": "b", "prompt": "a blue square", "frames": 9, "height": 32}\n')
+    out = str(tmp_path / "out")
+    summary = run_render_command(RenderConfig(model=str(odd), prompts=str(prompts), out=out))
+    assert summary["rendered"] == 2
+    rows = {r["id"]: r for r in ok_rows(out)}
+    assert [rows["a"][k] for k in ("frames", "height", "width")] == [5, 16, 24]
+    assert [rows["b"][k] for k in ("frames", "height", "width")] == [9, 32, 24]
+    for row in rows.values():
+        check_video(row)
+        assert (row["fps"], row["shift"], row["steps"], row["cfg"], row["sampler"]) == (
+            12.0, 2.5, 3, 1.0, "heun")
+    # Flags still win over the package.
+    out = str(tmp_path / "out2")
+    plan = plan_render(RenderConfig(model=str(odd), prompts=str(prompts), out=out, frames=9,
+                                    steps=2, sampler="euler", dry_run=True))
+    assert [(s.frames, s.steps) for s in plan.todo] == [(9, 2), (9, 2)]
+    assert plan.job.sampler == "euler"
+
+    # A package that records no geometry is one line naming the flags to give.
+    del meta["render"]
+    (odd / "model.json").write_text(json.dumps(meta | {"format_version": 1}))
+    with pytest.raises(PackageError, match="records no render geometry") as info:
+        plan_render(RenderConfig(model=str(odd), prompts=str(prompts), out=out, height=16,
+                                 dry_run=True))
+    assert "give --frames, --width" in str(info.value) and "\n" not in str(info.value)
+    plan = plan_render(RenderConfig(model=str(odd), prompts=str(prompts), out=out, frames=5,
+                                    height=16, width=16, dry_run=True))
+    assert (plan.todo[0].frames, plan.job.fps, plan.job.shift) == (5, 8.0, 1.0)
 
 
 def test_dry_run_renders_and_writes_nothing(package, tmp_path, capsys):
@@ -289,11 +337,6 @@ def test_whole_job_errors_are_early_and_one_line(package, moto_s3, s3_bucket, tm
 CLI = """
 import sys
 from t2v import cli
-if "render" not in cli.COMMANDS:  # until the lead wires the command in t2v/cli.py
-    from t2v.config import RenderConfig
-    from t2v.render.pipeline import run_render_command
-    cli.COMMANDS["render"] = cli.Command(RenderConfig, run_render_command, "render",
-                                         {"model": "model", "prompts": "prompts", "out": "out"})
 sys.exit(cli.main(["render", *sys.argv[1:]]))
 """
 
@@ -322,7 +365,7 @@ import ray
 from ray.cluster_utils import Cluster
 from t2v import storage
 from t2v.config import RenderConfig
-from t2v.render.pipeline import run_render
+from t2v.render.pipeline import run_render_command
 
 package, prompts, out = sys.argv[1:4]
 fast = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
@@ -336,7 +379,7 @@ try:
 
     def job():
         try:
-            result["summary"] = run_render(RenderConfig(
+            result["summary"] = run_render_command(RenderConfig(
                 model=package, prompts=prompts, out=out, steps=2, frames=9, height=32, width=32,
                 batch_size=1, concurrency=[1, 1]))
         except BaseException as e:

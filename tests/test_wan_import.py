@@ -20,11 +20,13 @@ diffusers = pytest.importorskip("diffusers")
 
 from t2v.config import ImportConfig, RenderConfig  # noqa: E402
 from t2v.diffusion.sampling import get_noise  # noqa: E402
-from t2v.models.package import PackageError, load_package, read_meta  # noqa: E402
+from t2v.models.package import PackageError, RenderDefaults, load_package, read_meta  # noqa: E402
 from t2v.models.text import clean_prompt  # noqa: E402
 from t2v.models.wan_import import WanImportError, run_import_command  # noqa: E402
 from t2v.models.wan_vae import WanVAE, WanVAEConfig, wan_vae_config  # noqa: E402
-from t2v.render.pipeline import RenderModel, plan_render, render_batch  # noqa: E402
+from t2v.render.model import RenderModel, render_batch  # noqa: E402
+from t2v.render.pipeline import plan_render  # noqa: E402
+from t2v.render.rows import Sample  # noqa: E402
 
 WORDS = ("a an the red green blue yellow circle square triangle moves left right up down on "
          "black white background").split()
@@ -116,7 +118,8 @@ def test_package_contents(wan_package: str, wan_folder: Path) -> None:
     assert (meta.vae.temporal_down, meta.vae.spatial_down) == (4, 8)
     assert meta.text.ref == f"{wan_folder.resolve()}/text_encoder" and meta.text.clean
     assert meta.text.max_length == TEXT_LEN
-    assert meta.run["shift"] == FLOW_SHIFT and meta.run["frames"] == 5
+    assert meta.render == RenderDefaults(frames=5, height=32, width=32, fps=16.0,
+                                         shift=FLOW_SHIFT, steps=50, cfg=5.0)
     names = sorted(p.name for p in Path(wan_package).iterdir())
     assert names == ["dit.safetensors", "model.json"]  # VAE and text encoder are references
 
@@ -126,8 +129,8 @@ def test_render_matches_wan_pipeline(wan_package: str, wan_folder: Path) -> None
     model, _ = RenderModel.load(wan_package, device=torch.device("cpu"))
     assert isinstance(model.vae, WanVAE)
     prompts = ["a red  circle moves left", "the blue square on black background"]
-    samples = [{"prompt": p, "negative_prompt": "", "seed": 3 + i, "steps": 4, "cfg": 5.0,
-                "frames": 5, "height": 32, "width": 32} for i, p in enumerate(prompts)]
+    samples = [Sample(id=f"w{i}", prompt=p, seed=3 + i, steps=4, cfg=5.0, frames=5, height=32,
+                      width=32) for i, p in enumerate(prompts)]
     z, videos = render_batch(model, samples, "euler", FLOW_SHIFT)
 
     pipe = diffusers.WanPipeline.from_pretrained(wan_folder)
@@ -158,9 +161,10 @@ def test_plan_render_takes_the_package_defaults(wan_package: str, tmp_path: Path
     prompts.write_text("a red circle\n")
     plan = plan_render(RenderConfig(model=wan_package, prompts=str(prompts),
                                     out=str(tmp_path / "out"), dry_run=True))
-    assert plan.cfg.shift == FLOW_SHIFT and plan.job["shift"] == FLOW_SHIFT
+    assert plan.cfg.shift == FLOW_SHIFT and plan.job.shift == FLOW_SHIFT
+    assert (plan.cfg.steps, plan.cfg.cfg, plan.job.fps) == (50, 5.0, 16.0)  # Wan's defaults
     (sample,) = plan.todo
-    assert (sample["frames"], sample["height"], sample["width"]) == (5, 32, 32)
+    assert (sample.frames, sample.height, sample.width) == (5, 32, 32)
 
 
 def test_wan_vae_backend_contract(wan_folder: Path) -> None:

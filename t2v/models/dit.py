@@ -59,8 +59,6 @@ class DiTConfig:
     """Epsilon of every norm."""
     rope_theta: float = 10000.0
     """RoPE base."""
-    checkpointing: bool = False
-    """Activation checkpointing of each block while training (memory for recompute)."""
     text_mask: bool = True
     """Mask padded text tokens out of cross-attention. False attends to every position, the
     zero-padded ones included, as Wan 2.1 was trained (its pipeline passes no mask); imported
@@ -93,6 +91,9 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DiTConfig:
+        # Packages written before activation checkpointing left the config (a training switch,
+        # VideoDiT.checkpointing) still carry the key: it says nothing about the network.
+        d = {k: v for k, v in d.items() if k != "checkpointing"}
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown DiTConfig keys: {unknown}")
@@ -109,14 +110,6 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     # Exactly Wan 2.1 T2V 1.3B (umT5-xxl text, 16-channel Wan VAE latents).
     "large": DiTConfig(in_channels=16, dim=1536, ffn_dim=8960, heads=12, depth=30, text_dim=4096),
 }
-
-PRESET_PARAMS: dict[str, int] = {
-    "debug": 1_014_800,
-    "small": 25_168_576,
-    "base": 311_639_104,
-    "large": 1_418_996_800,
-}
-"""Parameter counts of the presets (meta-device build), checked by the tests."""
 
 
 def dit_config(name: str, **overrides: object) -> DiTConfig:
@@ -297,6 +290,9 @@ class VideoDiT(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.checkpointing = False
+        """Activation checkpointing of each block in training (memory for recompute): a switch
+        that training sets from outside, not part of the network's config."""
         self.patch_embed = nn.Conv3d(cfg.in_channels, cfg.dim, cfg.patch, stride=cfg.patch)
         self.text_embed = MLP(cfg.text_dim, cfg.dim, cfg.dim, nn.GELU(approximate="tanh"))
         self.time_embed = MLP(cfg.freq_dim, cfg.dim, cfg.dim, nn.SiLU())
@@ -415,7 +411,7 @@ class VideoDiT(nn.Module):
             keep = has_text[:, :, None].to(x.dtype)  # (B, 1, 1): zero branch for no-text rows
 
         for block in self.blocks:
-            if c.checkpointing and self.training and torch.is_grad_enabled():
+            if self.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, ctx, mod, rope, mask, keep, use_reentrant=False)
             else:
                 x = block(x, ctx, mod, rope, mask, keep)  # (B, N, D)

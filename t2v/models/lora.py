@@ -57,7 +57,7 @@ def target_layers(model: nn.Module, targets: list[str] | tuple[str, ...]) -> lis
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
              targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS) -> nn.Module:
     """Wrap the target layers with LoRA adapters in place; only the adapters stay trainable."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - optional extra, heavy
 
     layers = target_layers(model, targets)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,

@@ -3,7 +3,9 @@
 A package is a folder or prefix holding
     model.json        format version, DiT config, VAE config (incl. latent scale/shift), a
                       `diffusers:URI` VAE reference for an imported VAE, text-encoder config,
-                      LoRA rank/alpha, training run and step
+                      render defaults (the geometry the DiT was trained at or imported with,
+                      fps, shift, optional steps/cfg/sampler), LoRA rank/alpha, training run
+                      and step
     dit.safetensors   the (EMA) DiT weights       (absent in a VAE-only package)
     vae.safetensors   the VAE weights             (absent when the VAE is a diffusers reference)
     lora.safetensors  optional LoRA adapters, kept apart from the base weights in
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from safetensors.torch import load as st_load
@@ -33,13 +35,72 @@ from t2v.models.text import TextEncoder, TextEncoderConfig
 from t2v.models.vae import CausalVideoVAE, VAEConfig
 from t2v.models.wan_vae import WanVAE, WanVAEConfig, parse_ref
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 added the typed `render` section; version 1 packages are migrated on read (`_migrate_v1`)."""
+READ_VERSIONS = (1, 2)
 MODEL_JSON = "model.json"
 WEIGHT_FILES = ("dit.safetensors", "vae.safetensors", "lora.safetensors")
 
 
 class PackageError(ValueError):
     """A package that cannot be loaded; the message names the URI and what is wrong."""
+
+
+@dataclass(frozen=True)
+class RenderDefaults:
+    """How a package renders when neither a prompt row nor a flag says otherwise.
+
+    The geometry is the one the DiT was trained at (training export reads it off the data the
+    run saw) or imported with; render, eval, serve and the demo take it from here. steps, cfg
+    and sampler are optional: None leaves them to the renderer's own defaults.
+    """
+
+    frames: int
+    height: int
+    width: int
+    fps: float
+    shift: float = 1.0
+    """Timestep shift of the sampling schedule (1 = none)."""
+    steps: int | None = None
+    cfg: float | None = None
+    sampler: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"render.{name} must be a positive integer, got {value!r}")
+        for name in ("fps", "shift"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"render.{name} must be a number > 0, got {value!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
+            raise ValueError(f"render.steps must be >= 1, got {self.steps!r}")
+        if self.cfg is not None and not self.cfg >= 0:
+            raise ValueError(f"render.cfg must be >= 0, got {self.cfg!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RenderDefaults:
+        names = {f.name for f in fields(cls)}
+        unknown, missing = set(d) - names, {"frames", "height", "width", "fps"} - set(d)
+        if unknown or missing:
+            raise ValueError(f"render: unknown keys {sorted(unknown)}" if unknown
+                             else f"render: missing keys {sorted(missing)}")
+        return cls(**d)
+
+
+def _migrate_v1(run: dict) -> RenderDefaults | None:
+    """A version-1 package kept its geometry in `run` (imported ones did; trained ones did only
+    when copied from `init_from`); a package without it has no render defaults."""
+    if "frames" not in run or not ({"height", "width"} <= set(run) or "size" in run):
+        return None
+    return RenderDefaults(frames=int(run["frames"]),
+                          height=int(run.get("height") or run["size"]),
+                          width=int(run.get("width") or run["size"]),
+                          fps=float(run.get("fps") or 8.0), shift=float(run.get("shift") or 1.0))
 
 
 @dataclass
@@ -51,8 +112,9 @@ class PackageMeta:
     vae_ref: str | None = None
     """`diffusers:URI` for an imported VAE; None when vae.safetensors holds our own VAE."""
     run: dict = field(default_factory=dict)
-    """Training provenance: run name, step, source URIs; render defaults (frames, height,
-    width, shift) where the package sets them."""
+    """Provenance only: run name, step, stage, source URIs. Nothing reads settings from here."""
+    render: RenderDefaults | None = None
+    """Required with a DiT (save_package refuses one without); None in a VAE-only package."""
     lora: dict | None = None
     """{"rank", "alpha", "target_modules"} of lora.safetensors; None without adapters."""
 
@@ -64,6 +126,7 @@ class PackageMeta:
             "vae_ref": self.vae_ref,
             "text_encoder": self.text.to_dict(),
             "run": self.run,
+            "render": self.render.to_dict() if self.render else None,
             "lora": self.lora,
         }, indent=1, sort_keys=True)
 
@@ -72,18 +135,21 @@ class PackageMeta:
         try:
             d = json.loads(text)
             version = d.get("format_version")
-            if version != FORMAT_VERSION:
+            if version not in READ_VERSIONS:
                 raise PackageError(f"{uri}: format_version {version!r}, this t2v reads "
-                                   f"{FORMAT_VERSION}")
+                                   f"{', '.join(map(str, READ_VERSIONS))}")
             ref = d.get("vae_ref")
             if ref is not None:
                 parse_ref(ref)  # ValueError: a malformed reference is an invalid model.json
             vae_cls = WanVAEConfig if ref is not None else VAEConfig
+            run = d.get("run") or {}
+            render = (_migrate_v1(run) if version == 1 else
+                      RenderDefaults.from_dict(d["render"]) if d.get("render") else None)
             return cls(dit=DiTConfig.from_dict(d["dit"]) if d.get("dit") else None,
                        vae=vae_cls.from_dict(d["vae"]) if d.get("vae") else None,
                        vae_ref=d.get("vae_ref"),
                        text=TextEncoderConfig.from_dict(d["text_encoder"]),
-                       run=d.get("run", {}), lora=d.get("lora"))
+                       run=run, render=render, lora=d.get("lora"))
         except PackageError:
             raise
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -104,8 +170,24 @@ def content_hash(parts: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+def package_hash(uri: str) -> str:
+    """`content_hash` of the package at `uri`, streamed: the weights never sit in memory."""
+    h = hashlib.sha256()
+    for name in (MODEL_JSON, *WEIGHT_FILES):  # the order content_hash uses
+        part = storage.join(uri, name)
+        if storage.exists(part):
+            digest = hashlib.sha256()
+            with storage.local_copy(part) as path, open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(2**20), b""):
+                    digest.update(chunk)
+            h.update(name.encode() + b"\0")
+            h.update(digest.digest())
+    return h.hexdigest()
+
+
 def save_package(uri: str, *, vae: CausalVideoVAE | WanVAE | None,
                  dit: VideoDiT | None = None, text: TextEncoderConfig | None = None,
+                 render: RenderDefaults | None = None,
                  run: dict | None = None, vae_ref: str | None = None,
                  vae_config: WanVAEConfig | None = None,
                  lora: dict[str, torch.Tensor] | None = None,
@@ -113,9 +195,13 @@ def save_package(uri: str, *, vae: CausalVideoVAE | WanVAE | None,
     """Write a package (weights first, model.json last); returns its content hash.
 
     The VAE is our module (weights written), a loaded WanVAE (its reference recorded), or,
-    without a module, `vae_ref` + `vae_config` (what `t2v import` writes). `lora` adapters need
-    `lora_meta` ({"rank", "alpha", "target_modules"}).
+    without a module, `vae_ref` + `vae_config` (what `t2v import` writes). A DiT needs its
+    `render` defaults (what render falls back to). `lora` adapters need `lora_meta`
+    ({"rank", "alpha", "target_modules"}).
     """
+    if dit is not None and render is None:
+        raise ValueError("a package with a DiT needs its render defaults (RenderDefaults: the "
+                         "frames, height, width and fps it was trained at)")
     if isinstance(vae, WanVAE):
         vae_ref, vae_config, vae = vae.ref, vae.config, None
     if vae is None and (vae_ref is None or vae_config is None):
@@ -126,7 +212,7 @@ def save_package(uri: str, *, vae: CausalVideoVAE | WanVAE | None,
         parse_ref(vae_ref)
     meta = PackageMeta(dit=dit.config if dit is not None else None,
                        vae=vae.config if vae is not None else vae_config, vae_ref=vae_ref,
-                       text=text or TextEncoderConfig(), run=run or {},
+                       text=text or TextEncoderConfig(), run=run or {}, render=render,
                        lora=lora_meta if lora else None)
     parts: dict[str, bytes] = {}
     if dit is not None:

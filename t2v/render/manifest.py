@@ -17,10 +17,14 @@ import json
 import secrets
 import time
 from collections.abc import Iterable
+from typing import Any, Literal
 from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict
 
 from t2v import storage
 from t2v.render.prompts import RowError
+from t2v.render.rows import RenderJob, Sample
 
 MANIFEST_DIR = "manifest"
 VIDEOS_DIR = "videos"
@@ -28,11 +32,42 @@ POSTERS_DIR = "posters"
 SUMMARY_NAME = "summary.json"
 INDEX_NAME = "index.html"
 
-ROW_FIELDS = ("id", "prompt_id", "sample", "line", "prompt", "negative_prompt", "seed", "steps",
-              "cfg", "sampler", "shift", "frames", "height", "width", "fps", "crf", "meta",
-              "model", "package_hash", "status", "error", "video", "poster", "seconds", "run",
-              "source")
-"""Every manifest row has exactly these keys (None where a value does not apply)."""
+class ManifestRow(BaseModel):
+    """One manifest line: a video's settings, the job's, and the outcome (None where a value
+    does not apply: an error row of an unparsable line has no seed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    prompt_id: str | None = None
+    sample: int | None = None
+    line: int | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    sampler: str | None = None
+    shift: float | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    fps: float | None = None
+    crf: int | None = None
+    meta: dict[str, Any] | None = None
+    model: str | None = None
+    package_hash: str | None = None
+    status: Literal["ok", "error"]
+    error: str | None = None
+    video: str | None = None
+    poster: str | None = None
+    seconds: float | None = None
+    run: str | None = None
+    source: str | None = None
+
+
+ROW_FIELDS = tuple(ManifestRow.model_fields)
+"""Every manifest row has exactly these keys, in this order."""
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -55,29 +90,27 @@ def part_uri(out: str, run: str, part: str) -> str:
     return storage.join(out, MANIFEST_DIR, f"{run}-{part}.jsonl")
 
 
-def make_row(job: dict, sample: dict, *, status: str, error: str | None = None,
-             video: str | None = None, poster: str | None = None,
-             seconds: float | None = None) -> dict:
-    """A manifest row: the sample's fields, the job's settings (`job` holds sampler, shift, fps,
-    crf, model, package_hash, run, source) and the outcome."""
-    row = dict.fromkeys(ROW_FIELDS)
-    row |= {k: v for k, v in sample.items() if k in row}
-    row |= {k: v for k, v in job.items() if k in row}
-    row |= {"status": status, "error": error, "video": video, "poster": poster,
-            "seconds": None if seconds is None else round(seconds, 3)}
-    return row
+def make_row(job: RenderJob, sample: Sample, *, status: Literal["ok", "error"],
+             error: str | None = None, video: str | None = None, poster: str | None = None,
+             seconds: float | None = None) -> ManifestRow:
+    """The manifest row of one video: its sample, the job's settings and the outcome."""
+    return ManifestRow(**sample.model_dump(), **job.model_dump(), status=status, error=error,
+                       video=video, poster=poster,
+                       seconds=None if seconds is None else round(seconds, 3))
 
 
-def prompt_error_row(job: dict, err: RowError) -> dict:
-    return make_row(job, {"id": err.id, "prompt_id": err.id, "line": err.line,
-                          "prompt": err.prompt}, status="error", error=err.error)
+def prompt_error_row(job: RenderJob, err: RowError) -> ManifestRow:
+    """The row of a prompt line that is not a valid row (no video, no sample settings)."""
+    return ManifestRow(id=err.id, prompt_id=err.id, line=err.line, prompt=err.prompt,
+                       **job.model_dump(), status="error", error=err.error)
 
 
-def to_jsonl(rows: Iterable[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n" for r in rows)
+def to_jsonl(rows: Iterable[ManifestRow | dict]) -> str:
+    return "".join(json.dumps(r.model_dump() if isinstance(r, ManifestRow) else r,
+                              ensure_ascii=False, sort_keys=False) + "\n" for r in rows)
 
 
-def write_part(out: str, run: str, part: str, rows: list[dict]) -> str:
+def write_part(out: str, run: str, part: str, rows: list[ManifestRow]) -> str:
     uri = part_uri(out, run, part)
     storage.write_text(uri, to_jsonl(rows))
     return uri

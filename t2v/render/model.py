@@ -9,13 +9,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from t2v.data.video import to_uint8
 from t2v.diffusion.sampling import denoise, get_noise
 from t2v.models.dit import VideoDiT
 from t2v.models.package import PackageError, load_package
 from t2v.models.text import TextEncoder
 from t2v.models.vae import CausalVideoVAE
 from t2v.models.wan_vae import WanVAE
-from t2v.train.validation import to_uint8
+from t2v.render.rows import Sample
 
 
 @dataclass
@@ -70,15 +71,15 @@ class RenderModel:
                           for zi in z])
 
 
-def _check_batch(samples: list[dict]) -> tuple[int, int, int, int]:
-    keys = {(s["frames"], s["height"], s["width"], s["steps"]) for s in samples}
+def _check_batch(samples: list[Sample]) -> tuple[int, int, int, int]:
+    keys = {(s.frames, s.height, s.width, s.steps) for s in samples}
     if len(keys) != 1:
         raise ValueError(f"a batch needs one (frames, height, width, steps), got {sorted(keys)}")
     return keys.pop()
 
 
 @torch.no_grad()
-def render_batch(model: RenderModel, samples: list[dict], sampler: str = "euler",
+def render_batch(model: RenderModel, samples: list[Sample], sampler: str = "euler",
                  shift: float | None = 1.0) -> tuple[torch.Tensor, list[np.ndarray]]:
     """Samples of one shape and step count -> (latents (B, C, T', H', W'), videos (T, H, W, 3)).
 
@@ -90,16 +91,16 @@ def render_batch(model: RenderModel, samples: list[dict], sampler: str = "euler"
     one uint8 level; see tests/test_render.py).
     """
     frames, height, width, steps = _check_batch(samples)
-    unique = list(dict.fromkeys([s["prompt"] for s in samples]
-                                + [s["negative_prompt"] for s in samples]))
+    unique = list(dict.fromkeys([s.prompt for s in samples]
+                                + [s.negative_prompt for s in samples]))
     emb, emb_mask = model.encode_text(unique)  # (U, L, D), (U, L): each distinct string once
-    pos = [unique.index(s["prompt"]) for s in samples]
-    neg = [unique.index(s["negative_prompt"]) for s in samples]
+    pos = [unique.index(s.prompt) for s in samples]
+    neg = [unique.index(s.negative_prompt) for s in samples]
     text, mask = emb[pos], emb_mask[pos]  # (B, L, D), (B, L)
     neg_text, neg_mask = emb[neg], emb_mask[neg]  # (B, L, D), (B, L)
     shape = model.vae.latent_shape(frames, height, width)  # (C, T', H', W')
-    noise = get_noise(shape, [s["seed"] for s in samples], device=model.device)  # (B, C, T', ..)
-    cfg = torch.tensor([float(s["cfg"]) for s in samples])  # (B,)
+    noise = get_noise(shape, [s.seed for s in samples], device=model.device)  # (B, C, T', ..)
+    cfg = torch.tensor([s.cfg for s in samples])  # (B,)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
     with autocast:
         z = denoise(model.dit, noise, text, mask, neg_text, neg_mask, steps=steps, cfg=cfg,
@@ -107,5 +108,3 @@ def render_batch(model: RenderModel, samples: list[dict], sampler: str = "euler"
     pixels = model.decode(z.float())  # (B, 3, T, H, W), unclamped
     return z, [to_uint8(v) for v in pixels]
 
-
-# ----------------------------------------------------------------------------- the actor

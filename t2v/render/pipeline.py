@@ -14,12 +14,12 @@ its node and retries its batch; the rewrite is idempotent.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +31,20 @@ from t2v.config import RenderConfig
 from t2v.data.video import encode_mp4, to_png
 from t2v.diffusion.sampling import SAMPLERS
 from t2v.models.dit import VideoDiT
-from t2v.models.package import PackageError, PackageMeta, read_meta
-from t2v.models.text import TextEncoderConfig
+from t2v.models.package import PackageError, PackageMeta, RenderDefaults, package_hash, read_meta
+from t2v.models.text import load_tokenizer, token_counts
 from t2v.render import manifest as mf
-from t2v.render.model import RenderModel, render_batch  # noqa: F401 - re-exported
+from t2v.render.manifest import ManifestRow
+from t2v.render.model import RenderModel, render_batch
 from t2v.render.prompts import ParsedPrompts, PromptRules, parse_prompts, prompt_format
+from t2v.render.rows import SAMPLES, BatchKey, RenderJob, Sample
+from t2v.runtime import check_output_uri, ensure_ray
 
 log = logging.getLogger("t2v.render")
 
-DEFAULT_FRAMES, DEFAULT_SIZE = 9, 32
-"""Used when neither the config nor the package's run metadata gives a clip size."""
+FALLBACK_STEPS, FALLBACK_CFG, FALLBACK_SAMPLER = 30, 5.0, "euler"
+"""Sampling settings when neither the job nor the package's render defaults give them. There is
+no fallback geometry: a video's size comes from the row, the job or the package."""
 MEASURE_MAX_PARAMS = 60_000_000
 """Dry-run ETA: DiTs up to this size are timed on the driver's CPU; larger ones are estimated
 from FLOPs (a CPU driver cannot time a 1B model at 480p in reasonable time)."""
@@ -57,23 +61,24 @@ class InjectedFault(RuntimeError):
 
 
 class Renderer:
-    """Ray Data actor: a row {"index", "samples" (JSON)} -> written videos + a manifest part."""
+    """Ray Data actor: a row {"index", "samples" (`SAMPLES` JSON)} -> written videos, a manifest
+    part, and one output row {"id", "status"} per video."""
 
-    def __init__(self, cfg: RenderConfig, job: dict) -> None:
+    def __init__(self, cfg: RenderConfig, job: RenderJob) -> None:
         self.cfg, self.job = cfg, job
         self.model, digest = RenderModel.load(cfg.model, truncate=cfg.truncate,
                                               offload_text=cfg.offload_text,
                                               vae_chunk=cfg.vae_chunk)
-        if digest != job["package_hash"]:  # every row must say what made its video
+        if digest != job.package_hash:  # every row must say what made its video
             raise PackageError(f"{cfg.model}: the package changed while the job ran (hash "
-                               f"{digest[:12]}, planned {job['package_hash'][:12]})")
+                               f"{digest[:12]}, planned {job.package_hash[:12]})")
         self.written = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = []
-        for index, samples in zip(batch["index"], batch["samples"], strict=True):
-            out.append(json.dumps(self._batch(int(index), json.loads(samples))))
-        return {"rows": np.array(out, dtype=object)}
+        rows = [row for index, samples in zip(batch["index"], batch["samples"], strict=True)
+                for row in self._batch(int(index), SAMPLES.validate_json(samples))]
+        return {"id": np.array([r.id for r in rows], dtype=object),
+                "status": np.array([r.status for r in rows], dtype=object)}
 
     def _fault(self) -> None:
         limit = self.cfg.fail_after
@@ -81,7 +86,7 @@ class Renderer:
             raise InjectedFault(f"fail_after={limit}: injected failure after {self.written} "
                                 "videos written by this actor")
 
-    def _batch(self, index: int, samples: list[dict]) -> list[dict]:
+    def _batch(self, index: int, samples: list[Sample]) -> list[ManifestRow]:
         self._fault()
         t0 = time.time()
         try:
@@ -94,31 +99,31 @@ class Renderer:
         per_video = (time.time() - t0) / len(samples)
         rows = [self._write(s, video, err, per_video) for s, video, err in results]
         self._fault()  # after the videos, before their rows: the worst moment to die
-        mf.write_part(self.cfg.out, self.job["run"], f"b{index:06d}", rows)
+        mf.write_part(self.cfg.out, self.job.run, f"b{index:06d}", rows)
         return rows
 
-    def _sample(self, samples: list[dict]) -> list[np.ndarray]:
+    def _sample(self, samples: list[Sample]) -> list[np.ndarray]:
         z, videos = render_batch(self.model, samples, self.cfg.sampler, self.cfg.shift)
         bad = (~torch.isfinite(z).flatten(1).all(dim=1)).tolist()
         if any(bad):
             raise ValueError("non-finite latents")
         return videos
 
-    def _one(self, sample: dict) -> tuple[dict, np.ndarray | None, str | None]:
+    def _one(self, sample: Sample) -> tuple[Sample, np.ndarray | None, str | None]:
         try:
             return sample, self._sample([sample])[0], None
         except Exception as e:  # noqa: BLE001 - recorded in the row; the job goes on
             return sample, None, _line(e)
 
-    def _write(self, sample: dict, video: np.ndarray | None, error: str | None,
-               seconds: float) -> dict:
+    def _write(self, sample: Sample, video: np.ndarray | None, error: str | None,
+               seconds: float) -> ManifestRow:
         if error is None:
             t0 = time.time()
             try:
                 mp4 = encode_mp4(video, fps=self.cfg.fps, crf=self.cfg.crf)
                 png = to_png(video[video.shape[0] // 2])  # the middle frame
-                vuri = mf.video_uri(self.cfg.out, sample["id"])
-                puri = mf.poster_uri(self.cfg.out, sample["id"])
+                vuri = mf.video_uri(self.cfg.out, sample.id)
+                puri = mf.poster_uri(self.cfg.out, sample.id)
                 storage.write_bytes(vuri, mp4)  # atomic: all of it or nothing at the final path
                 storage.write_bytes(puri, png)
             except (ValueError, storage.StorageError) as e:
@@ -142,10 +147,10 @@ def _line(e: BaseException) -> str:
 class RenderPlan:
     cfg: RenderConfig
     meta: PackageMeta
-    job: dict
+    job: RenderJob
     """Settings every manifest row records (model, package_hash, sampler, run, ...)."""
     parsed: ParsedPrompts
-    todo: list[dict]
+    todo: list[Sample]
     """Samples to render in this run."""
     done: int
     """Samples skipped: their video and an ok row exist."""
@@ -153,17 +158,38 @@ class RenderPlan:
     """Of those, samples whose ok row was made with other settings (kept; --overwrite redoes)."""
 
 
-def prompt_rules(cfg: RenderConfig, meta: PackageMeta) -> PromptRules:
-    """Defaults and limits for prompt rows: the job's flags, else the package's, else 9x32x32."""
+def resolve_settings(cfg: RenderConfig, meta: PackageMeta) -> RenderConfig:
+    """The job's config with every default a video needs filled in: each flag, else the
+    package's render defaults (RenderDefaults), else FALLBACK_* for the sampling settings.
+
+    A package that records no geometry (written before t2v recorded it) needs the size flags.
+    """
     if meta.dit is None or meta.vae is None:
         raise PackageError(f"{cfg.model}: rendering needs a DiT and a VAE in the package "
                            f"(dit: {meta.dit is not None}, vae: {meta.vae is not None})")
-    run = meta.run
+    d = meta.render
+    if d is None:
+        missing = [f"--{n}" for n in ("frames", "height", "width") if getattr(cfg, n) is None]
+        if missing:
+            raise PackageError(f"{cfg.model}: the package records no render geometry (made "
+                               f"before t2v recorded it): give {', '.join(missing)} (the clip "
+                               "size it was trained at)")
+        d = RenderDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=8.0)
+    sampler = cfg.sampler or d.sampler or FALLBACK_SAMPLER
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} unknown; known: {', '.join(SAMPLERS)}")
+    return cfg.model_copy(update={
+        "frames": cfg.frames or d.frames, "height": cfg.height or d.height,
+        "width": cfg.width or d.width, "fps": cfg.fps or d.fps, "shift": cfg.shift or d.shift,
+        "steps": cfg.steps or d.steps or FALLBACK_STEPS, "sampler": sampler,
+        "cfg": next(v for v in (cfg.cfg, d.cfg, FALLBACK_CFG) if v is not None)})
+
+
+def prompt_rules(cfg: RenderConfig, meta: PackageMeta) -> PromptRules:
+    """Defaults and limits for prompt rows, from a `resolve_settings` config and the package."""
     rules = PromptRules(
         base_seed=cfg.seed, steps=cfg.steps, cfg=cfg.cfg, negative_prompt=cfg.negative_prompt,
-        frames=cfg.frames or int(run.get("frames") or DEFAULT_FRAMES),
-        height=cfg.height or int(run.get("height") or run.get("size") or DEFAULT_SIZE),
-        width=cfg.width or int(run.get("width") or run.get("size") or DEFAULT_SIZE),
+        frames=cfg.frames, height=cfg.height, width=cfg.width,
         temporal_down=meta.vae.temporal_down, temporal_patch=meta.dit.patch[0],
         spatial_multiple=meta.vae.spatial_down * math.lcm(*meta.dit.patch[1:]),
         max_tokens=None if cfg.truncate else meta.text.max_length,
@@ -173,24 +199,6 @@ def prompt_rules(cfg: RenderConfig, meta: PackageMeta) -> PromptRules:
         raise ValueError(f"render defaults: {probe.errors[0].error} (set --frames/--height/"
                          "--width to suit this model)")
     return rules
-
-
-def load_tokenizer(text: TextEncoderConfig):  # noqa: ANN201 - a transformers tokenizer
-    """The text encoder's tokenizer alone (the driver counts tokens; it needs no weights).
-
-    Same folder rules as TextEncoder: an explicit tokenizer, else beside the weights, else the
-    diffusers layout's sibling `tokenizer/`.
-    """
-    from transformers import AutoTokenizer
-
-    from t2v.models.text import resolve_model_dir
-
-    model_dir = resolve_model_dir(text.ref)
-    tok_dir = resolve_model_dir(text.tokenizer, "tokenizer") if text.tokenizer else model_dir
-    if text.tokenizer is None and (model_dir.parent / "tokenizer").is_dir() and not (
-            (model_dir / "tokenizer.json").exists() or (model_dir / "spiece.model").exists()):
-        tok_dir = model_dir.parent / "tokenizer"
-    return AutoTokenizer.from_pretrained(Path(tok_dir), local_files_only=True)
 
 
 def preflight(out: str) -> None:
@@ -208,16 +216,11 @@ SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "frames", "heig
 def plan_render(cfg: RenderConfig) -> RenderPlan:
     """Every whole-job check, the parsed prompt file and what is left to do; writes nothing but
     the preflight object (and that not in a dry run)."""
-    from t2v.data.encode import package_hash
-
     for name in ("model", "prompts", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"render needs {name}=URI (--{name})")
-    if cfg.sampler not in SAMPLERS:
-        raise ValueError(f"sampler={cfg.sampler!r} unknown; known: {', '.join(SAMPLERS)}")
     meta = read_meta(cfg.model)
-    if cfg.shift is None:  # the package's own (an imported Wan model: its scheduler's), else 1
-        cfg = cfg.model_copy(update={"shift": float(meta.run.get("shift") or 1.0)})
+    cfg = resolve_settings(cfg, meta)
     rules = prompt_rules(cfg, meta)
     fmt = prompt_format(cfg.prompts)
     data = storage.read_bytes(cfg.prompts)
@@ -226,37 +229,32 @@ def plan_render(cfg: RenderConfig) -> RenderPlan:
     counter = None
     if not cfg.truncate:
         tokenizer = load_tokenizer(meta.text)
-        counter = lambda texts: [len(i) for i in tokenizer(texts)["input_ids"]]  # noqa: E731
+        counter = partial(token_counts, tokenizer, meta.text)
     parsed = parse_prompts(data, fmt, rules, source=cfg.prompts, count_tokens=counter)
-    job = {"model": cfg.model, "package_hash": package_hash(cfg.model), "sampler": cfg.sampler,
-           "shift": cfg.shift, "fps": cfg.fps, "crf": cfg.crf, "run": mf.new_run_id(),
-           "source": cfg.prompts}
+    job = RenderJob(model=cfg.model, package_hash=package_hash(cfg.model), sampler=cfg.sampler,
+                    shift=cfg.shift, fps=cfg.fps, crf=cfg.crf, run=mf.new_run_id(),
+                    source=cfg.prompts)
     samples = [s for row in parsed.rows for s in row.samples(cfg.num_per_prompt)]
     ok, _ = mf.latest_rows(mf.read_manifest(cfg.out))  # raises on a missing bucket
     videos = set(storage.list_prefix(storage.join(cfg.out, mf.VIDEOS_DIR), suffix=".mp4"))
     todo, done, changed = [], 0, 0
     for s in samples:
-        row = ok.get(s["id"])
-        if cfg.overwrite or row is None or mf.video_uri(cfg.out, s["id"]) not in videos:
+        row = ok.get(s.id)
+        if cfg.overwrite or row is None or mf.video_uri(cfg.out, s.id) not in videos:
             todo.append(s)
             continue
         done += 1
-        changed += any(row.get(k) != {**s, **job}.get(k) for k in SETTINGS)
+        expected = s.model_dump() | job.model_dump()
+        changed += any(row.get(k) != expected.get(k) for k in SETTINGS)
     return RenderPlan(cfg, meta, job, parsed, todo, done, changed)
 
 
-def batch_key(sample: dict) -> tuple:
-    """Samples that may share a sampler call: same shape and steps, and all guided (cfg != 1)
-    or none (an unguided batch runs the conditional half only)."""
-    return (sample["frames"], sample["height"], sample["width"], sample["steps"],
-            float(sample["cfg"]) != 1.0)
-
-
-def make_batches(samples: list[dict], batch_size: int) -> list[list[dict]]:
-    """Group by `batch_key` (in first-appearance order, rows in line order), then chunk."""
-    groups: dict[tuple, list[dict]] = {}
+def make_batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
+    """Group by `Sample.batch_key` (in first-appearance order, rows in line order), then
+    chunk."""
+    groups: dict[BatchKey, list[Sample]] = {}
     for s in samples:
-        groups.setdefault(batch_key(s), []).append(s)
+        groups.setdefault(s.batch_key, []).append(s)
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
@@ -272,13 +270,13 @@ def estimate_seconds(plan: RenderPlan) -> tuple[float, str]:
     total = 0.0
     for batch in make_batches(plan.todo, cfg.batch_size):
         s = batch[0]
-        x_shape = (len(batch) * (2 if batch_key(s)[4] else 1), meta.dit.in_channels,
-                   1 + (s["frames"] - 1) // meta.vae.temporal_down,
-                   s["height"] // meta.vae.spatial_down, s["width"] // meta.vae.spatial_down)
+        x_shape = (len(batch) * (2 if s.batch_key.guided else 1), meta.dit.in_channels,
+                   1 + (s.frames - 1) // meta.vae.temporal_down,
+                   s.height // meta.vae.spatial_down, s.width // meta.vae.spatial_down)
         if x_shape not in step:
             step[x_shape] = (_time_step(dit, x_shape, text_len) if dit is not None
                              else shapes_only.flops(x_shape, text_len) / rate)
-        total += step[x_shape] * s["steps"] * (2 if cfg.sampler == "heun" else 1)
+        total += step[x_shape] * s.steps * (2 if cfg.sampler == "heun" else 1)
     how = (f"one DiT step per shape timed on this CPU ({len(step)} shapes)" if measure
            else f"DiT FLOPs at an assumed {rate / 1e12:.2f} TFLOP/s") + "; VAE decode not counted"
     return total / cfg.concurrency[1], how
@@ -316,58 +314,45 @@ def dry_run(plan: RenderPlan) -> dict:
     return report
 
 
-def run_render(cfg: RenderConfig, remote_args: dict | None = None) -> dict:
-    """Render `cfg.prompts` into `cfg.out` on the connected Ray cluster; returns the summary
-    (the dry-run report with `dry_run`).
-
-    `remote_args` go to the actor pool (e.g. `{"resources": {...}}` to pin renderers).
-    """
-    t0 = time.time()
-    plan = plan_render(cfg)
-    return dry_run(plan) if cfg.dry_run else render_plan(plan, remote_args, t0)
-
-
-def render_plan(plan: RenderPlan, remote_args: dict | None = None,
-                t0: float | None = None) -> dict:
+def render_plan(plan: RenderPlan, t0: float | None = None) -> dict:
     """Write the prompt file's error rows, render what is left, then summary and index."""
     cfg, job, counts = plan.cfg, plan.job, _counts(plan)
     t0 = time.time() if t0 is None else t0
     errors = [mf.prompt_error_row(job, e) for e in plan.parsed.errors]
     if errors:
-        mf.write_part(cfg.out, job["run"], "prompts", errors)
+        mf.write_part(cfg.out, job.run, "prompts", errors)
     print(f"[render] {counts['valid_rows']} prompts ({counts['error_rows']} bad lines) -> "
           f"{counts['videos']} videos; {plan.done} already done"
           + (f" ({plan.changed} with other settings: kept, --overwrite redoes them)"
-             if plan.changed else "") + f"; run {job['run']}", flush=True)
-    rendered = _execute(plan, remote_args or {}) if plan.todo else Counter()
+             if plan.changed else "") + f"; run {job.run}", flush=True)
+    rendered = _execute(plan) if plan.todo else Counter()
     summary = mf.summarize(rendered=rendered["ok"], skipped=plan.done,
                            failed=len(errors) + rendered["error"], wall_s=time.time() - t0,
-                           out=cfg.out, run=job["run"], model=cfg.model,
-                           package_hash=job["package_hash"], **counts)
+                           out=cfg.out, run=job.run, model=cfg.model,
+                           package_hash=job.package_hash, **counts)
     mf.write_outputs(cfg.out, summary, title=f"t2v render: {Path(cfg.prompts).name}")
     print(mf.summary_line(summary), flush=True)
     return summary
 
 
-def _execute(plan: RenderPlan, remote_args: dict) -> Counter:
+def _execute(plan: RenderPlan) -> Counter:
     cfg, t0 = plan.cfg, time.time()
     batches = make_batches(plan.todo, cfg.batch_size)
-    items = [{"index": i, "samples": json.dumps(b)} for i, b in enumerate(batches)]
-    shapes = Counter(f"{k[0]}x{k[1]}x{k[2]} steps {k[3]}" for k in map(batch_key, plan.todo))
+    items = [{"index": i, "samples": SAMPLES.dump_json(b)} for i, b in enumerate(batches)]
+    shapes = Counter(f"{s.frames}x{s.height}x{s.width} steps {s.steps}" for s in plan.todo)
     log.info("render: %d videos in %d batches (%s) on %d-%d actors", len(plan.todo),
              len(batches), dict(shapes), *cfg.concurrency)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     lo, hi = cfg.concurrency
     # Ray Data's actor defaults (max_restarts=-1, max_task_retries=-1) bring a renderer back on
-    # another node and resend its batch; `remote_args` may override them.
+    # another node and resend its batch.
     ds = ds.map_batches(Renderer, batch_size=1, fn_constructor_kwargs={"cfg": cfg, "job": plan.job},
                         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-                        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
-                        **remote_args)
+                        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None)
     counts: Counter = Counter()
     total = len(plan.todo)
     for row in ds.iter_rows():
-        counts.update(r["status"] for r in json.loads(row["rows"]))
+        counts[row["status"]] += 1
         done, elapsed = counts.total(), time.time() - t0
         rate = done / max(elapsed, 1e-9)  # actor start-up included: a pessimistic ETA early on
         print(f"[render] {done}/{total} videos ({counts['error']} failed) | {rate:.2f} videos/s "
@@ -380,8 +365,6 @@ def run_render_command(cfg: RenderConfig) -> dict:
 
     A dry run starts no Ray: validating and estimating need no cluster.
     """
-    from t2v.runtime import check_output_uri, ensure_ray
-
     t0 = time.time()
     check_output_uri(cfg.out)
     plan = plan_render(cfg)

@@ -16,10 +16,15 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-FIELDS = ("prompt", "id", "negative_prompt", "seed", "steps", "cfg", "frames", "height", "width",
-          "meta")
+from pydantic import ValidationError
+
+from t2v.render.rows import PromptRow, RowFields
+
+FIELDS = tuple(RowFields.model_fields)
+"""prompt, id, negative_prompt, seed, steps, cfg, frames, height, width, meta."""
 FORMATS = (".txt", ".jsonl", ".csv")
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_SEED = 2**63 - 1
@@ -61,34 +66,6 @@ class PromptRules:
     max_cfg: float = 50.0
     max_frames: int = 1025
     max_side: int = 4096
-
-
-@dataclass
-class PromptRow:
-    """A valid row, defaults filled in."""
-
-    line: int
-    id: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    cfg: float
-    frames: int
-    height: int
-    width: int
-    meta: dict = field(default_factory=dict)
-
-    def samples(self, num_per_prompt: int) -> list[dict]:
-        """The videos this row asks for: one, or `num_per_prompt` with ids `{id}-{k}`."""
-        base = {"prompt_id": self.id, "line": self.line, "prompt": self.prompt,
-                "negative_prompt": self.negative_prompt, "steps": self.steps, "cfg": self.cfg,
-                "frames": self.frames, "height": self.height, "width": self.width,
-                "meta": self.meta}
-        if num_per_prompt == 1:
-            return [base | {"id": self.id, "sample": 0, "seed": self.seed}]
-        return [base | {"id": f"{self.id}-{k}", "sample": k, "seed": self.seed + k}
-                for k in range(num_per_prompt)]
 
 
 @dataclass
@@ -161,22 +138,30 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _check_json_types(row: dict) -> dict:
-    """JSON values -> typed fields; null means "not given" for every field but prompt."""
-    out = {}
-    for key, value in row.items():
-        if value is None and key != "prompt":
-            continue
-        if key in STR_FIELDS and not isinstance(value, str):
-            raise RowInvalid(f"{key}: expected a string, got {_type_name(value)}")
-        if key in INT_FIELDS and (isinstance(value, bool) or not isinstance(value, int)):
-            raise RowInvalid(f"{key}: expected an integer, got {value!r}")
-        if key == "cfg" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise RowInvalid(f"cfg: expected a number, got {value!r}")
-        if key == "meta" and not isinstance(value, dict):
-            raise RowInvalid(f"meta: expected a JSON object, got {_type_name(value)}")
-        out[key] = float(value) if key == "cfg" else value
-    return out
+def _typed(row: dict) -> RowFields:
+    """Typed fields of a line (null means "not given" for every field but prompt), or
+    RowInvalid naming the first problem in the line's own key order: a wrong type, then unknown
+    fields, then a missing prompt."""
+    given = {k: v for k, v in row.items() if v is not None or k == "prompt"}
+    try:
+        return RowFields.model_validate(given)
+    except ValidationError as e:
+        errors = e.errors()
+    order = {k: i for i, k in enumerate(given)}
+    typed = sorted((str(x["loc"][0]) for x in errors if x["type"] not in
+                    ("extra_forbidden", "missing")), key=lambda k: order.get(k, len(order)))
+    if typed:
+        key = typed[0]
+        value = given.get(key)
+        what = ("an integer" if key in INT_FIELDS else "a number" if key == "cfg" else
+                "a JSON object" if key == "meta" else "a string")
+        shown = repr(value) if key in (*INT_FIELDS, "cfg") else _type_name(value)
+        raise RowInvalid(f"{key}: expected {what}, got {shown}")
+    unknown = sorted(str(x["loc"][0]) for x in errors if x["type"] == "extra_forbidden")
+    if unknown:
+        raise RowInvalid(f"unknown field{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))} (known: {', '.join(FIELDS)})")
+    raise RowInvalid("missing prompt")
 
 
 def _check_csv_types(row: dict[str, str]) -> dict:
@@ -215,33 +200,25 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
         raise RowInvalid(f"{name}={value} out of range [{lo}, {hi}]")
 
 
-def _check_row(fields: dict, rules: PromptRules) -> tuple[dict, str]:
-    """Typed fields -> (checked fields, id); RowInvalid names the first problem."""
-    unknown = sorted(set(fields) - set(FIELDS))
-    if unknown:
-        raise RowInvalid(f"unknown field{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(map(repr, unknown))} (known: {', '.join(FIELDS)})")
-    prompt = fields.get("prompt")
-    if prompt is None:
-        raise RowInvalid("missing prompt")
-    if not prompt.strip():
+def _check_row(f: RowFields, rules: PromptRules) -> str:
+    """A typed row against the job's rules -> its id; RowInvalid names the first problem."""
+    if not f.prompt.strip():
         raise RowInvalid("empty prompt")
     for key in STR_FIELDS:
-        if "\x00" in fields.get(key, ""):
+        if "\x00" in (getattr(f, key) or ""):
             raise RowInvalid(f"{key} contains a NUL character")
-    if "id" in fields:
-        row_id = fields["id"]
-        if not ID_PATTERN.fullmatch(row_id):
-            raise RowInvalid(f"id {row_id[:140]!r} must match {ID_PATTERN.pattern}")
-        if row_id.startswith("."):  # hidden files; and list_prefix hides `.t2v-tmp-*` outputs
-            raise RowInvalid(f"id {row_id!r} must not start with '.'")
-    if "seed" in fields:
-        _check_range("seed", fields["seed"], 0, MAX_SEED - rules.num_per_prompt)
-    if "steps" in fields:
-        _check_range("steps", fields["steps"], 1, rules.max_steps)
-    if "cfg" in fields:
-        _check_range("cfg", fields["cfg"], 0, rules.max_cfg)
-    frames = fields.get("frames", rules.frames)
+    if f.id is not None:
+        if not ID_PATTERN.fullmatch(f.id):
+            raise RowInvalid(f"id {f.id[:140]!r} must match {ID_PATTERN.pattern}")
+        if f.id.startswith("."):  # hidden files; and list_prefix hides `.t2v-tmp-*` outputs
+            raise RowInvalid(f"id {f.id!r} must not start with '.'")
+    if f.seed is not None:
+        _check_range("seed", f.seed, 0, MAX_SEED - rules.num_per_prompt)
+    if f.steps is not None:
+        _check_range("steps", f.steps, 1, rules.max_steps)
+    if f.cfg is not None:
+        _check_range("cfg", f.cfg, 0, rules.max_cfg)
+    frames = rules.frames if f.frames is None else f.frames
     _check_range("frames", frames, 1, rules.max_frames)
     latent_frames = 1 + (frames - 1) // rules.temporal_down
     if (frames - 1) % rules.temporal_down or latent_frames % rules.temporal_patch:
@@ -249,45 +226,46 @@ def _check_row(fields: dict, rules: PromptRules) -> tuple[dict, str]:
                          + (f" with 1 + k divisible by {rules.temporal_patch}"
                             if rules.temporal_patch > 1 else ""))
     for side in ("height", "width"):
-        value = fields.get(side, getattr(rules, side))
+        value = getattr(f, side)
+        value = getattr(rules, side) if value is None else value
         _check_range(side, value, rules.spatial_multiple, rules.max_side)
         if value % rules.spatial_multiple:
             raise RowInvalid(f"{side}={value} must be a multiple of {rules.spatial_multiple} "
                              "(VAE spatial_down x DiT patch)")
-    return fields, fields["id"] if "id" in fields else derive_id(fields)
+    return f.id if f.id is not None else derive_id(f.given())
 
 
-def _make_row(line: int, fields: dict, row_id: str, rules: PromptRules) -> PromptRow:
+def _make_row(line: int, f: RowFields, row_id: str, rules: PromptRules) -> PromptRow:
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
     return PromptRow(
-        line=line, id=row_id, prompt=fields["prompt"],
-        negative_prompt=fields.get("negative_prompt", rules.negative_prompt),
-        seed=fields["seed"] if "seed" in fields else derive_seed(rules.base_seed, row_id),
-        steps=fields.get("steps", rules.steps), cfg=float(fields.get("cfg", rules.cfg)),
-        frames=fields.get("frames", rules.frames), height=fields.get("height", rules.height),
-        width=fields.get("width", rules.width), meta=fields.get("meta", {}))
+        line=line, id=row_id, prompt=f.prompt,
+        negative_prompt=pick(f.negative_prompt, rules.negative_prompt),
+        seed=f.seed if f.seed is not None else derive_seed(rules.base_seed, row_id),
+        steps=pick(f.steps, rules.steps), cfg=float(pick(f.cfg, rules.cfg)),
+        frames=pick(f.frames, rules.frames), height=pick(f.height, rules.height),
+        width=pick(f.width, rules.width), meta=pick(f.meta, {}))
 
 
-def _given_id(fields: object) -> str | None:
-    if isinstance(fields, dict) and isinstance(fields.get("id"), str):
-        row_id = fields["id"]
-        if ID_PATTERN.fullmatch(row_id) and not row_id.startswith("."):
-            return row_id
+def _given_id(fields: RowFields | None) -> str | None:
+    if fields is not None and fields.id is not None:
+        if ID_PATTERN.fullmatch(fields.id) and not fields.id.startswith("."):
+            return fields.id
     return None
 
 
-def _given_prompt(fields: object) -> str | None:
-    if isinstance(fields, dict) and isinstance(fields.get("prompt"), str):
-        return fields["prompt"].replace("\x00", "")
-    return None
+def _given_prompt(fields: RowFields | None) -> str | None:
+    return fields.prompt.replace("\x00", "") if fields is not None else None
 
 
 # ----------------------------------------------------------------------------- files
 
 
 def _raw_rows(data: bytes, fmt: str,
-              source: str) -> tuple[list[tuple[int, dict | None, str | None]], int]:
+              source: str) -> tuple[list[tuple[int, RowFields | None, str | None]], int]:
     """((line, typed fields or None, error or None) per non-blank, non-comment line, lines)."""
-    out: list[tuple[int, dict | None, str | None]] = []
+    out: list[tuple[int, RowFields | None, str | None]] = []
     header: list[str] | None = None
     lines = _lines(data)
     for n, text, err in lines:
@@ -297,7 +275,7 @@ def _raw_rows(data: bytes, fmt: str,
         if not text.strip() or (fmt == ".txt" and text.strip().startswith("#")):
             continue
         if fmt == ".txt":
-            out.append((n, {"prompt": text.strip()}, None))
+            out.append((n, RowFields(prompt=text.strip()), None))
             continue
         try:
             if fmt == ".jsonl":
@@ -307,7 +285,7 @@ def _raw_rows(data: bytes, fmt: str,
                     raise RowInvalid(f"invalid JSON: {e.msg} at column {e.colno}") from None
                 if not isinstance(value, dict):
                     raise RowInvalid(f"expected a JSON object, got {_type_name(value)}")
-                out.append((n, _check_json_types(value), None))
+                out.append((n, _typed(value), None))
                 continue
             try:
                 cells = next(csv.reader([text], strict=True))
@@ -318,7 +296,8 @@ def _raw_rows(data: bytes, fmt: str,
                 continue
             if len(cells) != len(header):
                 raise RowInvalid(f"{len(cells)} cells, the header has {len(header)}")
-            out.append((n, _check_csv_types(dict(zip(header, cells, strict=True))), None))
+            out.append((n, _typed(_check_csv_types(dict(zip(header, cells, strict=True)))),
+                        None))
         except RowInvalid as e:
             out.append((n, None, str(e)))
     return out, len(lines)
@@ -346,13 +325,13 @@ def parse_prompts(data: bytes, fmt: str, rules: PromptRules, source: str = "<pro
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}; known: {', '.join(FORMATS)}")
-    checked: list[tuple[int, dict, str]] = []
+    checked: list[tuple[int, RowFields, str]] = []
     errors: list[RowError] = []
     raw, lines = _raw_rows(data, fmt, source)
     for n, fields, err in raw:
         if err is None:
             try:
-                checked.append((n, *_check_row(fields, rules)))
+                checked.append((n, fields, _check_row(fields, rules)))
                 continue
             except RowInvalid as e:
                 err = str(e)
@@ -361,7 +340,7 @@ def parse_prompts(data: bytes, fmt: str, rules: PromptRules, source: str = "<pro
     rows, first_line = [], {}
     for n, fields, row_id in checked:
         row = _make_row(n, fields, row_id, rules)
-        names = [row_id] + [s["id"] for s in row.samples(rules.num_per_prompt)]
+        names = [row_id] + [s.id for s in row.samples(rules.num_per_prompt)]
         taken = next((name for name in names if name in first_line), None)
         if n in too_long:
             errors.append(RowError(n, too_long[n], row_id, row.prompt))
@@ -375,13 +354,14 @@ def parse_prompts(data: bytes, fmt: str, rules: PromptRules, source: str = "<pro
     return ParsedPrompts(source=source, rows=rows, errors=errors, lines=lines)
 
 
-def _too_long(checked: list[tuple[int, dict, str]], rules: PromptRules,
+def _too_long(checked: list[tuple[int, RowFields, str]], rules: PromptRules,
               count_tokens: TokenCounter | None) -> dict[int, str]:
     """Line -> reason, for rows whose prompt or negative prompt the encoder would have to cut."""
     if rules.max_tokens is None or count_tokens is None or not checked:
         return {}
-    texts = [(n, key, f.get(key, rules.negative_prompt if key == "negative_prompt" else ""))
-             for n, f, _ in checked for key in ("prompt", "negative_prompt")]
+    texts = [(n, key, text) for n, f, _ in checked for key, text in (
+        ("prompt", f.prompt), ("negative_prompt", f.negative_prompt
+                               if f.negative_prompt is not None else rules.negative_prompt))]
     counts = count_tokens([t for _, _, t in texts])
     out: dict[int, str] = {}
     for (n, key, _), count in zip(texts, counts, strict=True):

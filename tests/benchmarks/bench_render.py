@@ -5,7 +5,7 @@ denoising step of VideoDiT vs diffusers' WanTransformer3DModel with the same wei
 
 The bare loop is what a user would write without Ray: load the package once, then for each
 batch `render_batch` + mp4/PNG encoding + atomic writes, in this process. The pipeline runs
-`run_render` on a local Ray instance of 2 CPUs, with one and with two 1-CPU actors. Everything
+`run_render_command` on a local Ray instance of 2 CPUs, with one and with two 1-CPU actors. Everything
 runs one torch thread per process (Ray sets OMP_NUM_THREADS to an actor's CPUs): on a shared,
 oversubscribed 2-core machine a 2-thread torch process spends its time in OpenMP barriers (a
 `small` DiT forward measured 0.16 s on 1 thread and 0.2-3.4 s on 2 in the same minute), which
@@ -37,18 +37,13 @@ from t2v import storage  # noqa: E402
 from t2v.config import RenderConfig  # noqa: E402
 from t2v.data.video import encode_mp4, to_png  # noqa: E402
 from t2v.models.dit import VideoDiT, dit_config  # noqa: E402
-from t2v.models.package import save_package  # noqa: E402
+from t2v.models.package import RenderDefaults, save_package  # noqa: E402
 from t2v.models.text import TextEncoderConfig  # noqa: E402
 from t2v.models.vae import CausalVideoVAE, vae_config  # noqa: E402
 from t2v.models.wan import convert_wan_state_dict, wan_config_to_dit  # noqa: E402
 from t2v.render import manifest as mf  # noqa: E402
-from t2v.render.pipeline import (  # noqa: E402
-    RenderModel,
-    make_batches,
-    plan_render,
-    render_batch,
-    run_render,
-)
+from t2v.render.model import RenderModel, render_batch  # noqa: E402
+from t2v.render.pipeline import make_batches, plan_render, run_render_command  # noqa: E402
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -63,7 +58,8 @@ def build_package(root: str, preset: str) -> str:
             p.normal_(0.0, 0.02)
     uri = storage.join(root, "pkg")
     save_package(uri, vae=CausalVideoVAE(vae_config("demo")), dit=dit,
-                 text=TextEncoderConfig(max_length=16))
+                 text=TextEncoderConfig(max_length=16),
+                 render=RenderDefaults(frames=9, height=32, width=32, fps=8.0))
     return uri
 
 
@@ -88,15 +84,16 @@ def bare_loop(cfg: RenderConfig) -> dict:
     """The same videos, batches and writes as the pipeline, in one process without Ray."""
     t0 = time.time()
     plan = plan_render(cfg)
+    cfg = plan.cfg  # every default resolved (sampler, shift, fps from the package)
     model, _ = RenderModel.load(cfg.model)
     batches = []
     for batch in make_batches(plan.todo, cfg.batch_size):
         start = time.time()
         _, videos = render_batch(model, batch, cfg.sampler, cfg.shift)
         for sample, video in zip(batch, videos, strict=True):
-            storage.write_bytes(mf.video_uri(cfg.out, sample["id"]),
+            storage.write_bytes(mf.video_uri(cfg.out, sample.id),
                                 encode_mp4(video, fps=cfg.fps, crf=cfg.crf))
-            storage.write_bytes(mf.poster_uri(cfg.out, sample["id"]),
+            storage.write_bytes(mf.poster_uri(cfg.out, sample.id),
                                 to_png(video[video.shape[0] // 2]))
         batches.append((start, time.time(), len(batch)))
     wall = time.time() - t0
@@ -106,7 +103,7 @@ def bare_loop(cfg: RenderConfig) -> dict:
 
 
 def pipeline(cfg: RenderConfig) -> dict:
-    summary = run_render(cfg)
+    summary = run_render_command(cfg)
     batches = []
     for uri in storage.list_prefix(storage.join(cfg.out, mf.MANIFEST_DIR), suffix=".jsonl"):
         rows = mf.parse_part(storage.read_text(uri))

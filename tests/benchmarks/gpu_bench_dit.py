@@ -105,10 +105,11 @@ def main() -> None:
         device, dtype = torch.device("cuda"), torch.bfloat16
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    cfg = dit.dit_config(args.preset, checkpointing=not args.no_checkpointing)
+    cfg = dit.dit_config(args.preset)
     with torch.device("meta"):
         model = dit.VideoDiT(cfg)
     model = model.to_empty(device=device)
+    model.checkpointing = not args.no_checkpointing
     model.init_weights()
     model = model.to(dtype).train()
     pt, ph, pw = cfg.patch
@@ -162,7 +163,7 @@ def main() -> None:
     result = {
         "device": name, "torch": torch.__version__, "preset": args.preset,
         "params": model.num_params(), "latent": list(thw), "batch": args.batch,
-        "tokens": tokens, "text_len": args.text_len, "checkpointing": cfg.checkpointing,
+        "tokens": tokens, "text_len": args.text_len, "checkpointing": model.checkpointing,
         "compile": args.compile, "dtype": str(dtype), "step_s": step_s,
         "model_tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
         "peak_tflops": peak, "mfu": achieved / peak if peak else None,
