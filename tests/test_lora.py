@@ -111,7 +111,7 @@ def test_lora_finetune_of_imported_wan_changes_only_adapters(ray_local, train_ra
     """Encode with the imported VAE + umT5, LoRA-train 3 steps on 2 workers, export unmerged."""
     from t2v.config import EncodeConfig, TrainConfig
     from t2v.data.encode import run_encode
-    from t2v.models.package import load_package, read_meta
+    from t2v.models.package import RenderDefaults, load_package, read_meta
     from t2v.train.trainer import run_train
 
     latents = str(tmp_path / "latents")
@@ -129,7 +129,10 @@ def test_lora_finetune_of_imported_wan_changes_only_adapters(ray_local, train_ra
     meta = read_meta(str(pkg))
     assert meta.lora == {"rank": RANK, "alpha": ALPHA, "target_modules": ["qkv", "q", "kv", "out"]}
     assert meta.vae_ref == read_meta(wan_package).vae_ref and meta.dit.text_mask is False
-    assert meta.run["shift"] == 3.0  # render defaults of the imported package carry over
+    # Render defaults: the geometry of the clips it was tuned on (train_raw: 9x32x32 at 8 fps),
+    # the shift and sampling settings of the imported package it started from.
+    assert meta.render == RenderDefaults(frames=9, height=32, width=32, fps=8.0, shift=3.0,
+                                         steps=50, cfg=5.0)
 
     base = load_file(Path(wan_package) / "dit.safetensors")
     tuned = load_file(pkg / "dit.safetensors")

@@ -13,6 +13,7 @@ import torch
 
 from t2v import storage
 from t2v.config import TrainConfig
+from t2v.models.package import read_meta
 from t2v.train.trainer import run_train
 
 STEPS = 4
@@ -57,6 +58,9 @@ def test_reference_run_layout(reference):
     pkg = storage.join(run, "package")
     meta = json.loads(storage.read_text(storage.join(pkg, "model.json")))
     assert meta["run"]["step"] == STEPS and meta["dit"]["in_channels"] == 4
+    # Render defaults: the geometry of the latents it trained on, the data's fps, its shift.
+    assert meta["render"] == {"frames": 9, "height": 32, "width": 32, "fps": 8.0, "shift": 1.0,
+                              "steps": None, "cfg": None, "sampler": None}
     # keep_checkpoints=2 of the checkpoints at steps 2 and 4
     ckpts = {n.split("/checkpoint_")[1].split("/")[0] for n in names
              if "/checkpoint_" in n and not n.endswith("manager_snapshot.json")}
@@ -160,9 +164,13 @@ def test_vae_stage_then_dit_encoding_on_the_fly(ray_local, train_raw, tmp_path):
         storage.join(out, "debug-vae", "metrics.jsonl")).splitlines()]
     assert any("psnr" in r.get("val", {}) for r in rows)
 
-    dit = config(out, "fly", train_raw, pkg, steps=2, val_samples=1,
-                 data={"shards": train_raw, "encode_on_the_fly": True, "text_max_length": 16})
+    dit = config(out, "fly", train_raw, pkg, steps=2, val_samples=1, shift=3.0,
+                 data={"shards": train_raw, "encode_on_the_fly": True, "text_max_length": 16,
+                       "frames": 5, "size": 16})
     assert run_train(dit)["step"] == 2
     got = losses(storage.join(out, "fly"))
     assert all(v == v and v > 0 for v in got.values())  # finite, positive
     assert storage.exists(storage.join(out, "fly", "package", "dit.safetensors"))
+    # Trained on 5x16x16 clips: that is what its package renders by default (not 9x32x32).
+    render = read_meta(storage.join(out, "fly", "package")).render
+    assert (render.frames, render.height, render.width, render.shift) == (5, 16, 16, 3.0)

@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from t2v import storage
 from t2v.config import TrainConfig
+from t2v.train.schedule import mfu
+from t2v.train.task import DataInfo
 
 GPU_PEAK = 989e12
 CPU_PEAK = 2.6e11
@@ -28,7 +30,7 @@ class TensorBoard:
     """A SummaryWriter on local disk, mirrored to RUN/tb/ when the run lives in object storage."""
 
     def __init__(self, run_uri: str) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - heavy: rank 0 only
 
         self.remote = storage.join(run_uri, "tb") if storage.is_s3(run_uri) else None
         local = (tempfile.mkdtemp(prefix="t2v-tb-") if self.remote
@@ -56,11 +58,11 @@ class TensorBoard:
 
 
 class Monitor:
-    def __init__(self, cfg: TrainConfig, data_info: dict, run_uri: str, rank: int,
+    def __init__(self, cfg: TrainConfig, info: DataInfo, run_uri: str, rank: int,
                  world: int) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.flops_per_sample = float(data_info.get("train_flops_per_sample", 0))
-        self.tokens_per_sample = int(data_info.get("tokens_per_sample", 0))
+        self.flops_per_sample = float(info.train_flops_per_sample)
+        self.tokens_per_sample = int(info.tokens_per_sample)
         self.peak = cfg.peak_flops or (GPU_PEAK if cfg.use_gpu else CPU_PEAK)
         self.tb = TensorBoard(run_uri) if rank == 0 else None
         self.history_uri = storage.join(run_uri, "metrics.jsonl")
@@ -123,7 +125,7 @@ class Monitor:
             "samples_per_s": samples / elapsed,
             "tokens_per_s": samples / elapsed * self.tokens_per_sample,
             "data_wait_frac": wait / self.world / elapsed,
-            "mfu": per_worker * self.flops_per_sample / self.peak,
+            "mfu": mfu(per_worker * self.flops_per_sample, self.peak),
             "worker_peak_rss_mb": float(peak.item()),
         }
         done = step - (self.steps_at_start or 0)

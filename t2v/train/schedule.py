@@ -6,6 +6,7 @@ each against its formula.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Iterable
@@ -40,8 +41,6 @@ class EMA:
     """
 
     def __init__(self, module: nn.Module, decay: float, warmup: bool = True) -> None:
-        import copy
-
         self.decay, self.warmup, self.updates = decay, warmup, 0
         self.module = copy.deepcopy(module).float().eval().requires_grad_(False)
 
@@ -57,12 +56,6 @@ class EMA:
         for name, p in params:
             s = shadow[name]
             s.lerp_(p.detach().to(s.dtype), 1.0 - d)
-
-    @torch.no_grad()
-    def copy_from(self, params: Iterable[tuple[str, Tensor]]) -> None:
-        shadow = dict(self.module.named_parameters())
-        for name, p in params:
-            shadow[name].copy_(p.detach())
 
     def state_dict(self) -> dict[str, Tensor]:
         state = {k: v.detach().contiguous() for k, v in self.module.state_dict().items()}
@@ -91,7 +84,7 @@ def per_sample_generators(seed: int, step: int, keys: list[str],
     return [torch.Generator().manual_seed(sample_seed(seed, step, k, salt)) for k in keys]
 
 
-def dit_flops_per_sample(flops_forward: int) -> int:
+def train_flops(flops_forward: float) -> float:
     """Training FLOPs of one sample: forward + backward ~= 3x forward (Kaplan et al. 2020)."""
     return 3 * flops_forward
 

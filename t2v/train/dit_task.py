@@ -1,0 +1,263 @@
+"""Stage `dit`: the VideoDiT on latent shards (or on raw shards, encoded batch by batch), trained
+with `t2v.diffusion.flow`'s rectified-flow loss and exported as a full model package whose
+render defaults are the geometry of the data the run saw."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from t2v.config import ReaderConfig, TrainConfig
+from t2v.data.latents import LatentBatch, LatentCollate, latent_stream
+from t2v.data.shards import iter_shard_samples, read_index
+from t2v.data.streaming import VideoBatch, VideoCollate, video_stream
+from t2v.data.video import contact_sheet, to_model_range, to_uint8
+from t2v.diffusion.flow import flow_loss, heldout_flow_loss, sample_t
+from t2v.diffusion.sampling import denoise, get_noise
+from t2v.models.dit import DiTConfig, VideoDiT, dit_config
+from t2v.models.lora import add_lora, export_dit, lora_scale, target_layers
+from t2v.models.package import PackageMeta, RenderDefaults, load_package, read_meta, save_package
+from t2v.models.text import TextEncoder, TextEncoderConfig
+from t2v.train.schedule import per_sample_generators, train_flops
+from t2v.train.task import VAL_COUNT, DataInfo, StageTask, Validation, clip_fps, read_clips
+
+VAL_T = (0.1, 0.3, 0.5, 0.7, 0.9)
+"""Fixed timesteps of the held-out flow loss."""
+VAL_CFG = 5.0
+"""Guidance scale of the validation sample videos."""
+
+
+@dataclass
+class DiTData(DataInfo):
+    latent_shape: tuple[int, int, int, int]
+    """(C, T', H', W') of one training sample."""
+    text_encoder: TextEncoderConfig
+    shift: float
+    """Timestep shift of training t (recorded as the package's render shift)."""
+    empty_text: np.ndarray
+    """(L, D) float32: the unconditional input that dropped captions get."""
+    empty_mask: np.ndarray
+    """(L,) bool."""
+    val_latent: np.ndarray
+    """(N, C, T', H', W') float32 held-out latents."""
+    val_text: np.ndarray
+    """(N, L, D) float32."""
+    val_mask: np.ndarray
+    """(N, L) bool."""
+    val_captions: list[str]
+
+
+def dit_geometry(cfg: TrainConfig, latent_channels: int, text_dim: int) -> DiTConfig:
+    """The DiT config of a run: `init_from`'s own (an imported Wan model keeps its geometry and
+    text convention; model/model_overrides are ignored) or the preset with overrides."""
+    if not cfg.init_from:
+        over = {"in_channels": latent_channels, "text_dim": text_dim, **cfg.model_overrides}
+        return dit_config(cfg.model, **over)
+    meta = read_meta(cfg.init_from)
+    if meta.dit is None:
+        raise ValueError(f"init_from={cfg.init_from}: the package has no DiT")
+    if (meta.dit.in_channels, meta.dit.text_dim) != (latent_channels, text_dim):
+        raise ValueError(f"init_from={cfg.init_from}: DiT takes {meta.dit.in_channels} latent "
+                         f"channels and text width {meta.dit.text_dim}, the data has "
+                         f"{latent_channels} and {text_dim} (encode with that package's VAE "
+                         "and text encoder)")
+    return meta.dit
+
+
+class OnTheFlyEncoder:
+    """Raw clips -> latents and caption embeddings, in the worker (data.encode_on_the_fly)."""
+
+    def __init__(self, vae_uri: str, text: TextEncoderConfig, device: torch.device) -> None:
+        self.vae = load_package(vae_uri, load_text=False, load_dit=False).vae.to(device)
+        self.text = TextEncoder(text).to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, batch: VideoBatch) -> LatentBatch:
+        emb, mask = self.text(batch.captions)  # (B, L, D), (B, L)
+        latent = self.vae.encode_latents(batch.video.to(self.device))  # (B, C, T', H', W')
+        return LatentBatch(latent=latent, text=emb, mask=mask, captions=batch.captions,
+                           keys=batch.keys)
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class DiTTask(StageTask):
+    stage = "dit"
+    info: DiTData
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.init_meta: PackageMeta | None = read_meta(cfg.init_from) if cfg.init_from else None
+
+    def check(self) -> None:
+        if not self.cfg.vae:
+            raise ValueError("train: stage dit needs vae=PACKAGE (the VAE the latents were made "
+                             "with)")
+        if self.cfg.lora.rank and not self.cfg.init_from:
+            raise ValueError(f"lora.rank={self.cfg.lora.rank} needs stage dit and init_from="
+                             "PACKAGE (got init_from None)")
+
+    def _text_config(self) -> TextEncoderConfig:
+        data = self.cfg.data
+        if data.encode_on_the_fly:
+            return TextEncoderConfig(ref=data.text_encoder, max_length=data.text_max_length)
+        return TextEncoderConfig.from_dict(read_index(data.shards)["text_encoder"])
+
+    def _held_out(self, val_uri: str, text: TextEncoderConfig,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[dict]]:
+        """(latents, text, mask, captions, sample metas) of up to VAL_COUNT held-out samples."""
+        cfg = self.cfg
+        if cfg.data.encode_on_the_fly:
+            clips = read_clips(val_uri, cfg.data.frames, cfg.data.size, VAL_COUNT)
+            vae = load_package(cfg.vae, load_text=False, load_dit=False).vae
+            with torch.no_grad():
+                latent = vae.encode_latents(to_model_range(np.stack([c.frames for c in clips])))
+            captions = [c.caption for c in clips]
+            emb, mask = TextEncoder(text)(captions)
+            return (latent.numpy(), emb.numpy(), mask.numpy(), captions,
+                    [{**c.meta, "frames": c.frames.shape[0], "height": c.frames.shape[1],
+                      "width": c.frames.shape[2]} for c in clips])
+        rows = []
+        for _key, f in iter_shard_samples([val_uri]):
+            rows.append((_npy(f["latent.npy"]), _npy(f["text.npy"]), _npy(f["mask.npy"]),
+                         f["txt"].decode(), json.loads(f["json"]) if "json" in f else {}))
+            if len(rows) == VAL_COUNT:
+                break
+        if not rows:
+            raise ValueError(f"{val_uri}: the held-out latent shard has no sample")
+        return (np.stack([r[0] for r in rows]).astype(np.float32),
+                np.stack([r[1] for r in rows]).astype(np.float32),
+                np.stack([r[2] for r in rows]).astype(bool), [r[3] for r in rows],
+                [r[4] for r in rows])
+
+    def describe_data(self, val_uri: str) -> DiTData:
+        cfg = self.cfg
+        text_cfg = self._text_config()
+        latent, text, mask, captions, metas = self._held_out(val_uri, text_cfg)
+        empty, empty_mask = TextEncoder(text_cfg)([""])  # (1, L, D), (1, L)
+        c, t, h, w = latent.shape[1:]
+        vae = read_meta(cfg.vae).vae
+        if vae is None:
+            raise ValueError(f"vae={cfg.vae}: the package has no VAE")
+        with torch.device("meta"):  # shapes and FLOPs only
+            probe = VideoDiT(dit_geometry(cfg, c, int(empty.shape[-1])))
+        if cfg.lora.rank:  # a bad target name fails here, once, not in every worker
+            target_layers(probe, cfg.lora.target_modules)
+        init_render = self.init_meta.render if self.init_meta else None
+        shift = cfg.shift or (init_render.shift if init_render else 1.0)
+        return DiTData(
+            # The latents fix the geometry: 1 + k latent frames are 1 + k * temporal_down frames.
+            frames=1 + (t - 1) * vae.temporal_down, height=h * vae.spatial_down,
+            width=w * vae.spatial_down, fps=clip_fps(metas),
+            tokens_per_sample=int(np.prod(probe.grid((1, c, t, h, w)))),
+            train_flops_per_sample=train_flops(probe.flops((1, c, t, h, w), text_cfg.max_length)),
+            latent_shape=(c, t, h, w), text_encoder=text_cfg, shift=float(shift),
+            empty_text=empty[0].numpy(), empty_mask=empty_mask[0].numpy(),
+            val_latent=latent, val_text=text, val_mask=mask, val_captions=captions)
+
+    def dataset(self, train: list[str], shuffle_seed: int):  # noqa: ANN201
+        data = self.cfg.data
+        if data.encode_on_the_fly:
+            reader = ReaderConfig(shards=data.shards, frames=data.frames, size=data.size,
+                                  shuffle_seed=shuffle_seed)
+            return video_stream(reader, uris=train).dataset, VideoCollate()
+        return latent_stream(train, shuffle_seed=shuffle_seed), LatentCollate()
+
+    # ------------------------------------------------------------------------- workers
+
+    def build_model(self, info: DiTData) -> nn.Module:
+        """From the preset (+ overrides) or `init_from`'s package (its LoRA merged in), with
+        LoRA adapters when `lora.rank` > 0 (base frozen, adapters trainable)."""
+        cfg = self.cfg
+        model = VideoDiT(dit_geometry(cfg, info.latent_shape[0], info.empty_text.shape[-1]))
+        if cfg.init_from:
+            pkg = load_package(cfg.init_from, load_text=False, load_vae=False)
+            model.load_state_dict(pkg.dit.state_dict(), strict=True)
+        model.checkpointing = cfg.activation_checkpointing
+        if cfg.lora.rank:
+            model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                             cfg.lora.target_modules)
+        return model
+
+    def setup(self, info: DiTData, device: torch.device, dtype: torch.dtype,
+              rank: int) -> None:
+        super().setup(info, device, dtype, rank)
+        self.empty = (torch.from_numpy(info.empty_text).float().to(device),  # (L, D)
+                      torch.from_numpy(info.empty_mask).bool().to(device))  # (L,)
+        self.encoder = (OnTheFlyEncoder(self.cfg.vae, info.text_encoder, device)
+                        if self.cfg.data.encode_on_the_fly else None)
+        self.vae = None
+        if rank == 0 and self.cfg.val_samples:  # decodes the validation sample videos
+            self.vae = load_package(self.cfg.vae, load_text=False, load_dit=False).vae.to(device)
+
+    def loss(self, engine: nn.Module, batch: LatentBatch | VideoBatch, step: int) -> Tensor:
+        """Rectified flow with per-sample (eps, t, caption dropout) keyed by (seed, step, key):
+        the same signal whatever the worker count, ZeRO stage or micro-batch split."""
+        if self.encoder is not None:
+            batch = self.encoder(batch)
+        x = batch.latent.to(self.device, self.dtype)  # (B, C, T', H', W')
+        text = batch.text.to(self.device, self.dtype)  # (B, L, D)
+        mask = batch.mask.to(self.device)  # (B, L)
+        gens = per_sample_generators(self.cfg.seed, step, batch.keys)
+        eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x)
+        t = torch.cat([sample_t(1, generator=g, shift=self.info.shift) for g in gens]).to(x)
+        drop = torch.tensor([torch.rand((), generator=g).item() < self.cfg.caption_dropout
+                             for g in gens], device=x.device)  # (B,)
+        text = torch.where(drop[:, None, None], self.empty[0].to(text), text)
+        mask = torch.where(drop[:, None], self.empty[1], mask)
+        return flow_loss(engine, x, text, mask, t=t, eps=eps)
+
+    # ------------------------------------------------------------------------- rank 0
+
+    def validate(self, module: nn.Module, step: int) -> Validation:
+        info, dev = self.info, self.device
+        x0 = torch.from_numpy(info.val_latent).to(dev)  # (N, C, T', H', W')
+        text = torch.from_numpy(info.val_text).to(dev)  # (N, L, D)
+        mask = torch.from_numpy(info.val_mask).to(dev)  # (N, L)
+        losses = heldout_flow_loss(module, x0, text, mask, t_values=VAL_T, seed=0)
+        metrics = {f"flow_loss_t{t:.1f}": float(v) for t, v in losses.items()}
+        metrics["flow_loss"] = float(np.mean(list(losses.values())))
+        n = min(self.cfg.val_samples, x0.shape[0])
+        if self.vae is None or not n:
+            return Validation(metrics)
+        noise = get_noise(tuple(x0.shape[1:]), list(range(n)), device=dev)
+        z = denoise(module, noise, text[:n], mask[:n], self.empty[0].expand(n, -1, -1),
+                    self.empty[1].expand(n, -1), steps=self.cfg.val_steps, cfg=VAL_CFG,
+                    sampler="euler", shift=info.shift)
+        videos = [to_uint8(v) for v in self.vae.decode(z)]
+        captions = list(info.val_captions[:n])
+        return Validation(metrics, clips={f"{i:02d}": v for i, v in enumerate(videos)},
+                          sheet=contact_sheet(videos, labels=captions), captions=captions)
+
+    def export(self, module: nn.Module, step: int, uri: str) -> str:
+        """The package: EMA weights (LoRA merged, or base + lora.safetensors), the run's VAE (an
+        imported one as its reference), and render defaults = the geometry trained at, with
+        init_from's sampling settings."""
+        cfg, info, lcfg = self.cfg, self.info, self.cfg.lora
+        dit, lora = export_dit(module.cpu(), merge=lcfg.merge_on_export,
+                               scale=lora_scale(lcfg.rank, lcfg.alpha) if lcfg.rank else 1.0)
+        lora_meta = ({"rank": lcfg.rank, "alpha": lcfg.alpha or float(lcfg.rank),
+                      "target_modules": lcfg.target_modules} if lora else None)
+        vae_meta = read_meta(cfg.vae)
+        vae = (None if vae_meta.vae_ref else  # imported: keep the reference, load nothing
+               load_package(cfg.vae, load_text=False, load_dit=False).vae)
+        init = self.init_meta.render if self.init_meta else None
+        render = RenderDefaults(frames=info.frames, height=info.height, width=info.width,
+                                fps=info.fps, shift=info.shift,
+                                steps=init.steps if init else None,
+                                cfg=init.cfg if init else None,
+                                sampler=init.sampler if init else None)
+        run = {"name": cfg.name, "step": step, "stage": self.stage, "data": cfg.data.shards,
+               "vae": cfg.vae, "init_from": cfg.init_from, "lora": lcfg.rank or None,
+               "lora_merged": bool(lcfg.rank and lora is None)}
+        return save_package(uri, vae=vae, vae_ref=vae_meta.vae_ref, vae_config=vae_meta.vae,
+                            dit=dit, text=info.text_encoder, render=render, run=run, lora=lora,
+                            lora_meta=lora_meta)

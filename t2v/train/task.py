@@ -1,0 +1,146 @@
+"""One task per training stage (the torchtitan pattern): what differs between training the VAE
+and the DiT lives in one class each (vae_task.py, dit_task.py), chosen once by
+`t2v.train.stages.task_for`; the driver (trainer.py) and the worker loop (worker.py) never ask
+which stage they run.
+
+A task is built on the driver, where it checks the config, reads the held-out shard into a
+`DataInfo` and makes the Ray Data stream; and on every worker, where it builds the model and turns
+a micro-batch into a loss; on rank 0 it also validates and exports the package.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from t2v.config import TrainConfig
+from t2v.data.shards import iter_shard_samples
+from t2v.data.video import VideoDecodeError, decode_video
+
+VAL_COUNT = 8
+"""Held-out samples used by validation."""
+
+
+@dataclass
+class DataInfo:
+    """What the driver learned about the data; sent to every worker (Ray pickles it)."""
+
+    frames: int
+    height: int
+    width: int
+    """The clips the run trains on: a DiT package renders at this size unless told otherwise."""
+    fps: float
+    """Frame rate of those clips (the data's own, from each sample's json)."""
+    tokens_per_sample: int
+    """Tokens the model sees per sample (DiT patches; VAE pixels), for throughput."""
+    train_flops_per_sample: float
+    """Forward + backward FLOPs of one sample, for MFU."""
+
+
+@dataclass
+class Validation:
+    """What one validation pass produced: scalar metrics and pictures."""
+
+    metrics: dict[str, float]
+    clips: dict[str, np.ndarray] = field(default_factory=dict)
+    """Name -> uint8 video (T, H, W, 3), written as mp4 + GIF under RUN/samples/step_N/."""
+    sheet: np.ndarray | None = None
+    """A contact sheet (H, W, 3) uint8 for TensorBoard and RUN/samples/step_N/sheet.png."""
+    captions: list[str] | None = None
+
+
+@dataclass
+class HeldOutClip:
+    key: str
+    frames: np.ndarray
+    """uint8 (T, H, W, 3)."""
+    caption: str
+    meta: dict
+
+
+def read_clips(uri: str, frames: int, size: int | None, count: int) -> list[HeldOutClip]:
+    """Up to `count` clips of exactly `frames` frames (resized to `size` when given) from raw
+    shards at `uri`; undecodable or short clips are passed over."""
+    out: list[HeldOutClip] = []
+    for key, fields in iter_shard_samples([uri]):
+        try:
+            clip = decode_video(fields.get("mp4", b""), num_frames=frames,
+                                size=(size, size) if size else None, source=f"{uri}:{key}")
+        except VideoDecodeError:
+            continue
+        if clip.shape[0] != frames:
+            continue
+        try:
+            meta = json.loads(fields["json"]) if "json" in fields else {}
+        except ValueError:
+            meta = {}
+        out.append(HeldOutClip(key, clip, fields.get("txt", b"").decode(errors="replace"),
+                               meta if isinstance(meta, dict) else {}))
+        if len(out) == count:
+            break
+    if not out:
+        raise ValueError(f"{uri}: no held-out clip of {frames} frames could be decoded")
+    return out
+
+
+def clip_fps(metas: list[dict]) -> float:
+    """The data's frame rate from sample metadata (pack and synth record it); 8 if none does."""
+    rates = [float(m["fps"]) for m in metas if isinstance(m.get("fps"), int | float)]
+    return max(set(rates), key=rates.count) if rates else 8.0
+
+
+class StageTask(ABC):
+    """The stage-specific half of a training run. Subclasses set `stage` and fill in each step."""
+
+    stage: str
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    # ------------------------------------------------------------------------- driver
+
+    def check(self) -> None:
+        """Refuse, on the driver and in one line, a config this stage cannot run."""
+        if self.cfg.lora.rank:
+            raise ValueError(f"lora.rank={self.cfg.lora.rank} needs stage dit and init_from="
+                             f"PACKAGE (got stage {self.stage})")
+
+    @abstractmethod
+    def describe_data(self, val_uri: str) -> DataInfo:
+        """Read the held-out shard `val_uri`; geometry, FLOPs and validation data."""
+
+    @abstractmethod
+    def dataset(self, train: list[str], shuffle_seed: int):  # noqa: ANN201 - (Dataset, collate)
+        """The Ray Data stream of the training shards and its collate function."""
+
+    # ------------------------------------------------------------------------- workers
+
+    @abstractmethod
+    def build_model(self, info: DataInfo) -> nn.Module:
+        """The module DeepSpeed wraps (identical init on every rank: the caller seeds torch)."""
+
+    def setup(self, info: DataInfo, device: torch.device, dtype: torch.dtype,
+              rank: int) -> None:
+        """Per-worker state before the first step (rank 0 also validates and exports)."""
+        self.info, self.device, self.dtype = info, device, dtype
+
+    @abstractmethod
+    def loss(self, engine: nn.Module, batch: object, step: int) -> Tensor:
+        """One micro-batch (as collated on the worker's CPU) -> the scalar loss."""
+
+    # ------------------------------------------------------------------------- rank 0
+
+    @abstractmethod
+    def validate(self, module: nn.Module, step: int) -> Validation:
+        """Held-out metrics and pictures on the EMA `module`."""
+
+    @abstractmethod
+    def export(self, module: nn.Module, step: int, uri: str) -> str:
+        """Write the model package at `uri` from the EMA `module`; returns its content hash."""

@@ -1,0 +1,91 @@
+"""Stage `vae`: the causal video VAE on raw shards (decoded clips), exported as a VAE-only
+package with per-channel latent shift/scale fitted on held-out clips."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from t2v.config import ReaderConfig
+from t2v.data.streaming import VideoBatch, VideoCollate, video_stream
+from t2v.data.video import contact_sheet, to_model_range, to_uint8
+from t2v.models.package import load_package, save_package
+from t2v.models.vae import CausalVideoVAE, fit_latent_stats, vae_config
+from t2v.train.schedule import train_flops
+from t2v.train.task import VAL_COUNT, DataInfo, StageTask, Validation, clip_fps, read_clips
+from t2v.train.validation import psnr
+
+STATS_COUNT = 32
+"""Held-out clips the latent shift/scale are fitted on."""
+
+
+@dataclass
+class VAEData(DataInfo):
+    video: np.ndarray
+    """Held-out clips uint8 (N, T, H, W, 3): the first VAL_COUNT validate, all fit the stats."""
+
+
+class VAETask(StageTask):
+    stage = "vae"
+
+    info: VAEData
+
+    def describe_data(self, val_uri: str) -> VAEData:
+        cfg = self.cfg
+        clips = read_clips(val_uri, cfg.data.frames, cfg.data.size, STATS_COUNT)
+        video = np.stack([c.frames for c in clips])  # (N, T, H, W, 3) uint8
+        t, h, w = video.shape[1:4]
+        with torch.device("meta"):  # counts FLOPs without computing anything
+            probe = CausalVideoVAE(vae_config(cfg.model, **cfg.model_overrides))
+            with FlopCounterMode(display=False) as counter:
+                probe(torch.zeros(1, 3, t, h, w), sample_posterior=False)
+        return VAEData(frames=t, height=h, width=w,
+                       fps=clip_fps([c.meta for c in clips]), tokens_per_sample=t * h * w,
+                       train_flops_per_sample=train_flops(counter.get_total_flops()), video=video)
+
+    def dataset(self, train: list[str], shuffle_seed: int):  # noqa: ANN201
+        reader = ReaderConfig(shards=self.cfg.data.shards, frames=self.cfg.data.frames,
+                              size=self.cfg.data.size, shuffle_seed=shuffle_seed)
+        return video_stream(reader, uris=train).dataset, VideoCollate()
+
+    def build_model(self, info: DataInfo) -> nn.Module:
+        cfg = self.cfg
+        model = CausalVideoVAE(vae_config(cfg.model, **cfg.model_overrides))
+        if cfg.init_from:
+            pkg = load_package(cfg.init_from, load_text=False, load_dit=False)
+            if pkg.vae is None or not isinstance(pkg.vae, CausalVideoVAE):
+                raise ValueError(f"init_from={cfg.init_from}: the package has no VAE of ours")
+            model.load_state_dict(pkg.vae.state_dict(), strict=True)
+        return model
+
+    def loss(self, engine: nn.Module, batch: VideoBatch, step: int) -> Tensor:
+        x = batch.video.to(self.device, self.dtype)  # (B, 3, T, H, W)
+        recon, posterior = engine(x)
+        return engine.module.loss(x, recon, posterior, kl_weight=self.cfg.kl_weight)["total"]
+
+    def _held_out(self) -> torch.Tensor:
+        return to_model_range(self.info.video).to(self.device)  # (N, 3, T, H, W)
+
+    def validate(self, module: nn.Module, step: int) -> Validation:
+        x = self._held_out()[:VAL_COUNT]
+        recon = module.decode_raw(module.encode(x).mean)
+        orig, rec = [to_uint8(v) for v in x], [to_uint8(v) for v in recon]
+        scores = [psnr(a, b) for a, b in zip(orig, rec, strict=True)]
+        n = min(max(self.cfg.val_samples, 1), len(orig))
+        pairs = [np.concatenate([a, b], axis=2) for a, b in zip(orig[:n], rec[:n], strict=True)]
+        return Validation(metrics={"psnr": float(np.mean(scores))},
+                          clips={f"{i:02d}_orig_recon": p for i, p in enumerate(pairs)},
+                          sheet=contact_sheet(pairs))
+
+    def export(self, module: nn.Module, step: int, uri: str) -> str:
+        """A VAE-only package; the latent shift/scale are fitted on the held-out clips."""
+        module.set_latent_stats(shift=0.0, scale=1.0)
+        shift, scale = fit_latent_stats(module.encode(self._held_out()).mean)
+        module.set_latent_stats(shift=shift, scale=scale)
+        run = {"name": self.cfg.name, "step": step, "stage": self.stage,
+               "data": self.cfg.data.shards}
+        return save_package(uri, vae=module.cpu(), run=run)
