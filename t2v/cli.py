@@ -7,12 +7,11 @@ for config keys; `jobs/NAME.py` calls the same `main` so `ray job submit` runs i
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -29,99 +28,37 @@ from t2v.config import (
     SynthConfig,
     TrainConfig,
     load_config,
-    save_resolved,
 )
 
 
 @dataclass(frozen=True)
 class Command:
     config: type[BaseModel]
-    run: Callable[[BaseModel], object]
+    target: str
+    """"module:function" that runs the command, imported only when it runs: most of them pull
+    in ray and torch, which `t2v --help` should not wait for."""
     help: str
     flags: dict[str, str]
     """--flag -> dotted config key."""
 
-
-def run_synth(cfg: SynthConfig) -> dict:
-    from t2v.data.shards import ShardWriter
-    from t2v.data.synthetic import generate_samples
-
-    t0 = time.time()
-    save_resolved(cfg, storage.join(cfg.out, "synth_config.yaml"))
-    writer = ShardWriter(cfg.out, shard_size=cfg.shard_size,
-                         extra_index={"source": "synthetic", "seed": cfg.seed})
-    samples = generate_samples(cfg.num, seed=cfg.seed, frames=cfg.frames, size=cfg.size,
-                               fps=cfg.fps, exclude=cfg.exclude, only=cfg.only,
-                               two_object_prob=cfg.two_object_prob, crf=cfg.crf)
-    for i, (key, fields) in enumerate(samples, 1):
-        writer.write(key, fields)
-        if i % cfg.shard_size == 0 or i == cfg.num:
-            rate = i / max(time.time() - t0, 1e-9)
-            print(f"[synth] {i}/{cfg.num} clips ({rate:.0f}/s) -> {cfg.out}", flush=True)
-    index = writer.close()
-    return {"out": cfg.out, "samples": index["total"], "shards": len(index["shards"]),
-            "seconds": round(time.time() - t0, 2)}
-
-
-def run_pack(cfg: PackConfig) -> dict:
-    from t2v.data.pack import run_pack as pack
-    from t2v.runtime import check_output_uri, ensure_ray
-
-    check_output_uri(cfg.out)
-    ensure_ray()
-    report = pack(cfg)
-    return {k: v for k, v in report.items() if k != "skips"}
-
-
-def run_encode(cfg: EncodeConfig) -> dict:
-    from t2v.data.encode import run_encode_command
-
-    return run_encode_command(cfg)
-
-
-def run_train(cfg: TrainConfig) -> dict:
-    from t2v.train.trainer import run_train as train
-
-    return train(cfg)
-
-
-def run_render(cfg: RenderConfig) -> dict:
-    from t2v.render.pipeline import run_render_command
-
-    return run_render_command(cfg)
-
-
-def run_eval(cfg: EvalConfig) -> dict:
-    from t2v.eval.report import run_eval_command
-
-    return run_eval_command(cfg)
-
-
-def run_import(cfg: ImportConfig) -> dict:
-    from t2v.models.wan_import import run_import_command
-
-    return run_import_command(cfg)
-
-
-def run_demo(cfg: DemoConfig) -> dict:
-    from t2v.demo import run_demo as demo
-
-    return demo(cfg)
+    def run(self, cfg: BaseModel) -> object:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)(cfg)
 
 
 COMMANDS: dict[str, Command] = {
-    "data synth": Command(SynthConfig, run_synth, "synthesise a shapes data set as raw shards",
+    "data synth": Command(SynthConfig, "t2v.data.synthetic:run_synth", "synthesise a shapes data set as raw shards",
                           {"out": "out", "num": "num", "frames": "frames", "size": "size",
                            "seed": "seed", "shard-size": "shard_size"}),
-    "pack": Command(PackConfig, run_pack, "pack videos + captions into raw shards (Ray Data)",
+    "pack": Command(PackConfig, "t2v.data.pack:run_pack_command", "pack videos + captions into raw shards (Ray Data)",
                     {"src": "src", "out": "out", "shard-size": "shard_size", "fps": "fps",
                      "frames": "frames", "captions": "captions"}),
-    "encode": Command(EncodeConfig, run_encode, "raw shards -> latent shards (Ray Data actors)",
+    "encode": Command(EncodeConfig, "t2v.data.encode:run_encode_command", "raw shards -> latent shards (Ray Data actors)",
                       {"src": "src", "out": "out", "vae": "vae"}),
-    "train": Command(TrainConfig, run_train, "train the VAE or the DiT (Ray Train + DeepSpeed)",
+    "train": Command(TrainConfig, "t2v.train.trainer:run_train", "train the VAE or the DiT (Ray Train + DeepSpeed)",
                      {"out": "out", "name": "name", "data": "data.shards", "vae": "vae",
                       "steps": "steps", "stage": "stage", "init-from": "init_from"}),
-    "render": Command(RenderConfig, run_render,
+    "render": Command(RenderConfig, "t2v.render.pipeline:run_render_command",
                       "prompt file -> videos, posters, manifest (Ray Data actor pool)",
                       {"model": "model", "prompts": "prompts", "out": "out", "steps": "steps",
                        "cfg": "cfg", "sampler": "sampler", "seed": "seed", "frames": "frames",
@@ -129,14 +66,14 @@ COMMANDS: dict[str, Command] = {
                        "crf": "crf", "batch-size": "batch_size", "concurrency": "concurrency",
                        "gpus-per-worker": "gpus_per_worker", "overwrite": "overwrite",
                        "dry-run": "dry_run"}),
-    "eval": Command(EvalConfig, run_eval,
+    "eval": Command(EvalConfig, "t2v.eval.report:run_eval_command",
                     "score renders against prompt ground truth; VAE and flow-loss numbers",
                     {"renders": "renders", "prompts": "prompts", "out": "out", "model": "model",
                      "heldout": "heldout"}),
-    "import": Command(ImportConfig, run_import,
+    "import": Command(ImportConfig, "t2v.models.wan_import:run_import_command",
                       "a pretrained checkpoint folder (Wan 2.1 diffusers format) -> package",
                       {"wan": "wan", "out": "out"}),
-    "demo": Command(DemoConfig, run_demo,
+    "demo": Command(DemoConfig, "t2v.demo:run_demo",
                     "synthetic data -> VAE -> latents -> DiT -> render held-out prompts -> eval",
                     {"out": "out", "ray-address": "ray_address", "quick": "quick",
                      "long": "long"}),

@@ -15,76 +15,105 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
 from pydantic import BaseModel
 
 from t2v import storage
-from t2v.config import DemoConfig, save_resolved
-from t2v.data.synthetic import MOVING_TEMPLATES, STILL_TEMPLATES, Combo, heldout_combos
+from t2v.config import (
+    DemoConfig,
+    EncodeConfig,
+    OptimConfig,
+    RenderConfig,
+    SynthConfig,
+    TrainConfig,
+    TrainDataConfig,
+    save_resolved,
+)
+from t2v.data.encode import run_encode_command
+from t2v.data.synthetic import (
+    MOVING_TEMPLATES,
+    STILL_TEMPLATES,
+    Combo,
+    heldout_combos,
+    run_synth,
+)
+from t2v.eval.report import results_table, run_eval
+from t2v.render.pipeline import run_render_command
+from t2v.runtime import check_output_uri, ensure_ray
+from t2v.train.trainer import run_train
 
-# The default profile: 32x32, 9 frames, <= 10 minutes on a 2-core laptop (BENCHMARKS.md).
-DEFAULT: dict[str, Any] = {
-    "synth.num": 1024, "synth.frames": 9, "synth.size": 32, "synth.shard_size": 128,
-    # 24x at 9x32x32; the pooled-colour shortcut (VAEConfig.shortcut) gets colours right early
-    "vae.model": "debug", "vae.model_overrides": {"latent_channels": 6, "shortcut": True},
-    "vae.steps": 550, "vae.batch_size": 4, "vae.num_workers": 2, "vae.cpus_per_worker": 0.5,
-    "vae.zero_stage": 2, "vae.precision": "fp32",
-    "vae.optim.lr": 2e-3, "vae.optim.warmup_steps": 20, "vae.optim.schedule": "cosine",
-    "vae.log_every": 50, "vae.ckpt_every": 275, "vae.val_every": 275, "vae.val_samples": 2,
-    "vae.ema_decay": 0.99, "vae.data.frames": 9, "vae.data.size": 32,
-    "encode.batch_size": 16, "encode.concurrency": [2, 2],
-    "dit.model": "debug", "dit.steps": 1600, "dit.batch_size": 16, "dit.num_workers": 2,
-    "dit.cpus_per_worker": 0.5, "dit.zero_stage": 2, "dit.precision": "fp32",
-    "dit.optim.lr": 3e-3, "dit.optim.warmup_steps": 50, "dit.optim.schedule": "cosine",
-    "dit.log_every": 100, "dit.ckpt_every": 800, "dit.val_every": 800, "dit.val_samples": 4,
-    "dit.val_steps": 20, "dit.caption_dropout": 0.1, "dit.ema_decay": 0.995,
-    "render.steps": 25, "render.cfg": 4.0, "render.sampler": "euler", "render.batch_size": 16,
-    "render.concurrency": [2, 2],
-}
-PROFILES: dict[str, dict[str, Any]] = {
-    "default": DEFAULT,
-    # CI: the whole chain in a few minutes; quality is only checked to be above chance.
-    "quick": DEFAULT | {
-        "synth.num": 256, "synth.shard_size": 64, "vae.steps": 100,
-        "vae.ckpt_every": 100, "vae.val_every": 100, "vae.log_every": 25,
-        "dit.steps": 300, "dit.ckpt_every": 300, "dit.val_every": 300, "dit.log_every": 50,
-        "dit.val_samples": 2, "dit.val_steps": 10, "dit.optim.warmup_steps": 10,
-        "render.steps": 12, "heldout_combos": 12, "seeds_per_combo": 2, "heldout_clips": 8,
-    },
-    # 64x64, 17 frames (27x compression): <= 45 minutes on a 2-core laptop.
-    "long": DEFAULT | {
-        "synth.num": 1024, "synth.frames": 17, "synth.size": 64,
-        "vae.steps": 400, "vae.ckpt_every": 200, "vae.val_every": 200, "vae.log_every": 25,
-        "vae.data.frames": 17, "vae.data.size": 64,
-        "dit.steps": 1500, "dit.batch_size": 8, "dit.ckpt_every": 500, "dit.val_every": 500,
-        "render.batch_size": 8,
-    },
-}
+M = TypeVar("M", bound=BaseModel)
 
-
-def _explicit(section: BaseModel, path: list[str]) -> bool:
-    """Whether the user set this dotted key (in --config or on the command line)."""
-    node: Any = section
-    for part in path:
-        if not isinstance(node, BaseModel) or part not in node.model_fields_set:
-            return False
-        node = getattr(node, part)
-    return True
+def default_profile() -> DemoConfig:
+    """32x32, 9 frames: <= 10 minutes on a 2-core laptop (BENCHMARKS.md)."""
+    return DemoConfig(
+        synth=SynthConfig(num=1024, frames=9, size=32, shard_size=128),
+        # 24x at 9x32x32; the pooled-colour shortcut (VAEConfig.shortcut) gets colours right
+        # early
+        vae=TrainConfig(
+            stage="vae", name="vae", model="debug",
+            model_overrides={"latent_channels": 6, "shortcut": True}, steps=550, batch_size=4,
+            num_workers=2, cpus_per_worker=0.5, zero_stage=2, precision="fp32",
+            optim=OptimConfig(lr=2e-3, warmup_steps=20, schedule="cosine"), log_every=50,
+            ckpt_every=275, val_every=275, val_samples=2, ema_decay=0.99,
+            data=TrainDataConfig(frames=9, size=32)),
+        encode=EncodeConfig(batch_size=16, concurrency=[2, 2]),
+        dit=TrainConfig(
+            stage="dit", name="dit", model="debug", steps=1600, batch_size=16, num_workers=2,
+            cpus_per_worker=0.5, zero_stage=2, precision="fp32",
+            optim=OptimConfig(lr=3e-3, warmup_steps=50, schedule="cosine"), log_every=100,
+            ckpt_every=800, val_every=800, val_samples=4, val_steps=20, caption_dropout=0.1,
+            ema_decay=0.995),
+        render=RenderConfig(steps=25, cfg=4.0, sampler="euler", batch_size=16,
+                            concurrency=[2, 2]),
+    )
 
 
-def apply_profile(cfg: DemoConfig, profile: dict[str, Any]) -> DemoConfig:
-    """`cfg` with each profile value set unless the user set that key explicitly."""
-    data = cfg.model_dump()
-    for key, value in profile.items():
-        parts = key.split(".")
-        if _explicit(cfg, parts):
-            continue
-        node = data
-        for part in parts[:-1]:
-            node = node[part]
-        node[parts[-1]] = value
-    return DemoConfig.model_validate(data)
+def quick_profile() -> DemoConfig:
+    """CI: the whole chain in a few minutes; quality is only checked to be above chance."""
+    cfg = default_profile()
+    cfg.synth.num, cfg.synth.shard_size = 256, 64
+    cfg.vae.steps = cfg.vae.ckpt_every = cfg.vae.val_every = 100
+    cfg.vae.log_every = 25
+    cfg.dit.steps = cfg.dit.ckpt_every = cfg.dit.val_every = 300
+    cfg.dit.log_every, cfg.dit.val_samples, cfg.dit.val_steps = 50, 2, 10
+    cfg.dit.optim.warmup_steps = 10
+    cfg.render.steps = 12
+    cfg.heldout_combos, cfg.seeds_per_combo, cfg.heldout_clips = 12, 2, 8
+    return cfg
+
+
+def long_profile() -> DemoConfig:
+    """64x64, 17 frames (27x compression): <= 45 minutes on a 2-core laptop."""
+    cfg = default_profile()
+    cfg.synth.frames, cfg.synth.size = 17, 64
+    cfg.vae.steps, cfg.vae.ckpt_every, cfg.vae.val_every, cfg.vae.log_every = 400, 200, 200, 25
+    cfg.vae.data.frames, cfg.vae.data.size = 17, 64
+    cfg.dit.steps, cfg.dit.batch_size, cfg.dit.ckpt_every, cfg.dit.val_every = 1500, 8, 500, 500
+    cfg.render.batch_size = 8
+    return cfg
+
+
+PROFILES: dict[str, Callable[[], DemoConfig]] = {
+    "default": default_profile, "quick": quick_profile, "long": long_profile}
+
+
+def overlay(base: M, top: M) -> M:
+    """`base` with every field that `top` set explicitly (on the command line or in --config)
+    taken from `top`, section by section."""
+    updates = {}
+    for name in top.model_fields_set:
+        value, current = getattr(top, name), getattr(base, name)
+        both = isinstance(value, BaseModel) and isinstance(current, BaseModel)
+        updates[name] = overlay(current, value) if both else value
+    return base.model_copy(update=updates)
+
+
+def apply_profile(cfg: DemoConfig, profile: Callable[[], DemoConfig]) -> DemoConfig:
+    """The profile's config with the user's explicit keys on top: a key you set wins."""
+    return overlay(profile(), cfg)
 
 
 def heldout_prompt_rows(combos: list[Combo], seeds: int) -> list[dict]:
@@ -125,9 +154,7 @@ class Stages:
         return self.times | {"total": round(time.time() - self.t0, 1)}
 
 
-def _synth_once(synth, label: str) -> None:
-    from t2v.cli import run_synth
-
+def _synth_once(synth: SynthConfig, label: str) -> None:
     if storage.exists(storage.join(synth.out, "_index.json")):
         print(f"[demo] {label}: {synth.out} exists, kept", flush=True)
         return
@@ -135,10 +162,6 @@ def _synth_once(synth, label: str) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from t2v.cli import run_encode, run_render, run_train
-    from t2v.eval.report import results_table, run_eval
-    from t2v.runtime import check_output_uri, ensure_ray
-
     if cfg.quick and cfg.long:
         raise ValueError("demo: --quick and --long exclude each other")
     profile = "quick" if cfg.quick else "long" if cfg.long else "default"
@@ -167,7 +190,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                      "ray_address": cfg.ray_address})
     dit.data = dit.data.model_copy(update={"shards": path["latents"]})
     render = cfg.render.model_copy(update={"model": dit_pkg, "prompts": path[
-        "prompts/heldout.jsonl"], "out": path["renders"], "fps": s.fps})
+        "prompts/heldout.jsonl"], "out": path["renders"]})
     evaluate = cfg.eval.model_copy(update={"renders": path["renders"], "prompts": path[
         "prompts/heldout.jsonl"], "out": path["eval"], "model": dit_pkg,
         "heldout": path["data/heldout"], "heldout_clips": cfg.heldout_clips})
@@ -191,13 +214,13 @@ def run_demo(cfg: DemoConfig) -> dict:
                  f"workers, ZeRO-{vae.zero_stage})")
     run_train(vae)
     stages.start("encode", "encoding training clips to latent shards (Ray Data actors)")
-    run_encode(encode)
+    run_encode_command(encode)
     stages.start("dit", f"training the DiT ({dit.model}, {dit.steps} steps, {dit.num_workers} "
                  f"workers, ZeRO-{dit.zero_stage})")
     run_train(dit)
     stages.start("render", f"rendering {len(rows)} held-out prompts ({render.steps} "
                  f"{render.sampler} steps, cfg {render.cfg})")
-    run_render(render)
+    run_render_command(render)
     stages.start("eval", "detecting colour, shape and motion in every video")
     report = run_eval(evaluate)
     stages.start("report", "results")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from t2v import storage
 
@@ -38,10 +39,8 @@ def check_output_uri(uri: str, what: str = "out") -> str:
 def ensure_ray(address: str | None = None, num_cpus: int | None = None,
                object_store_memory: int | None = None) -> None:
     """Join `address` (or RAY_ADDRESS / a submitted job's cluster), else start a local Ray."""
-    import sys
-
-    import ray
-    from ray.data import DataContext
+    import ray  # noqa: PLC0415 - heavy: only where Ray starts
+    from ray.data import DataContext  # noqa: PLC0415 - heavy: only where Ray starts
 
     # Ray Data's tqdm bars redraw with terminal escapes: in a log file or CI they are noise.
     # Our own progress lines (steps, clips/s, videos/s) remain.

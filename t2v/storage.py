@@ -403,7 +403,7 @@ def pyarrow_filesystem(uri: str) -> tuple[Any, str]:
     """
     if not is_s3(uri):
         return None, _pyarrow_path(uri)
-    import pyarrow.fs as pafs  # heavy; only the readers need it
+    import pyarrow.fs as pafs  # noqa: PLC0415 - heavy; only the readers need it
 
     session, client = _session_and_client()
     kwargs: dict[str, Any] = {

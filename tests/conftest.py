@@ -129,8 +129,8 @@ def ray_local(ray_cluster):
 @pytest.fixture(scope="session")
 def shapes_shards(tmp_path_factory):
     """A small synthetic data set on local disk, shared by the data tests (read-only)."""
-    from t2v.cli import run_synth
     from t2v.config import SynthConfig
+    from t2v.data.synthetic import run_synth
 
     out = str(tmp_path_factory.mktemp("shapes"))
     run_synth(SynthConfig(out=out, num=24, frames=9, size=32, shard_size=10, seed=11))
@@ -159,8 +159,8 @@ def debug_vae_package(tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_raw(tmp_path_factory):
     """Raw shards behind `train_latents`: 5 clips in shards of 2 (the last one held out)."""
-    from t2v.cli import run_synth
     from t2v.config import SynthConfig
+    from t2v.data.synthetic import run_synth
 
     raw = str(tmp_path_factory.mktemp("train-raw"))
     run_synth(SynthConfig(out=raw, num=5, frames=9, size=32, shard_size=2, seed=21))

@@ -11,11 +11,18 @@ from t2v.demo import PROFILES, apply_profile, heldout_prompt_rows
 
 
 def test_profile_values_yield_to_explicit_keys():
-    cfg = load_config(DemoConfig, None, ["dit.steps=7", "synth.size=64"])
+    cfg = load_config(DemoConfig, None, ["dit.steps=7", "synth.size=64", "vae.optim.lr=0.1"])
     got = apply_profile(cfg, PROFILES["quick"])
+    quick = PROFILES["quick"]()
     assert got.dit.steps == 7 and got.synth.size == 64  # the user's keys win
-    assert got.vae.steps == PROFILES["quick"]["vae.steps"]  # the profile fills the rest
-    assert got.render.steps == PROFILES["quick"]["render.steps"]
+    assert got.vae.optim.lr == 0.1 and got.vae.optim.schedule == "cosine"  # key by key
+    assert got.vae.steps == quick.vae.steps == 100  # the profile fills the rest
+    assert (got.vae.stage, got.vae.name, got.dit.stage) == ("vae", "vae", "dit")
+    assert got.render.steps == quick.render.steps and got.synth.num == 256
+    # Profiles are plain configs: each one validates, and long trains at 17x64x64.
+    long = PROFILES["long"]()
+    assert (long.synth.frames, long.synth.size, long.vae.data.frames) == (17, 64, 17)
+    assert PROFILES["default"]().dit.steps == 1600
 
 
 def test_heldout_prompt_rows_carry_ground_truth():
@@ -47,6 +54,15 @@ def test_quick_demo_end_to_end(ray_local, tmp_path, capsys):
     assert model["vae"]["compression_ratio"] >= 24
     colour = report["attributes"]["colour"]
     assert colour["accuracy"] > colour["chance"], colour["confusion"]
+    # The package knows its training geometry, and render (given no size flags) used it.
+    render = json.loads((out / "runs" / "dit" / "package" / "model.json").read_text())["render"]
+    quick = PROFILES["quick"]()
+    assert (render["frames"], render["height"], render["width"], render["fps"]) == (
+        quick.synth.frames, quick.synth.size, quick.synth.size, quick.synth.fps)
+    rows = [json.loads(line) for part in (out / "renders" / "manifest").glob("*.jsonl")
+            for line in part.read_text().splitlines()]
+    assert rows and all((r["frames"], r["height"], r["width"], r["fps"]) == (
+        render["frames"], render["height"], render["width"], render["fps"]) for r in rows)
     summary = json.loads((out / "demo_summary.json").read_text())
     assert set(summary["seconds"]) >= {"synth", "vae", "encode", "dit", "render", "eval"}
     # Rerunning resumes: nothing is trained or rendered again.

@@ -16,7 +16,6 @@ from t2v.data.encode import (
     check_encode_config,
     done_record,
     encode_settings,
-    package_hash,
     run_encode,
     run_encode_command,
 )
@@ -24,7 +23,7 @@ from t2v.data.latents import LATENT_FORMAT, LatentCollate, latent_stream
 from t2v.data.shards import iter_shard_samples, read_index, shard_uris, write_index, write_shard
 from t2v.data.synthetic import Combo, clip_spec, render_clip
 from t2v.data.video import decode_video, encode_mp4
-from t2v.models.package import save_package
+from t2v.models.package import package_hash, save_package
 from t2v.models.text import TextEncoder, TextEncoderConfig
 from t2v.models.vae import CausalVideoVAE, vae_config
 

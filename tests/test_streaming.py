@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from t2v import storage
-from t2v.cli import run_synth
 from t2v.config import ReaderConfig, SynthConfig
 from t2v.data.shards import iter_shard_samples, read_index, shard_uris, write_index, write_shard
 from t2v.data.streaming import video_stream
+from t2v.data.synthetic import run_synth
 from t2v.data.video import decode_video
 
 
@@ -41,14 +41,14 @@ def test_local_stream_to_torch(ray_local, shapes_shards):
     stream, batches = read_all(ReaderConfig(shards=shapes_shards, frames=9), batch_size=4)
     assert len(batches) == 6 and stream.skipped() == []
     video = torch.cat([b.video for b in batches])
-    assert video.shape == (24, 9, 3, 32, 32) and video.dtype == torch.float32
+    assert video.shape == (24, 3, 9, 32, 32) and video.dtype == torch.float32
     assert video.min() >= -1.0 and video.max() <= 1.0
     # Values and captions match what is in the tars (same decode, same scaling).
     by_key = {k: f for k, f in iter_shard_samples(shard_uris(shapes_shards))}
     b = batches[0]
     for i, key in enumerate(b.keys):
         ref = decode_video(by_key[key]["mp4"]).astype(np.float32) / 127.5 - 1
-        got = b.video[i].permute(0, 2, 3, 1).numpy()
+        got = b.video[i].permute(1, 2, 3, 0).numpy()
         np.testing.assert_allclose(got, ref, atol=1e-6)
         assert b.captions[i] == by_key[key]["txt"].decode()
         assert b.meta[i]["key"] == key
@@ -58,7 +58,7 @@ def test_resize_and_frame_sampling(ray_local, shapes_shards):
     cfg = ReaderConfig(shards=shapes_shards, frames=4, size=16, fps=4.0)
     stream, batches = read_all(cfg, batch_size=8)
     assert sum(len(b.keys) for b in batches) == 24
-    assert batches[0].video.shape[1:] == (4, 3, 16, 16)
+    assert batches[0].video.shape[1:] == (3, 4, 16, 16)
     # Asking for more frames than any clip holds: every clip is skipped, and counted.
     stream, batches = read_all(ReaderConfig(shards=shapes_shards, frames=20))
     assert batches == [] and len(stream.skipped()) == 24
@@ -96,7 +96,7 @@ def test_stream_from_s3(ray_local, moto_s3, s3_bucket):
     stream, batches = read_all(ReaderConfig(shards=out, frames=5), batch_size=5)
     keys = [k for b in batches for k in b.keys]
     assert len(keys) == len(set(keys)) == 12
-    assert batches[0].video.shape[1:] == (5, 3, 24, 24)
+    assert batches[0].video.shape[1:] == (3, 5, 24, 24)
 
 
 def test_half_written_shard_is_never_visible(tmp_path):

@@ -11,7 +11,6 @@ written last, from the part records, and marks the latent data set complete.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -30,16 +29,10 @@ from t2v import storage
 from t2v.config import EncodeConfig, save_resolved
 from t2v.data.latents import LATENT_FORMAT
 from t2v.data.shards import iter_tar_samples, shard_uris, write_index, write_shard
-from t2v.data.video import VideoDecodeError, decode_video
-from t2v.models.package import (
-    MODEL_JSON,
-    WEIGHT_FILES,
-    PackageError,
-    PackageMeta,
-    load_package,
-    read_meta,
-)
+from t2v.data.video import VideoDecodeError, decode_video, to_model_range
+from t2v.models.package import PackageError, PackageMeta, load_package, package_hash, read_meta
 from t2v.models.text import PromptTooLongError, TextEncoder, TextEncoderConfig
+from t2v.runtime import check_output_uri, ensure_ray
 
 log = logging.getLogger("t2v.encode")
 
@@ -170,8 +163,7 @@ class EncodeShard:
     def _encode_videos(self, clips: list[Clip], generator: torch.Generator) -> None:
         """One batch of clips of one shape -> their float16 latents (C, T', H', W')."""
         batch = np.stack([c.frames for c in clips])  # (B, T, H, W, 3) uint8
-        x = torch.from_numpy(batch).to(self.device)  # (B, T, H, W, 3)
-        x = x.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)  # (B, 3, T, H, W) in [-1, 1]
+        x = to_model_range(torch.from_numpy(batch).to(self.device))  # (B, 3, T, H, W)
         z = self.vae.encode_latents(x, sample=self.cfg.sample, generator=generator)
         for clip, latent in zip(clips, z.half().cpu().numpy(), strict=True):  # (C, T', H', W')
             clip.latent, clip.frames = latent, None
@@ -307,21 +299,6 @@ def check_encode_config(cfg: EncodeConfig) -> PackageMeta:
     return meta
 
 
-def package_hash(uri: str) -> str:
-    """`package.content_hash` of the package at `uri`, streaming: weights never sit in memory."""
-    h = hashlib.sha256()
-    for name in (MODEL_JSON, *WEIGHT_FILES):  # the order content_hash uses
-        part = storage.join(uri, name)
-        if storage.exists(part):
-            digest = hashlib.sha256()
-            with storage.local_copy(part) as path, open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(MiB), b""):
-                    digest.update(chunk)
-            h.update(name.encode() + b"\0")
-            h.update(digest.digest())
-    return h.hexdigest()
-
-
 def encode_settings(cfg: EncodeConfig, meta: PackageMeta) -> dict:
     """What an output shard depends on besides its input: a part record with other settings is
     stale, and its shard is encoded again."""
@@ -412,8 +389,6 @@ def _finish(cfg: EncodeConfig, settings: dict, records: list[dict], fresh: list[
 
 def run_encode_command(cfg: EncodeConfig) -> dict:
     """`t2v encode`: check the output location, join or start Ray, encode; report sans skip list."""
-    from t2v.runtime import check_output_uri, ensure_ray
-
     check_output_uri(cfg.out)
     ensure_ray()
     report = run_encode(cfg)

@@ -23,6 +23,7 @@ from t2v import storage
 from t2v.config import PackConfig, save_resolved
 from t2v.data.shards import safe_key, shard_name, write_index, write_shard
 from t2v.data.video import VideoDecodeError, decode_video, encode_mp4, probe_video
+from t2v.runtime import check_output_uri, ensure_ray
 
 log = logging.getLogger("t2v.pack")
 
@@ -173,3 +174,11 @@ def run_pack(cfg: PackConfig) -> dict:
     storage.write_text(storage.join(cfg.out, "pack_report.json"), json.dumps(report, indent=1))
     write_index(cfg.out, shards, source=cfg.src)  # last: marks the data set complete
     return report
+
+
+def run_pack_command(cfg: PackConfig) -> dict:
+    """`t2v pack` / jobs/pack.py: check the output, join or start Ray, pack; the report without
+    its per-file skip list (that is in OUT/pack_report.json)."""
+    check_output_uri(cfg.out)
+    ensure_ray()
+    return {k: v for k, v in run_pack(cfg).items() if k != "skips"}

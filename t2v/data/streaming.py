@@ -23,7 +23,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from t2v import storage
 from t2v.config import ReaderConfig
 from t2v.data.shards import shard_uris
-from t2v.data.video import VideoDecodeError, decode_video
+from t2v.data.video import VideoDecodeError, decode_video, to_model_range
 
 
 @ray.remote(num_cpus=0)
@@ -76,15 +76,14 @@ class DecodeClip:
 
 
 class VideoCollate(NumpyBatchCollateFn):
-    """numpy batch -> VideoBatch; uint8 (B,T,H,W,3) -> float (B,T,3,H,W) in [-1, 1]."""
+    """numpy batch -> VideoBatch; uint8 (B,T,H,W,3) -> float (B,3,T,H,W) in [-1, 1]."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> VideoBatch:
         with warnings.catch_warnings():  # Ray hands out read-only arrays; we only read them
             warnings.simplefilter("ignore", UserWarning)
             video = torch.from_numpy(np.ascontiguousarray(batch["video"]))
-        video = video.permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0)
         return VideoBatch(
-            video=video,
+            video=to_model_range(video),  # (B, 3, T, H, W)
             captions=[str(c) for c in batch["caption"]],
             keys=[str(k) for k in batch["key"]],
             meta=[json.loads(m) for m in batch["meta"]],
@@ -94,7 +93,7 @@ class VideoCollate(NumpyBatchCollateFn):
 @dataclass
 class VideoBatch:
     video: torch.Tensor
-    """(B, T, C, H, W) float32 in [-1, 1]."""
+    """(B, 3, T, H, W) float32 in [-1, 1], the models' layout."""
     captions: list[str]
     keys: list[str]
     meta: list[dict]

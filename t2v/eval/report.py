@@ -17,12 +17,20 @@ import json
 import time
 
 import numpy as np
+import torch
 
 from t2v import storage
 from t2v.config import EvalConfig
+from t2v.data.shards import iter_shard_samples, shard_uris
 from t2v.data.synthetic import COLOURS, MOTIONS, SHAPES
+from t2v.data.video import VideoDecodeError, decode_video, to_gif, to_model_range, to_png
+from t2v.diffusion.flow import heldout_flow_loss
 from t2v.eval.detector import detect
 from t2v.eval.scoring import by_group, format_table, judge, summarize
+from t2v.eval.sheet import eval_sheet
+from t2v.models.package import load_package
+from t2v.render.manifest import SUMMARY_NAME, latest_rows, read_manifest
+from t2v.render.prompts import PromptRules, parse_prompts, prompt_format
 
 VOCAB = {"colour": list(COLOURS), "shape": list(SHAPES), "motion": list(MOTIONS),
          "count": ["1", "2"]}
@@ -31,8 +39,6 @@ TRUTH_KEYS = ("colour", "shape", "motion", "count")
 
 def load_truth(prompts_uri: str) -> list[dict]:
     """The prompt rows that carry ground truth: [{"id", "prompt", "meta"}], file order."""
-    from t2v.render.prompts import PromptRules, parse_prompts, prompt_format
-
     # Lenient rules: eval only needs ids, prompts and meta; shapes were checked at render time.
     rules = PromptRules(temporal_down=1, spatial_multiple=1)
     parsed = parse_prompts(storage.read_bytes(prompts_uri), prompt_format(prompts_uri), rules,
@@ -51,9 +57,6 @@ def _truth(meta: dict) -> dict:
 
 def score_videos(cfg: EvalConfig, out: str) -> tuple[list[dict], list, list]:
     """Detect and judge every video of every ground-truth prompt; GIFs on the way."""
-    from t2v.data.video import VideoDecodeError, decode_video, to_gif
-    from t2v.render.manifest import latest_rows, read_manifest
-
     truth_rows = load_truth(cfg.prompts)
     ok, errors = latest_rows(read_manifest(cfg.renders))
     by_prompt: dict[str, list[dict]] = {}
@@ -99,8 +102,6 @@ def score_videos(cfg: EvalConfig, out: str) -> tuple[list[dict], list, list]:
 def _heldout_clips(uri: str, n: int, temporal_down: int, spatial: int) -> tuple[np.ndarray, list]:
     """Up to n held-out clips uint8 (N, T, H, W, 3) cut to 1 + k*temporal_down frames and a
     multiple of the VAE's spatial factor, with their captions."""
-    from t2v.data.shards import iter_shard_samples, shard_uris
-    from t2v.data.video import VideoDecodeError, decode_video
 
     clips, captions = [], []
     for key, fields in iter_shard_samples(shard_uris(uri)):
@@ -129,17 +130,12 @@ def _heldout_clips(uri: str, n: int, temporal_down: int, spatial: int) -> tuple[
 
 def model_metrics(cfg: EvalConfig) -> dict:
     """VAE PSNR + compression on held-out clips; DiT held-out flow loss at fixed t."""
-    import torch
-
-    from t2v.diffusion.flow import heldout_flow_loss
-    from t2v.models.package import load_package
-
     pkg = load_package(cfg.model, load_text=True)
     vae = pkg.vae.eval()
     vcfg = vae.config
     clips, captions = _heldout_clips(cfg.heldout, cfg.heldout_clips, vcfg.temporal_down,
                                      vcfg.spatial_down)
-    x = torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1.0  # (N, 3, T, H, W)
+    x = to_model_range(clips)  # (N, 3, T, H, W)
     out: dict = {"package": cfg.model, "package_hash": pkg.hash, "heldout_clips": len(clips)}
     with torch.no_grad():
         z = vae.encode(x).mean  # (N, C, T', H', W') raw latents
@@ -167,8 +163,6 @@ def model_metrics(cfg: EvalConfig) -> dict:
 
 
 def render_speed(cfg: EvalConfig, rows: list[dict]) -> dict:
-    from t2v.render.manifest import SUMMARY_NAME
-
     secs = [r["seconds"] for r in rows if r.get("seconds")]
     out = {"videos": len(secs), "seconds_per_video_mean": round(float(np.mean(secs)), 4)
            if secs else None}
@@ -180,9 +174,6 @@ def render_speed(cfg: EvalConfig, rows: list[dict]) -> dict:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from t2v.data.video import to_png
-    from t2v.eval.sheet import eval_sheet
-
     if not cfg.renders or not cfg.prompts:
         raise ValueError("eval needs --renders URI and --prompts URI")
     if cfg.heldout and not cfg.model:

@@ -19,15 +19,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from t2v import storage  # noqa: E402
-from t2v.cli import run_synth  # noqa: E402
 from t2v.config import ReaderConfig, SynthConfig  # noqa: E402
 from t2v.data.shards import shard_uris  # noqa: E402
-from t2v.data.video import decode_video  # noqa: E402
+from t2v.data.synthetic import run_synth  # noqa: E402
+from t2v.data.video import decode_video, to_model_range  # noqa: E402
 
 
 def plain_loop(uris: list[str], frames: int, batch_size: int) -> int:
@@ -46,8 +45,7 @@ def plain_loop(uris: list[str], frames: int, batch_size: int) -> int:
             continue
         pending.append((clip, sample["txt"].decode()))
         if len(pending) == batch_size:
-            video = torch.from_numpy(np.stack([c for c, _ in pending]))
-            video = video.permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0)
+            video = to_model_range(np.stack([c for c, _ in pending]))  # (B, 3, T, H, W)
             n += video.shape[0]
             pending = []
     return n + len(pending)

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from t2v import storage  # noqa: E402
-from t2v.cli import run_synth  # noqa: E402
 from t2v.config import EncodeConfig, SynthConfig, TrainConfig  # noqa: E402
+from t2v.data.synthetic import run_synth  # noqa: E402
 
 
 def make_latents(tmp: str) -> str:
