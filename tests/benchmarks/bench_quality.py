@@ -30,13 +30,24 @@ BARS = {
 }
 
 
+def cpu_name() -> str:
+    """`lscpu`'s model name and vector width: AVX-512 boxes train ~2-3x faster than AVX2 ones."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                  if line.startswith("Model name")), platform.machine())
+    return f"{model} ({'AVX-512' if 'avx512f' in out else 'AVX2'})"
+
+
 def machine() -> str:
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}, load avg at end {load:.1f}")
+    return (f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"load avg at end {load:.1f}")
 
 
 def run(profile: str, out: Path) -> tuple[float, dict, dict]:
