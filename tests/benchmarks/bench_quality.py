@@ -111,6 +111,7 @@ def main() -> int:
     base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="t2v-bench-quality-"))
     out = base / f"demo-{profile}"
     shutil.rmtree(out, ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)  # the log goes beside `out`
     wall, summary, report = run(profile, out)
     text = markdown(profile, wall, summary, report)
     (base / f"bench_quality_{profile}.md").write_text(text + "\n")
