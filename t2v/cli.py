@@ -18,7 +18,6 @@ from pydantic import BaseModel
 
 from t2v import storage
 from t2v.config import (
-    ConfigError,
     DemoConfig,
     EncodeConfig,
     EvalConfig,
@@ -27,8 +26,8 @@ from t2v.config import (
     RenderConfig,
     SynthConfig,
     TrainConfig,
-    load_config,
 )
+from t2v.configfile import ConfigError, load_config
 
 
 @dataclass(frozen=True)

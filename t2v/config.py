@@ -1,24 +1,13 @@
-"""Typed configs: one pydantic model per component, YAML files plus dotted overrides.
+"""Typed configs: one pydantic model per component, with a docstring under every field.
 
-Every job takes `--config FILE.yaml [dotted.key=value ...]`. Errors are one line naming the file
-and the key, because the user's next action is to open that file at that key.
+Files and overrides become these models in t2v/configfile.py (`load_config`).
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from t2v import storage
-
-C = TypeVar("C", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A config file or override the job cannot use; the message is one line."""
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Section(BaseModel):
@@ -405,105 +394,3 @@ class DemoConfig(Section):
     dit: TrainConfig = Field(default_factory=lambda: TrainConfig(stage="dit", name="dit"))
     render: RenderConfig = Field(default_factory=RenderConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
-    parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"{source}: bad override key {key!r} (empty part)")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: override {key!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str], source: str = "command line") -> dict[str, Any]:
-    """`["a.b=3", "c=[1,2]"]` -> nested dict; values are parsed as YAML scalars/flow lists."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or " " in key:
-            raise ConfigError(f"{source}: bad override {item!r} (expected dotted.key=value)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            msg = str(e).splitlines()[0]
-            raise ConfigError(f"{source}: override {key}: cannot parse {raw!r}: {msg}") from None
-        _set_dotted(tree, key, value, source)
-    return tree
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    try:
-        text = storage.read_text(path)
-    except storage.StorageError as e:
-        raise ConfigError(f"config {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
-
-
-def _format_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
-    kind = first["type"]
-    if kind == "extra_forbidden":
-        msg = "unknown key"
-    else:
-        msg = first["msg"]
-        if "input" in first and kind != "missing":
-            msg += f" (got {first['input']!r})"
-    more = len(err.errors()) - 1
-    tail = f" (+{more} more)" if more else ""
-    return f"{source}: {key}: {msg}{tail}"
-
-
-def load_config(cls: type[C], path: str | None = None, overrides: list[str] | None = None) -> C:
-    """Build `cls` from a YAML file (local or s3://) plus dotted overrides, or raise ConfigError."""
-    data = _read_yaml(path) if path else {}
-    ov = parse_overrides(overrides or [])
-    merged = deep_merge(data, ov)
-    source = path or "defaults"
-    if ov:
-        source += " + overrides"
-    try:
-        return cls.model_validate(merged)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
-
-
-def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
-
-
-def save_resolved(cfg: BaseModel, uri: str) -> None:
-    """Write the resolved config beside a job's outputs (atomically)."""
-    storage.write_text(uri, to_yaml(cfg))

@@ -29,8 +29,8 @@ from t2v.config import (
     SynthConfig,
     TrainConfig,
     TrainDataConfig,
-    save_resolved,
 )
+from t2v.configfile import save_resolved
 from t2v.data.encode import run_encode_command
 from t2v.data.synthetic import (
     MOVING_TEMPLATES,

@@ -175,7 +175,7 @@ def _load_job(argv: list[str]) -> Any:
     """`python .../jobs/NAME.py ARGS` -> the resolved config, exactly as the job would build it
     (nothing runs). Paths inside the image map back to this checkout."""
     from t2v.cli import COMMANDS, _parser
-    from t2v.config import load_config
+    from t2v.configfile import load_config
 
     assert argv[0] == "python" and re.fullmatch(r"(.*/)?jobs/\w+\.py", argv[1]), argv[:2]
     name = Path(argv[1]).stem

@@ -2,7 +2,8 @@
 
 import pytest
 
-from t2v.config import ConfigError, DemoConfig, PackConfig, SynthConfig, load_config, to_yaml
+from t2v.config import DemoConfig, PackConfig, SynthConfig
+from t2v.configfile import ConfigError, load_config, to_yaml
 
 
 def write(tmp_path, text, name="c.yaml"):

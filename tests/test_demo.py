@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from t2v.config import DemoConfig, load_config
+from t2v.config import DemoConfig
+from t2v.configfile import load_config
 from t2v.demo import PROFILES, apply_profile, heldout_prompt_rows
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE = ["t2v.config", "t2v.storage", "t2v.data.video", "t2v.data.synthetic", "t2v.data.shards",
+PURE = ["t2v.config", "t2v.configfile", "t2v.storage", "t2v.data.video", "t2v.data.synthetic", "t2v.data.shards",
         "t2v.render.prompts", "t2v.render.manifest"]
 PURE_PACKAGES = ["t2v.models", "t2v.diffusion", "t2v.eval"]
 

@@ -149,7 +149,7 @@ def test_package_from_training_loads_and_samples(reference):
 def test_vae_stage_then_dit_encoding_on_the_fly(ray_local, train_raw, tmp_path):
     """stage vae on raw shards -> VAE-only package with fitted latent stats; then a DiT run
     that reads the RAW shards and encodes each batch in the worker with that VAE."""
-    from t2v.config import load_config
+    from t2v.configfile import load_config
 
     out = str(tmp_path)
     vae_cfg = load_config(TrainConfig, "jobs/configs/debug-vae.yaml",

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from t2v.config import TrainConfig, load_config
+from t2v.config import TrainConfig
+from t2v.configfile import load_config
 from t2v.models.dit import DIT_PRESETS
 from t2v.models.vae import VAE_PRESETS
 

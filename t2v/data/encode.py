@@ -26,7 +26,8 @@ import ray
 import torch
 
 from t2v import storage
-from t2v.config import EncodeConfig, save_resolved
+from t2v.config import EncodeConfig
+from t2v.configfile import save_resolved
 from t2v.data.latents import LATENT_FORMAT
 from t2v.data.shards import iter_tar_samples, shard_uris, write_index, write_shard
 from t2v.data.video import VideoDecodeError, decode_video, to_model_range

@@ -20,7 +20,8 @@ from pathlib import PurePosixPath
 import ray
 
 from t2v import storage
-from t2v.config import PackConfig, save_resolved
+from t2v.config import PackConfig
+from t2v.configfile import save_resolved
 from t2v.data.shards import safe_key, shard_name, write_index, write_shard
 from t2v.data.video import VideoDecodeError, decode_video, encode_mp4, probe_video
 from t2v.runtime import check_output_uri, ensure_ray

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from t2v import storage
-from t2v.config import SynthConfig, save_resolved
+from t2v.config import SynthConfig
+from t2v.configfile import save_resolved
 from t2v.data.shards import ShardWriter
 from t2v.data.video import encode_mp4
 

@@ -20,7 +20,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from t2v import storage
-from t2v.config import TrainConfig, save_resolved
+from t2v.config import TrainConfig
+from t2v.configfile import save_resolved
 from t2v.data.shards import shard_uris
 from t2v.runtime import check_output_uri, ensure_ray
 from t2v.train.stages import task_for
