@@ -45,26 +45,32 @@ class BatchKey(NamedTuple):
     guided: bool
 
 
-class Sample(BaseModel):
-    """One video to render, every default filled in: what travels from the plan to a renderer
-    actor (as JSON validated on arrival, `SAMPLES`) and into its manifest row."""
+class VideoSettings(BaseModel):
+    """What one video depends on besides the model: prompts, seed, sampler steps, guidance,
+    shape, and the free `meta` a row carries into its manifest row."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str
     prompt: str
+    negative_prompt: str = ""
     seed: int
     steps: int
     cfg: float
     frames: int
     height: int
     width: int
-    negative_prompt: str = ""
+    meta: dict[str, Any] = {}
+
+
+class Sample(VideoSettings):
+    """One video to render, every default filled in: what travels from the plan to a renderer
+    actor (as JSON validated on arrival, `SAMPLES`) and into its manifest row."""
+
+    id: str
     prompt_id: str | None = None
     """The row's id (differs from `id` with num_per_prompt > 1: `{prompt_id}-{sample}`)."""
     sample: int = 0
     line: int = 0
-    meta: dict[str, Any] = {}
 
     @property
     def batch_key(self) -> BatchKey:
@@ -75,22 +81,11 @@ SAMPLES = TypeAdapter(list[Sample])
 """The wire format of a batch of samples (JSON bytes) between the driver and renderer actors."""
 
 
-class PromptRow(BaseModel):
-    """A valid row, defaults filled in."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PromptRow(VideoSettings):
+    """A valid row of a prompt file, defaults filled in."""
 
     line: int
     id: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    cfg: float
-    frames: int
-    height: int
-    width: int
-    meta: dict[str, Any] = {}
 
     def samples(self, num_per_prompt: int) -> list[Sample]:
         """The videos this row asks for: one, or `num_per_prompt` with ids `{id}-{k}`."""
