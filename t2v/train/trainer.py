@@ -52,18 +52,19 @@ def run_train(cfg: TrainConfig) -> dict:
     ensure_ray(cfg.ray_address)
     t0 = time.time()
     run_uri = storage.join(cfg.out, cfg.name)
+    resume_step = latest_checkpoint_step(run_uri)
+    if resume_step >= cfg.steps and storage.exists(storage.join(run_uri, "package",
+                                                                "model.json")):
+        # Before reading any data: resubmitting a finished run costs nothing.
+        print(f"[t2v] run {run_uri} already finished at step {resume_step}", flush=True)
+        return {"run": run_uri, "step": resume_step, "package": storage.join(run_uri, "package"),
+                "resumed": True}
     save_resolved(cfg, storage.join(run_uri, "config.yaml"))
     uris = shard_uris(cfg.data.shards)
     if not uris:
         raise storage.StorageError(f"{cfg.data.shards}: no shard-*.tar found")
     train, val_uri = split_held_out(uris)
     info = task.describe_data(val_uri or uris[-1])
-    resume_step = latest_checkpoint_step(run_uri)
-    if resume_step >= cfg.steps and storage.exists(storage.join(run_uri, "package",
-                                                                "model.json")):
-        print(f"[t2v] run {run_uri} already finished at step {resume_step}", flush=True)
-        return {"run": run_uri, "step": resume_step, "package": storage.join(run_uri, "package"),
-                "resumed": True}
     dataset, collate = task.dataset(train, cfg.data.shuffle_seed * 1_000_003 + resume_step)
     fs, storage_path = storage.pyarrow_filesystem(cfg.out)
     resources = {"CPU": cfg.cpus_per_worker}
