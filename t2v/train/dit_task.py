@@ -111,7 +111,7 @@ class DiTTask(StageTask):
             return TextEncoderConfig(ref=data.text_encoder, max_length=data.text_max_length)
         return TextEncoderConfig.from_dict(read_index(data.shards)["text_encoder"])
 
-    def _held_out(self, val_uri: str, text: TextEncoderConfig,
+    def _held_out(self, val_uri: str, text: TextEncoder,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[dict]]:
         """(latents, text, mask, captions, sample metas) of up to VAL_COUNT held-out samples."""
         cfg = self.cfg
@@ -121,10 +121,8 @@ class DiTTask(StageTask):
             with torch.no_grad():
                 latent = vae.encode_latents(to_model_range(np.stack([c.frames for c in clips])))
             captions = [c.caption for c in clips]
-            emb, mask = TextEncoder(text)(captions)
-            return (latent.numpy(), emb.numpy(), mask.numpy(), captions,
-                    [{**c.meta, "frames": c.frames.shape[0], "height": c.frames.shape[1],
-                      "width": c.frames.shape[2]} for c in clips])
+            emb, mask = text(captions)
+            return latent.numpy(), emb.numpy(), mask.numpy(), captions, [c.meta for c in clips]
         rows = []
         for _key, f in iter_shard_samples([val_uri]):
             rows.append((_npy(f["latent.npy"]), _npy(f["text.npy"]), _npy(f["mask.npy"]),
@@ -141,8 +139,9 @@ class DiTTask(StageTask):
     def describe_data(self, val_uri: str) -> DiTData:
         cfg = self.cfg
         text_cfg = self._text_config()
-        latent, text, mask, captions, metas = self._held_out(val_uri, text_cfg)
-        empty, empty_mask = TextEncoder(text_cfg)([""])  # (1, L, D), (1, L)
+        encoder = TextEncoder(text_cfg)
+        latent, text, mask, captions, metas = self._held_out(val_uri, encoder)
+        empty, empty_mask = encoder([""])  # (1, L, D), (1, L)
         c, t, h, w = latent.shape[1:]
         vae = read_meta(cfg.vae).vae
         if vae is None:
