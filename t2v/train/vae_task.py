@@ -67,11 +67,12 @@ class VAETask(StageTask):
         recon, posterior = engine(x)
         return engine.module.loss(x, recon, posterior, kl_weight=self.cfg.kl_weight)["total"]
 
-    def _held_out(self) -> torch.Tensor:
-        return to_model_range(self.info.video).to(self.device)  # (N, 3, T, H, W)
+    def _held_out(self, count: int | None = None) -> torch.Tensor:
+        """The first `count` (default all) held-out clips on the device, model range."""
+        return to_model_range(self.info.video[:count]).to(self.device)  # (N, 3, T, H, W)
 
     def validate(self, module: nn.Module, step: int) -> Validation:
-        x = self._held_out()[:VAL_COUNT]
+        x = self._held_out(VAL_COUNT)  # converts only what validation uses
         recon = module.decode_raw(module.encode(x).mean)
         orig, rec = [to_uint8(v) for v in x], [to_uint8(v) for v in recon]
         scores = [psnr(a, b) for a, b in zip(orig, rec, strict=True)]
