@@ -157,10 +157,10 @@ class TrainDataConfig(Section):
     encode_on_the_fly: bool = False
     """Stage dit: read RAW shards and encode each batch in the worker with `vae` and the text
     encoder, instead of precomputed latent shards (`t2v encode`)."""
-    text_encoder: str = "builtin:minilm"
-    """Text encoder for encode_on_the_fly."""
-    text_max_length: int = Field(64, ge=1)
-    """Tokens per caption for encode_on_the_fly."""
+    text_encoder: str | None = None
+    """Text encoder for encode_on_the_fly; None takes the `vae` package's, as `t2v encode`."""
+    text_max_length: int | None = Field(None, ge=1)
+    """Tokens per caption for encode_on_the_fly; None keeps the text encoder's."""
 
 
 class OptimConfig(Section):

@@ -19,11 +19,22 @@ from tests.s3_fixtures import moto_s3, s3_bucket  # noqa: F401
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray Train's controller polls its workers every 2 s by default, and starting, checkpointing
+# and finishing each wait for a poll: ~10 s per run on this 2-core machine (measured). Set
+# before `ray start`, so jobs and the Train actors inherit it too.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 # Ray's object store per node. Small on purpose: the streaming test proves the reader stays
 # inside the stores while reading a data set several times larger than all of them.
 OBJECT_STORE_BYTES = 128 * 2**20
 NODE2_OBJECT_STORE_BYTES = 128 * 2**20
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = str(ROOT / "jobs" / "configs" / "debug.yaml")
+# On top of jobs/configs/debug.yaml for every training test's run: caption dropout exercised,
+# workers spread over both nodes, a failure is a failure (the fault test sets its own).
+RUN_OVERRIDES = ["caption_dropout=0.25", "placement_strategy=SPREAD", "max_failures=0"]
 
 
 @dataclass
@@ -59,7 +70,9 @@ def _stop_processes_under(temp: str, gcs: str | None = None) -> None:
     for p in mine:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=15)
+    # The GCS and node 2's raylet ignore SIGTERM for their whole grace period (15 s measured):
+    # the session is over, so 3 s is enough before SIGKILL.
+    _, alive = psutil.wait_procs(mine, timeout=3)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
@@ -181,3 +194,42 @@ def train_latents(ray_local, train_raw, debug_vae_package, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("train-latents"))
     run_encode(EncodeConfig(src=train_raw, out=out, vae=debug_vae_package, batch_size=4))
     return out
+
+
+def submit_job(cmd: list[str], timeout: int, temp_dir: str = "") -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the dashboard's job agent is still starting up; what it
+    printed (and the agent's log tail) also lands in /tmp/t2v-job-submit.log for a failure."""
+    deadline = time.time() + 180
+    while True:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        if "No available agent" not in r.stdout + r.stderr or time.time() > deadline:
+            logs = "".join(p.read_text()[-4000:] for p in Path(temp_dir).glob(
+                "session_latest/logs/dashboard_agent*.log")) if temp_dir else ""
+            Path("/tmp/t2v-job-submit.log").write_text(r.stdout + "\n----\n" + r.stderr
+                                                       + "\n----\n" + logs)
+            return r
+        time.sleep(3)
+
+
+@dataclass
+class DebugRun:
+    out: str  # the runs root: the run is out/debug
+    package: str
+    job: subprocess.CompletedProcess  # what `ray job submit` printed and returned
+
+
+@pytest.fixture(scope="session")
+def debug_run(ray_cluster, train_latents, debug_vae_package, tmp_path_factory):
+    """THE trained debug model package of the session, made as a user makes one: `ray job
+    submit -- python jobs/train.py --config jobs/configs/debug.yaml ...` on the session cluster
+    (ZeRO-2, 2 workers, 4 steps on `train_latents`, uninterrupted). The job tests check the
+    submission, the training tests compare every other run with its losses."""
+    out = str(tmp_path_factory.mktemp("runs"))  # absolute: the job runs in a copy of the repo
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
+           ray_cluster.dashboard, "--working-dir", str(ROOT), "--", sys.executable,
+           "jobs/train.py", "--config", "jobs/configs/debug.yaml", f"out={out}",
+           f"data.shards={train_latents}", f"vae={debug_vae_package}", *RUN_OVERRIDES]
+    job = submit_job(cmd, timeout=600, temp_dir=ray_cluster.temp_dir)
+    assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
+    return DebugRun(out=out, package=str(Path(out, "debug", "package")), job=job)

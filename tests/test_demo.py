@@ -56,6 +56,15 @@ def test_quick_demo_end_to_end(ray_local, tmp_path, capsys):
     assert model["vae"]["compression_ratio"] >= 24
     colour = report["attributes"]["colour"]
     assert colour["accuracy"] > colour["chance"], colour["confusion"]
+    # The VAE stage (Ray Train on raw shards) made a VAE-only package with fitted latent
+    # statistics, one per latent channel, and validated by PSNR.
+    vae = json.loads((out / "runs" / "vae" / "package" / "model.json").read_text())
+    assert vae["dit"] is None and vae["run"]["stage"] == "vae"
+    channels = PROFILES["quick"]().vae.model_overrides["latent_channels"]
+    assert len(vae["vae"]["shift"]) == len(vae["vae"]["scale"]) == channels
+    assert all(v != 0.0 for v in vae["vae"]["shift"]) and all(v != 1.0 for v in vae["vae"]["scale"])
+    assert any("psnr" in json.loads(line).get("val", {}) for line in
+               (out / "runs" / "vae" / "metrics.jsonl").read_text().splitlines())
     # The package knows its training geometry, and render (given no size flags) used it.
     render = json.loads((out / "runs" / "dit" / "package" / "model.json").read_text())["render"]
     quick = PROFILES["quick"]()

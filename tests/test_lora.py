@@ -3,6 +3,7 @@ imported Wan package that changes only the adapters."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -108,31 +109,34 @@ def wan_package(tmp_path_factory) -> str:
 
 def test_lora_finetune_of_imported_wan_changes_only_adapters(ray_local, train_raw, wan_package,
                                                              tmp_path: Path) -> None:
-    """Encode with the imported VAE + umT5, LoRA-train 3 steps on 2 workers, export unmerged."""
-    from t2v.config import EncodeConfig, TrainConfig
-    from t2v.data.encode import run_encode
+    """LoRA-train 3 steps on 2 workers from RAW shards, each batch encoded in the worker by the
+    imported VAE + umT5 (encode_on_the_fly) at 5x16x16; export unmerged."""
+    from t2v.config import TrainConfig
     from t2v.models.package import RenderDefaults, load_package, read_meta
     from t2v.train.trainer import run_train
 
-    latents = str(tmp_path / "latents")
-    run_encode(EncodeConfig(src=train_raw, out=latents, vae=wan_package, batch_size=4))
     cfg = TrainConfig.model_validate(dict(
         stage="dit", name="lora", out=str(tmp_path / "runs"), init_from=wan_package,
         vae=wan_package, steps=3, batch_size=2, num_workers=2, cpus_per_worker=0.5,
         zero_stage=2, activation_checkpointing=True, log_every=1, ckpt_every=3, val_every=3,
         val_samples=1, val_steps=2, max_failures=0, caption_dropout=0.25,
-        optim={"lr": 1e-2}, data={"shards": latents},
-        lora={"rank": RANK, "alpha": ALPHA, "merge_on_export": False}))
+        optim={"lr": 1e-2}, lora={"rank": RANK, "alpha": ALPHA, "merge_on_export": False},
+        data={"shards": train_raw, "encode_on_the_fly": True, "text_max_length": 16,
+              "frames": 5, "size": 16}))
     result = run_train(cfg)
     assert result["step"] == 3
     pkg = Path(result["package"])
     meta = read_meta(str(pkg))
     assert meta.lora == {"rank": RANK, "alpha": ALPHA, "target_modules": ["qkv", "q", "kv", "out"]}
     assert meta.vae_ref == read_meta(wan_package).vae_ref and meta.dit.text_mask is False
-    # Render defaults: the geometry of the clips it was tuned on (train_raw: 9x32x32 at 8 fps),
-    # the shift and sampling settings of the imported package it started from.
-    assert meta.render == RenderDefaults(frames=9, height=32, width=32, fps=8.0, shift=3.0,
+    # Render defaults: the geometry of the clips it was tuned on (train_raw is 9x32x32 at 8 fps,
+    # read at 5x16x16), the shift and sampling settings of the imported package it started from.
+    assert meta.render == RenderDefaults(frames=5, height=16, width=16, fps=8.0, shift=3.0,
                                          steps=50, cfg=5.0)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "lora" / "metrics.jsonl")
+            .read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and all(0 < v < float("inf") for v in losses)
 
     base = load_file(Path(wan_package) / "dit.safetensors")
     tuned = load_file(pkg / "dit.safetensors")

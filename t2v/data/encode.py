@@ -19,7 +19,7 @@ import time
 import zlib
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -58,12 +58,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def resolve_text_config(base: TextEncoderConfig, cfg: EncodeConfig) -> TextEncoderConfig:
     """The package's text encoder, with the job's overrides of reference and length."""
-    text = base
-    if cfg.text_encoder:  # another model: its tokenizer sits beside it, not where the old one was
-        text = replace(text, ref=cfg.text_encoder, tokenizer=None)
-    if cfg.text_max_length:
-        text = replace(text, max_length=cfg.text_max_length)
-    return text
+    return base.overridden(cfg.text_encoder, cfg.text_max_length)
 
 
 def usable_frames(available: int, temporal_down: int) -> int:

@@ -13,7 +13,7 @@ import html
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +44,13 @@ class TextEncoderConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def overridden(self, ref: str | None = None, max_length: int | None = None,
+                   ) -> TextEncoderConfig:
+        """This config with a job's overrides (None keeps this one's): another model brings its
+        tokenizer beside it, not where the old one was."""
+        text = self if not ref else replace(self, ref=ref, tokenizer=None)
+        return text if not max_length else replace(text, max_length=max_length)
 
     @classmethod
     def from_dict(cls, d: dict) -> TextEncoderConfig:

@@ -108,7 +108,8 @@ class DiTTask(StageTask):
     def _text_config(self) -> TextEncoderConfig:
         data = self.cfg.data
         if data.encode_on_the_fly:
-            return TextEncoderConfig(ref=data.text_encoder, max_length=data.text_max_length)
+            return read_meta(self.cfg.vae).text.overridden(data.text_encoder,
+                                                           data.text_max_length)
         return TextEncoderConfig.from_dict(read_index(data.shards)["text_encoder"])
 
     def _held_out(self, val_uri: str, text: TextEncoder,
