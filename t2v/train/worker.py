@@ -46,24 +46,22 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
     }
 
 
-def full_params(engine):
-    """(name, full fp32 tensor) of the trainable parameters, on every rank (frozen ones never
-    change: a LoRA run's EMA needs only its adapters).
+def full_params(engine, zero_stage: int):
+    """(name, full tensor) of the trainable parameters, on every rank (frozen ones never change:
+    a LoRA run's EMA needs only its adapters).
 
-    The optimizer's fp32 master copy where DeepSpeed keeps one (ZeRO-3: all-gathered from the
-    partitions, a collective; ZeRO-1/2 and bf16: the master, not the rounded bf16 weight), else the
-    module's own (fp32 ZeRO-0). Not `zero.GatheredParameters` on the module: after
-    `load_checkpoint`, gathering ZeRO-3 module parameters between steps breaks DeepSpeed's
-    prefetch trace, and the second step of every resumed ZeRO-3 run died with "tracing error ...
-    expected the next N parameters in the parameter fetch queue" (DeepSpeed 0.19.8; their issue
-    #3599); tests/test_train.py resumes a ZeRO-3 run.
+    ZeRO-0/1/2 keep whole parameters in the module: those, no communication. ZeRO-3 partitions
+    them: the optimizer's fp32 master copy, all-gathered parameter by parameter (a collective).
+    Not `zero.GatheredParameters` on the module: after `load_checkpoint`, gathering ZeRO-3 module
+    parameters between steps breaks DeepSpeed's prefetch trace, and the second step of every
+    resumed ZeRO-3 run died with "tracing error ... expected the next N parameters in the
+    parameter fetch queue" (DeepSpeed 0.19.8, their issue #3599; tests/test_train.py resumes one).
     """
     from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415 - heavy: workers only
 
     for name, p in engine.module.named_parameters():
         if p.requires_grad:
-            full = safe_get_full_fp32_param(p)
-            yield name, (p if full is None else full)
+            yield name, safe_get_full_fp32_param(p) if zero_stage == 3 else p
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -179,7 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             state = {"step": step, "samples": state["samples"] + cfg.batch_size * world
                      * cfg.grad_accum}
-            ema.update(full_params(engine))
+            ema.update(full_params(engine, cfg.zero_stage))
             metrics = monitor.step_done(step, engine)
             if rank == 0 and (step % cfg.val_every == 0 or step == cfg.steps):
                 with torch.no_grad():
