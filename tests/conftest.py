@@ -155,9 +155,10 @@ def debug_vae_package(tmp_path_factory):
     """A VAE-only package of the debug preset (random weights, fitted latent stats)."""
     import torch
 
+    from t2v.models.latent import fit_latent_stats
     from t2v.models.package import save_package
     from t2v.models.text import TextEncoderConfig
-    from t2v.models.vae import CausalVideoVAE, fit_latent_stats, vae_config
+    from t2v.models.vae import CausalVideoVAE, vae_config
 
     torch.manual_seed(0)
     vae = CausalVideoVAE(vae_config("debug")).eval()

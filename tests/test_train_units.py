@@ -56,12 +56,12 @@ def test_per_sample_randomness_depends_only_on_seed_step_key():
 
 
 DS_SCRIPT = textwrap.dedent("""
-    import json, os, sys, torch, deepspeed
+    import json, os, sys, torch
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     torch.distributed.init_process_group("gloo")
     from t2v.config import TrainConfig
-    from t2v.train.worker import deepspeed_config
+    from t2v.train.worker import initialize_engine
     out = {}
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
     y = torch.randn(4, 1, generator=torch.Generator().manual_seed(1))
@@ -71,9 +71,8 @@ DS_SCRIPT = textwrap.dedent("""
         cfg = TrainConfig(batch_size=micro, grad_accum=accum, zero_stage=2,
                           optim={"grad_clip": clip})
         opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)
-        eng, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                              config=deepspeed_config(cfg, bf16=False),
-                                              dist_init_required=False)
+        eng = initialize_engine(model, opt, None, cfg, bf16=False, use_gpu=False)
+        opt = eng.optimizer
         # the gradient of the full batch, computed by hand for reference
         ref = torch.nn.Linear(5, 1); ref.load_state_dict(model.state_dict())
         ((ref(x) - y) ** 2).mean().backward()

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from t2v.models.vae import (
-    VAE_PRESETS,
-    CausalVideoVAE,
-    DiagonalGaussian,
-    VAEConfig,
-    fit_latent_stats,
-    vae_config,
-)
+from t2v.models.latent import DiagonalGaussian, fit_latent_stats
+from t2v.models.vae import VAE_PRESETS, CausalVideoVAE, VAEConfig, vae_config
 
 # fp32 chunked vs unchunked: convs over different frame counts round differently (seen: <6e-6)
 CHUNK_ATOL = 2e-5

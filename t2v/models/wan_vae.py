@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from t2v.models.latent import DiagonalGaussian, LatentVAE
 from t2v.models.text import resolve_model_dir
-from t2v.models.vae import DiagonalGaussian, LatentVAE
 
 DIFFUSERS_PREFIX = "diffusers:"
 VAE_CLASS = "AutoencoderKLWan"

@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from t2v.config import ReaderConfig
 from t2v.data.streaming import VideoBatch, VideoCollate, video_stream
 from t2v.data.video import contact_sheet, to_model_range, to_uint8
+from t2v.models.latent import fit_latent_stats
 from t2v.models.package import load_package, save_package
-from t2v.models.vae import CausalVideoVAE, fit_latent_stats, vae_config
+from t2v.models.vae import CausalVideoVAE, vae_config
 from t2v.train.schedule import train_flops
 from t2v.train.task import VAL_COUNT, DataInfo, StageTask, Validation, clip_fps, read_clips
 from t2v.train.validation import psnr

@@ -46,6 +46,27 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
     }
 
 
+def initialize_engine(model, optimizer, lr_scheduler, cfg: TrainConfig, bf16: bool,
+                      use_gpu: bool):
+    """deepspeed.initialize (torch.distributed already set up by Ray Train) -> the engine.
+
+    On CPU, DeepSpeed's comm backend would JIT-compile its shared-memory all-reduce op (~30 s of
+    gcc the first time on every machine, ~1 min on slower CPUs) that only its inference path
+    (`inference_all_reduce`) uses; training all-reduces through torch.distributed (gloo). Marking
+    the op unavailable in DeepSpeed's compatibility table (a dict it keeps for edits like this)
+    skips the build; the install no longer pre-compiles it.
+    """
+    import deepspeed  # noqa: PLC0415 - heavy: imported by the workers only, never by the driver
+
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=lr_scheduler,
+                                           config=deepspeed_config(cfg, bf16),
+                                           dist_init_required=False)
+    return engine
+
+
 def full_params(engine, zero_stage: int):
     """(name, full tensor) of the trainable parameters, on every rank (frozen ones never change:
     a LoRA run's EMA needs only its adapters).
@@ -117,8 +138,6 @@ def maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, run_uri: str) -> 
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import deepspeed  # noqa: PLC0415 - heavy: imported by the workers only, never by the driver
-
     cfg = TrainConfig.model_validate(config["train"])
     info, run_uri = config["data_info"], config["run_uri"]
     ctx = ray.train.get_context()
@@ -139,9 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
         s, warmup=cfg.optim.warmup_steps, total=cfg.steps, kind=cfg.optim.schedule,
         min_ratio=cfg.optim.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, bf16),
-                                           dist_init_required=False)
+    engine = initialize_engine(model, opt, sched, cfg, bf16, use_gpu)
     task.setup(info, device, torch.bfloat16 if bf16 else torch.float32, rank)
 
     state = restore_checkpoint(engine, ema) or {"step": 0, "samples": 0}
