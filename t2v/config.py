@@ -5,9 +5,9 @@ Files and overrides become these models in t2v/configfile.py (`load_config`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 
 class Section(BaseModel):
@@ -32,6 +32,10 @@ def _parse_min_max(v: object) -> object:
     if isinstance(v, int):
         return [v, v]
     return v
+
+
+ActorPool = Annotated[list[int], BeforeValidator(_parse_min_max), AfterValidator(_check_min_max)]
+"""A Ray Data actor pool's [min, max] size, also given as "1,4" or N."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -127,7 +131,7 @@ class EncodeConfig(Section):
     """Square side to resize/crop to before encoding; None keeps the stored size."""
     batch_size: int = Field(8, ge=1)
     """Clips per VAE forward."""
-    concurrency: list[int] = [1, 1]
+    concurrency: ActorPool = [1, 1]
     """[min, max] encoder actors."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per encoder actor (0 on CPU clusters)."""
@@ -135,10 +139,6 @@ class EncodeConfig(Section):
     """CPUs per encoder actor."""
     sample: bool = False
     """Store the posterior MEAN (False, the contract) or a sample (True)."""
-
-    _min_max = field_validator("concurrency")(classmethod(lambda cls, v: _check_min_max(v)))
-    _pair = field_validator("concurrency", mode="before")(classmethod(
-        lambda cls, v: _parse_min_max(v)))
 
 
 class TrainDataConfig(Section):
@@ -292,7 +292,7 @@ class RenderConfig(Section):
     """Frame rate of the written videos; None: the package's (its training data's)."""
     batch_size: int = Field(4, ge=1)
     """Videos per sampler call (rows of equal shape and steps are batched together)."""
-    concurrency: list[int] = [1, 1]
+    concurrency: ActorPool = [1, 1]
     """[min, max] renderer actors (Ray Data autoscaling actor pool)."""
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -308,10 +308,6 @@ class RenderConfig(Section):
     memory on one GPU); None decodes the whole batch at once."""
     fail_after: int | None = Field(None, ge=0)
     """Test hook: a renderer actor raises after writing this many videos (fault injection)."""
-
-    _min_max = field_validator("concurrency")(classmethod(lambda cls, v: _check_min_max(v)))
-    _pair = field_validator("concurrency", mode="before")(classmethod(
-        lambda cls, v: _parse_min_max(v)))
 
 
 class ImportConfig(Section):

@@ -134,6 +134,17 @@ def _lines(data: bytes) -> list[tuple[int, str | None, str | None]]:
     return out
 
 
+def _json_object(text: str, prefix: str = "") -> dict:
+    """A JSON object from `text`, else RowInvalid naming what is wrong (after `prefix`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RowInvalid(f"{prefix}invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(value, dict):
+        raise RowInvalid(f"{prefix}expected a JSON object, got {_type_name(value)}")
+    return value
+
+
 def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -180,13 +191,7 @@ def _check_csv_types(row: dict[str, str]) -> dict:
             except ValueError:
                 raise RowInvalid(f"cfg: expected a number, got {value!r}") from None
         elif key == "meta":
-            try:
-                meta = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise RowInvalid(f"meta: invalid JSON ({e.msg})") from None
-            if not isinstance(meta, dict):
-                raise RowInvalid(f"meta: expected a JSON object, got {_type_name(meta)}")
-            out[key] = meta
+            out[key] = _json_object(value, "meta: ")
         else:
             out[key] = value
     return out
@@ -279,13 +284,7 @@ def _raw_rows(data: bytes, fmt: str,
             continue
         try:
             if fmt == ".jsonl":
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise RowInvalid(f"invalid JSON: {e.msg} at column {e.colno}") from None
-                if not isinstance(value, dict):
-                    raise RowInvalid(f"expected a JSON object, got {_type_name(value)}")
-                out.append((n, _typed(value), None))
+                out.append((n, _typed(_json_object(text)), None))
                 continue
             try:
                 cells = next(csv.reader([text], strict=True))
