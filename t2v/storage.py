@@ -24,8 +24,18 @@ from botocore import exceptions as bx
 from botocore.config import Config
 
 MiB = 1 << 20
-# Above the threshold boto3 uploads in parts; the object appears only on CompleteMultipartUpload.
-TRANSFER_CONFIG = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB)
+PART_MIB_ENV = "T2V_S3_PART_MIB"
+"""Multipart part size and threshold in MiB (default 8; S3 allows 5 to 5120, and 10,000 parts:
+8 MiB parts carry objects up to ~78 GiB)."""
+
+
+def transfer_config() -> TransferConfig:
+    """Above the threshold boto3 uploads in parts; the object appears only on
+    CompleteMultipartUpload, so a killed upload leaves nothing at the final key."""
+    part = float(os.environ.get(PART_MIB_ENV, "8")) * MiB
+    return TransferConfig(multipart_threshold=int(part), multipart_chunksize=int(part))
+
+
 # Local temp files start with this, so that list_prefix can hide half-written outputs.
 TMP_PREFIX = ".t2v-tmp-"
 
@@ -317,7 +327,7 @@ def upload_file(local: str | os.PathLike[str], uri: str) -> None:
     with _errors(uri):
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            s3_client().upload_file(str(src), bucket, key, Config=TRANSFER_CONFIG)
+            s3_client().upload_file(str(src), bucket, key, Config=transfer_config())
             return
         with _replace_local(local_path(uri), src.suffix) as tmp:
             shutil.copyfile(src, tmp)
@@ -329,7 +339,7 @@ def download_file(uri: str, local: str | os.PathLike[str]) -> None:
     with _errors(uri), _replace_local(target, target.suffix) as tmp:
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            s3_client().download_file(bucket, key, str(tmp), Config=TRANSFER_CONFIG)
+            s3_client().download_file(bucket, key, str(tmp), Config=transfer_config())
         else:
             shutil.copyfile(local_path(uri), tmp)
 

@@ -145,3 +145,67 @@ def test_render_defaults_are_required_typed_and_migrated(models, tmp_path):
     assert read_meta(str(root)).render == RenderDefaults(81, 480, 832, fps=8.0, shift=3.0)
     (root / "model.json").write_text(json.dumps(v1 | {"run": {"stage": "dit", "step": 3}}))
     assert read_meta(str(root)).render is None
+
+
+def test_multipart_package_round_trips_bit_identically(moto_s3, s3_bucket, monkeypatch):
+    """Parts of 5 MiB (S3's smallest): a 13.6 MB dit.safetensors goes up in 3 parts, written
+    from a local file, and comes back bit-identical with the same content hash."""
+    monkeypatch.setenv(storage.PART_MIB_ENV, "5")
+    dit = randomise(VideoDiT(dit_config("debug", depth=12)), 3)
+    vae = randomise(CausalVideoVAE(vae_config("debug")), 4)
+    uri = f"{s3_bucket}/big"
+    digest = save_package(uri, vae=vae, dit=dit, render=RENDER)
+    bucket, key = storage.split_s3(f"{uri}/dit.safetensors")
+    head = moto_s3.client().head_object(Bucket=bucket, Key=key)
+    parts = -(-head["ContentLength"] // (5 * 2**20))
+    assert parts >= 3 and head["ETag"].strip('"').endswith(f"-{parts}")  # a multipart object
+    pkg = load_package(uri, load_text=False)
+    assert pkg.hash == digest == package_hash(uri)
+    for name, tensor in dit.state_dict().items():
+        assert torch.equal(pkg.dit.state_dict()[name], tensor), name
+
+
+KILLED_UPLOAD = """
+import sys
+from t2v.models.dit import VideoDiT, dit_config
+from t2v.models.package import RenderDefaults, save_package
+from t2v.models.vae import CausalVideoVAE, vae_config
+
+save_package(sys.argv[1], vae=CausalVideoVAE(vae_config("debug")),
+             dit=VideoDiT(dit_config("debug", depth=80)),
+             render=RenderDefaults(frames=5, height=16, width=16, fps=12.0))
+"""
+
+
+def test_upload_killed_midway_leaves_no_object(moto_s3, s3_bucket):
+    """SIGKILL the writer while dit.safetensors (~110 MB, 22 parts of 5 MiB) is half uploaded:
+    no object at its key, no model.json, so nothing reads as a package."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    uri = f"{s3_bucket}/killed"
+    bucket, key = storage.split_s3(f"{uri}/dit.safetensors")
+    s3 = moto_s3.client()
+    env = {**os.environ, storage.PART_MIB_ENV: "5",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_UPLOAD, uri], env=env)
+    parts, deadline = 0, time.time() + 120
+    try:
+        while parts < 2 and proc.poll() is None and time.time() < deadline:
+            uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+            if uploads:
+                parts = len(s3.list_parts(Bucket=bucket, Key=key,
+                                          UploadId=uploads[0]["UploadId"]).get("Parts", []))
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and parts >= 2  # killed with the upload under way
+    assert not storage.exists(f"{uri}/dit.safetensors")
+    assert not storage.exists(f"{uri}/model.json")
+    with pytest.raises(PackageError, match="not a model package"):
+        load_package(uri)

@@ -24,8 +24,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from t2v import storage
@@ -156,33 +155,39 @@ class PackageMeta:
             raise PackageError(f"{uri}/{MODEL_JSON}: invalid: {e}") from None
 
 
-def _state_bytes(module: nn.Module) -> bytes:
-    # contiguous + cloned: safetensors refuses shared or strided storage.
-    return st_save({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()})
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # contiguous CPU tensors: safetensors refuses shared or strided storage.
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def content_hash(parts: dict[str, bytes]) -> str:
+def _file_digest(path) -> bytes:
+    """sha256 of a local file, read in 1 MiB pieces (a 5 GB file never sits in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def content_hash(digests: dict[str, bytes]) -> str:
+    """The package's identity from the sha256 digest of each of its files."""
     h = hashlib.sha256()
     for name in (MODEL_JSON, *WEIGHT_FILES):
-        if name in parts:
+        if name in digests:
             h.update(name.encode() + b"\0")
-            h.update(hashlib.sha256(parts[name]).digest())
+            h.update(digests[name])
     return h.hexdigest()
 
 
 def package_hash(uri: str) -> str:
     """`content_hash` of the package at `uri`, streamed: the weights never sit in memory."""
-    h = hashlib.sha256()
-    for name in (MODEL_JSON, *WEIGHT_FILES):  # the order content_hash uses
+    digests = {}
+    for name in (MODEL_JSON, *WEIGHT_FILES):
         part = storage.join(uri, name)
         if storage.exists(part):
-            digest = hashlib.sha256()
-            with storage.local_copy(part) as path, open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(2**20), b""):
-                    digest.update(chunk)
-            h.update(name.encode() + b"\0")
-            h.update(digest.digest())
-    return h.hexdigest()
+            with storage.local_copy(part) as path:
+                digests[name] = _file_digest(path)
+    return content_hash(digests)
 
 
 def save_package(uri: str, *, vae: CausalVideoVAE | WanVAE | None,
@@ -214,32 +219,42 @@ def save_package(uri: str, *, vae: CausalVideoVAE | WanVAE | None,
                        vae=vae.config if vae is not None else vae_config, vae_ref=vae_ref,
                        text=text or TextEncoderConfig(), run=run or {}, render=render,
                        lora=lora_meta if lora else None)
-    parts: dict[str, bytes] = {}
+    weights: dict[str, dict[str, torch.Tensor]] = {}
     if dit is not None:
-        parts["dit.safetensors"] = _state_bytes(dit)
+        weights["dit.safetensors"] = _tensors(dit.state_dict())
     if vae is not None:
-        parts["vae.safetensors"] = _state_bytes(vae)
+        weights["vae.safetensors"] = _tensors(vae.state_dict())
     if lora:
-        parts["lora.safetensors"] = st_save({k: v.contiguous().cpu() for k, v in lora.items()})
-    parts[MODEL_JSON] = meta.to_json().encode()
-    for name, data in parts.items():  # dict order: model.json is last
-        storage.write_bytes(storage.join(uri, name), data)
-    return content_hash(parts)
+        weights["lora.safetensors"] = _tensors(lora)
+    digests = {}
+    for name, state in weights.items():
+        # A local file (no second copy of the weights as bytes), then one atomic rename or
+        # multipart upload (storage.transfer_config): no partial object at the final key.
+        with storage.atomic_local_file(storage.join(uri, name)) as tmp:
+            save_file(state, tmp)
+            digests[name] = _file_digest(tmp)
+    meta_json = meta.to_json().encode()
+    digests[MODEL_JSON] = hashlib.sha256(meta_json).digest()
+    storage.write_bytes(storage.join(uri, MODEL_JSON), meta_json)  # last: the package exists
+    return content_hash(digests)
 
 
-def _safetensors(data: bytes, what: str) -> dict[str, torch.Tensor]:
-    try:
-        return st_load(data)
-    except Exception as e:  # SafetensorError is not exported under a stable name
-        raise PackageError(f"{what}: not a safetensors file ({e})") from None
+def _read_weights(part_uri: str, what: str) -> tuple[dict[str, torch.Tensor], bytes]:
+    """(tensors, sha256) of a weights file: read through a local file (memory-mapped by
+    safetensors; an S3 object is downloaded to a temp file first), never as Python bytes."""
+    with storage.local_copy(part_uri) as path:
+        try:
+            state = load_file(path)
+        except Exception as e:  # SafetensorError is not exported under a stable name
+            raise PackageError(f"{what}: not a safetensors file ({e})") from None
+        return state, _file_digest(path)
 
 
-def _build(cls: type[nn.Module], config, weights: bytes, uri: str, dtype: torch.dtype,
-           device: str | torch.device) -> nn.Module:
+def _build(cls: type[nn.Module], config, state: dict[str, torch.Tensor], uri: str,
+           dtype: torch.dtype, device: str | torch.device) -> nn.Module:
     """Build on the meta device (no memory, no init cost), then adopt the stored tensors."""
     with torch.device("meta"):
         model = cls(config)
-    state = _safetensors(weights, f"{uri} ({cls.__name__})")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -275,35 +290,49 @@ def load_package(uri: str, *, device: str | torch.device = "cpu",
                  merge_lora: bool = True) -> LoadedPackage:
     """Everything a package holds, built on `device`; an imported VAE comes from its reference
     (needs diffusers), unmerged LoRA adapters are merged into the DiT unless told otherwise."""
-    meta = read_meta(uri)
-    parts = {MODEL_JSON: storage.read_bytes(storage.join(uri, MODEL_JSON))}
+    try:
+        meta_json = storage.read_bytes(storage.join(uri, MODEL_JSON))
+    except storage.StorageError as e:
+        raise PackageError(f"{uri}: not a model package ({MODEL_JSON} missing: {e})") from None
+    meta = PackageMeta.from_json(meta_json.decode(), uri)
+    digests = {MODEL_JSON: hashlib.sha256(meta_json).digest()}
+    wanted = {"dit.safetensors": load_dit, "vae.safetensors": load_vae,
+              "lora.safetensors": load_dit}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    present: set[str] = set()
     for name in WEIGHT_FILES:
-        if storage.exists(storage.join(uri, name)):
-            parts[name] = storage.read_bytes(storage.join(uri, name))
-    if meta.dit is not None and "dit.safetensors" not in parts:
+        part = storage.join(uri, name)
+        if not storage.exists(part):
+            continue
+        present.add(name)
+        if wanted[name]:
+            states[name], digests[name] = _read_weights(part, f"{uri}/{name}")
+        else:  # hashed (the package's identity), not loaded
+            with storage.local_copy(part) as path:
+                digests[name] = _file_digest(path)
+    if meta.dit is not None and "dit.safetensors" not in present:
         raise PackageError(f"{uri}: model.json has a DiT but dit.safetensors is missing")
-    if meta.vae_ref is None and meta.vae is not None and "vae.safetensors" not in parts:
+    if meta.vae_ref is None and meta.vae is not None and "vae.safetensors" not in present:
         raise PackageError(f"{uri}: model.json has a VAE but vae.safetensors is missing")
-    if "lora.safetensors" in parts and not meta.lora:
+    if "lora.safetensors" in present and not meta.lora:
         raise PackageError(f"{uri}: lora.safetensors without LoRA rank/alpha in model.json")
     if not load_vae:
         vae = None
     elif meta.vae_ref is not None:
         vae = _load_wan_vae(uri, meta, dtype, device)
     else:
-        vae = (_build(CausalVideoVAE, meta.vae, parts["vae.safetensors"], uri, dtype, device)
+        vae = (_build(CausalVideoVAE, meta.vae, states["vae.safetensors"], uri, dtype, device)
                if meta.vae is not None else None)
-    dit = (_build(VideoDiT, meta.dit, parts["dit.safetensors"], uri, dtype, device)
+    dit = (_build(VideoDiT, meta.dit, states["dit.safetensors"], uri, dtype, device)
            if meta.dit is not None and load_dit else None)
     text = TextEncoder(meta.text).to(device) if load_text and meta.dit is not None else None
-    lora = (_safetensors(parts["lora.safetensors"], f"{uri} (lora)")
-            if "lora.safetensors" in parts else None)
+    lora = states.get("lora.safetensors")
     if lora and dit is not None and merge_lora:
         try:
             merge_into(dit, lora, lora_scale(int(meta.lora["rank"]), meta.lora.get("alpha")))
         except (ValueError, KeyError) as e:
             raise PackageError(f"{uri}: lora.safetensors does not fit the DiT: {e}") from None
-    return LoadedPackage(uri=uri, meta=meta, hash=content_hash(parts), vae=vae, dit=dit,
+    return LoadedPackage(uri=uri, meta=meta, hash=content_hash(digests), vae=vae, dit=dit,
                          text=text, lora=lora)
 
 
