@@ -209,3 +209,21 @@ def test_upload_killed_midway_leaves_no_object(moto_s3, s3_bucket):
     assert not storage.exists(f"{uri}/model.json")
     with pytest.raises(PackageError, match="not a model package"):
         load_package(uri)
+
+
+def test_bf16_export_halves_the_dit_and_loads_in_any_dtype(tmp_path):
+    dit = randomise(VideoDiT(dit_config("debug")), 5)
+    vae = randomise(CausalVideoVAE(vae_config("debug")), 6)
+    save_package(str(tmp_path / "fp32"), vae=vae, dit=dit, render=RENDER)
+    save_package(str(tmp_path / "bf16"), vae=vae, dit=dit, render=RENDER,
+                 dit_dtype=torch.bfloat16)
+    size = {p: (tmp_path / p / "dit.safetensors").stat().st_size for p in ("fp32", "bf16")}
+    assert size["bf16"] < 0.52 * size["fp32"]
+    # The VAE is stored as it was: only the DiT is cast.
+    assert ((tmp_path / "bf16" / "vae.safetensors").read_bytes()
+            == (tmp_path / "fp32" / "vae.safetensors").read_bytes())
+    pkg = load_package(str(tmp_path / "bf16"), load_text=False)  # built in float32
+    for name, tensor in dit.state_dict().items():
+        got = pkg.dit.state_dict()[name]
+        assert got.dtype == torch.float32
+        assert torch.equal(got, tensor.to(torch.bfloat16).float()), name

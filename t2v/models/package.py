@@ -155,9 +155,12 @@ class PackageMeta:
             raise PackageError(f"{uri}/{MODEL_JSON}: invalid: {e}") from None
 
 
-def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # contiguous CPU tensors: safetensors refuses shared or strided storage.
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+def _tensors(state: dict[str, torch.Tensor],
+             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors (safetensors refuses shared or strided storage), floating-point
+    ones in `dtype` when given."""
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+            .detach().contiguous().cpu() for k, v in state.items()}
 
 
 def _file_digest(path) -> bytes:
@@ -196,13 +199,16 @@ def save_package(uri: str, *, vae: CausalVideoVAE | WanVAE | None,
                  run: dict | None = None, vae_ref: str | None = None,
                  vae_config: WanVAEConfig | None = None,
                  lora: dict[str, torch.Tensor] | None = None,
-                 lora_meta: dict | None = None) -> str:
+                 lora_meta: dict | None = None,
+                 dit_dtype: torch.dtype | None = None) -> str:
     """Write a package (weights first, model.json last); returns its content hash.
 
     The VAE is our module (weights written), a loaded WanVAE (its reference recorded), or,
     without a module, `vae_ref` + `vae_config` (what `t2v import` writes). A DiT needs its
     `render` defaults (what render falls back to). `lora` adapters need `lora_meta`
-    ({"rank", "alpha", "target_modules"}).
+    ({"rank", "alpha", "target_modules"}). `dit_dtype` (e.g. torch.bfloat16: half the bytes)
+    stores the DiT's and the adapters' floating-point weights in that dtype; `load_package`
+    builds them in whatever dtype it is asked for.
     """
     if dit is not None and render is None:
         raise ValueError("a package with a DiT needs its render defaults (RenderDefaults: the "
@@ -221,11 +227,11 @@ def save_package(uri: str, *, vae: CausalVideoVAE | WanVAE | None,
                        lora=lora_meta if lora else None)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     if dit is not None:
-        weights["dit.safetensors"] = _tensors(dit.state_dict())
+        weights["dit.safetensors"] = _tensors(dit.state_dict(), dit_dtype)
     if vae is not None:
         weights["vae.safetensors"] = _tensors(vae.state_dict())
     if lora:
-        weights["lora.safetensors"] = _tensors(lora)
+        weights["lora.safetensors"] = _tensors(lora, dit_dtype)
     digests = {}
     for name, state in weights.items():
         # A local file (no second copy of the weights as bytes), then one atomic rename or

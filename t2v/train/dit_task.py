@@ -260,4 +260,5 @@ class DiTTask(StageTask):
                "lora_merged": bool(lcfg.rank and lora is None)}
         return save_package(uri, vae=vae, vae_ref=vae_meta.vae_ref, vae_config=vae_meta.vae,
                             dit=dit, text=info.text_encoder, render=render, run=run, lora=lora,
-                            lora_meta=lora_meta)
+                            lora_meta=lora_meta,
+                            dit_dtype=torch.bfloat16 if cfg.export_dtype == "bf16" else None)
