@@ -22,6 +22,7 @@ from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bx
 from botocore.config import Config
+from botocore.credentials import RefreshableCredentials
 
 MiB = 1 << 20
 PART_MIB_ENV = "T2V_S3_PART_MIB"
@@ -408,8 +409,9 @@ def _pyarrow_path(uri: str) -> str:
 def pyarrow_filesystem(uri: str) -> tuple[Any, str]:
     """``(filesystem, path)`` for pyarrow/Ray Data: local -> ``(None, "/abs/path")``.
 
-    For S3 an ``S3FileSystem`` from the same boto3 session as ``s3_client`` (credentials, region,
-    endpoint), so Ray Data reads what boto3 writes, on AWS, moto or any S3-compatible server.
+    For S3 an ``S3FileSystem`` from the same boto3 session as ``s3_client`` (region, endpoint;
+    static credentials passed on, refreshable ones left to Arrow's default chain), so Ray Data
+    reads what boto3 writes, on AWS, moto or any S3-compatible server, for as long as it runs.
     """
     if not is_s3(uri):
         return None, _pyarrow_path(uri)
@@ -424,10 +426,15 @@ def pyarrow_filesystem(uri: str) -> tuple[Any, str]:
     creds = session.get_credentials()
     if creds is None:
         kwargs["anonymous"] = True
-    else:
-        frozen = creds.get_frozen_credentials()  # pyarrow cannot refresh: build one per job
+    elif not isinstance(creds, RefreshableCredentials):  # static keys: env, files, explicit
+        frozen = creds.get_frozen_credentials()
         kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
                       session_token=frozen.token)
+    # Keys that expire (web identity / IRSA, instance or container role, assume-role,
+    # credential_process with an Expiration) are NOT frozen into the filesystem: they last
+    # about an hour and a run lasts days. Arrow's own default chain (the AWS SDK's: env,
+    # profile, credential_process, web identity, container, instance metadata) finds the same
+    # source wherever the filesystem is unpickled (every Ray worker) and refreshes it.
     env = os.environ.get
     endpoint = urlsplit(env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL")
                         or client.meta.endpoint_url or "")

@@ -162,6 +162,55 @@ def test_pyarrow_filesystem_reads_moto(s3_bucket: str, tmp_path: Path) -> None:
         storage.pyarrow_paths([uri, str(tmp_path)])
 
 
+CREDENTIAL_PROCESS = """
+import datetime, json, pathlib, sys
+calls = pathlib.Path(sys.argv[1])
+n = int(calls.read_text() or 0) + 1 if calls.exists() else 1
+calls.write_text(str(n))
+expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
+print(json.dumps({"Version": 1, "AccessKeyId": f"AKIAROTATING{n:08d}",
+                  "SecretAccessKey": f"secret-{n}", "SessionToken": f"token-{n}",
+                  "Expiration": expires.isoformat()}))
+"""
+
+
+def test_expiring_credentials_are_refreshed_not_frozen(s3_bucket: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys from a `credential_process` that expire after 1 s (what IRSA / instance roles are,
+    at an hour's scale): the pyarrow filesystem Ray Data and Ray Train use must not freeze them.
+    It gets none; Arrow's default chain runs the process itself and again once they expire."""
+    import pickle
+    import sys
+    import time
+
+    bucket = storage.split_s3(s3_bucket)[0]
+    storage.s3_client().put_object(Bucket=bucket, Key="obj.bin", Body=b"abc")
+    script, calls = tmp_path / "creds.py", tmp_path / "calls"
+    script.write_text(CREDENTIAL_PROCESS)
+    config = tmp_path / "aws-config"
+    config.write_text(f"[profile rotating]\ncredential_process = {sys.executable} {script} "
+                      f"{calls}\nregion = us-east-1\n")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "rotating")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254
+    storage.clear_client_cache()
+    try:
+        fs, path = storage.pyarrow_filesystem(f"{s3_bucket}/obj.bin")
+        options = pickle.loads(pickle.dumps(fs))  # what a Ray worker gets
+        assert "AKIAROTATING" not in repr(pickle.dumps(fs))  # no key travels with it
+        before = int(calls.read_text())  # boto3 ran the process to learn the source
+        with options.open_input_stream(path) as f:
+            assert f.read() == b"abc"
+        time.sleep(1.5)  # the keys Arrow holds have expired
+        with options.open_input_stream(path) as f:
+            assert f.read() == b"abc"
+        assert int(calls.read_text()) >= before + 2  # Arrow fetched keys, then fresh ones
+    finally:
+        storage.clear_client_cache()
+
+
 def test_client_cache(moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch) -> None:
     first = storage.s3_client()
     assert storage.s3_client() is first
