@@ -230,6 +230,10 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU (bf16 is 2.6x slower than fp32 on CPUs without AMX)."""
     activation_checkpointing: bool = False
+    dry_run: bool = False
+    """Print the memory per rank this run needs (t2v/train/memory.py) and start nothing."""
+    device_memory_gib: float = Field(80.0, gt=0)
+    """Memory of one GPU, for the dry run's verdict (H100/A100-80G: 80)."""
     export_dtype: Literal["fp32", "bf16"] = "fp32"
     """DiT weights in the exported package: fp32, or bf16 (half the bytes: `large`'s 5.7 GB EMA
     becomes 2.9 GB). Checkpoints keep full precision either way."""

@@ -24,6 +24,7 @@ from t2v.config import TrainConfig
 from t2v.configfile import save_resolved
 from t2v.data.shards import shard_uris
 from t2v.runtime import check_output_uri, ensure_ray
+from t2v.train.memory import dry_run
 from t2v.train.stages import task_for
 from t2v.train.worker import train_loop_per_worker
 
@@ -49,6 +50,8 @@ def run_train(cfg: TrainConfig) -> dict:
         raise ValueError("train: data.shards is required")
     task = task_for(cfg)
     task.check()
+    if cfg.dry_run:
+        return dry_run(cfg)
     ensure_ray(cfg.ray_address)
     t0 = time.time()
     run_uri = storage.join(cfg.out, cfg.name)
