@@ -35,13 +35,16 @@ pytestmark = pytest.mark.slow
 
 def _own_processes(temp: str, gcs: str) -> list:
     """Processes of this cluster only: every one names its temp dir (session/log dirs) or, like
-    the Ray client server, its GCS address; children of those are ours too."""
+    the Ray client server, its GCS address; children of those are ours too. The client server
+    names the GCS by the machine's IP even when the head was started on 127.0.0.1, so the
+    address is matched by its port."""
     import psutil
 
+    port = re.compile(rf"^--address=.*:{gcs.rpartition(':')[2]}$")
     found: dict[int, psutil.Process] = {}
     for p in psutil.process_iter(["cmdline"]):
         args = p.info["cmdline"] or []
-        if any(temp in a or a.endswith(gcs) for a in args) and p.pid != os.getpid():
+        if any(temp in a or port.match(a) for a in args) and p.pid != os.getpid():
             found[p.pid] = p
     for p in list(found.values()):
         with contextlib.suppress(psutil.Error):
