@@ -172,6 +172,12 @@ def _file_digest(path) -> bytes:
     return digest.digest()
 
 
+def _part_digest(part_uri: str) -> bytes:
+    """sha256 of one file of a package, local or S3 (downloaded to a temp file first)."""
+    with storage.local_copy(part_uri) as path:
+        return _file_digest(path)
+
+
 def content_hash(digests: dict[str, bytes]) -> str:
     """The package's identity from the sha256 digest of each of its files."""
     h = hashlib.sha256()
@@ -188,8 +194,7 @@ def package_hash(uri: str) -> str:
     for name in (MODEL_JSON, *WEIGHT_FILES):
         part = storage.join(uri, name)
         if storage.exists(part):
-            with storage.local_copy(part) as path:
-                digests[name] = _file_digest(path)
+            digests[name] = _part_digest(part)
     return content_hash(digests)
 
 
@@ -281,13 +286,15 @@ class LoadedPackage:
     lora: dict[str, torch.Tensor] | None
 
 
-def read_meta(uri: str) -> PackageMeta:
-    json_uri = storage.join(uri, MODEL_JSON)
+def _meta_json(uri: str) -> bytes:
     try:
-        text = storage.read_text(json_uri)
+        return storage.read_bytes(storage.join(uri, MODEL_JSON))
     except storage.StorageError as e:
         raise PackageError(f"{uri}: not a model package ({MODEL_JSON} missing: {e})") from None
-    return PackageMeta.from_json(text, uri)
+
+
+def read_meta(uri: str) -> PackageMeta:
+    return PackageMeta.from_json(_meta_json(uri).decode(), uri)
 
 
 def load_package(uri: str, *, device: str | torch.device = "cpu",
@@ -296,10 +303,7 @@ def load_package(uri: str, *, device: str | torch.device = "cpu",
                  merge_lora: bool = True) -> LoadedPackage:
     """Everything a package holds, built on `device`; an imported VAE comes from its reference
     (needs diffusers), unmerged LoRA adapters are merged into the DiT unless told otherwise."""
-    try:
-        meta_json = storage.read_bytes(storage.join(uri, MODEL_JSON))
-    except storage.StorageError as e:
-        raise PackageError(f"{uri}: not a model package ({MODEL_JSON} missing: {e})") from None
+    meta_json = _meta_json(uri)  # read once: parsed here, hashed below
     meta = PackageMeta.from_json(meta_json.decode(), uri)
     digests = {MODEL_JSON: hashlib.sha256(meta_json).digest()}
     wanted = {"dit.safetensors": load_dit, "vae.safetensors": load_vae,
@@ -314,8 +318,7 @@ def load_package(uri: str, *, device: str | torch.device = "cpu",
         if wanted[name]:
             states[name], digests[name] = _read_weights(part, f"{uri}/{name}")
         else:  # hashed (the package's identity), not loaded
-            with storage.local_copy(part) as path:
-                digests[name] = _file_digest(path)
+            digests[name] = _part_digest(part)
     if meta.dit is not None and "dit.safetensors" not in present:
         raise PackageError(f"{uri}: model.json has a DiT but dit.safetensors is missing")
     if meta.vae_ref is None and meta.vae is not None and "vae.safetensors" not in present:

@@ -28,7 +28,7 @@ import torch
 
 from t2v.config import TrainConfig
 from t2v.data.shards import read_index
-from t2v.models.dit import DiTConfig, VideoDiT
+from t2v.models.dit import DiTConfig, VideoDiT, dit_config
 from t2v.models.package import read_meta
 from t2v.train.dit_task import dit_geometry
 
@@ -124,9 +124,10 @@ def dry_run(cfg: TrainConfig) -> dict:
     if cfg.stage != "dit":
         raise ValueError("train --dry-run: estimates stage dit (the VAE stage is small)")
     latent_shape, text_len, text_dim = _data_geometry(cfg)
-    if cfg.init_from:
-        text_dim = read_meta(cfg.init_from).dit.text_dim
-    model = dit_geometry(cfg, latent_shape[0], text_dim)
+    if text_dim is None:  # only the text encoder itself would say: take the DiT's own
+        text_dim = (read_meta(cfg.init_from).dit.text_dim if cfg.init_from
+                    else dit_config(cfg.model).text_dim)
+    model = dit_geometry(cfg, latent_shape[0], text_dim)  # checks init_from against the data
     trainable = _lora_params(model, cfg) if cfg.lora.rank else None  # adapters only
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.use_gpu)
     est = estimate_memory(model, latent_shape, text_len, cfg, bf16, trainable)
@@ -139,16 +140,18 @@ def dry_run(cfg: TrainConfig) -> dict:
                                              "gradients", "optimizer", "ema", "activations")}}
 
 
-def _data_geometry(cfg: TrainConfig) -> tuple[tuple[int, int, int, int], int, int]:
-    """((C, T', H', W'), text tokens, text width) of a training sample, reading no sample."""
+def _data_geometry(cfg: TrainConfig) -> tuple[tuple[int, int, int, int], int, int | None]:
+    """((C, T', H', W'), text tokens, text width or None) of a training sample, reading no
+    sample: latent shards' index records all three; raw clips leave the width unknown."""
     data = cfg.data
     if data.shards and not data.encode_on_the_fly:
         index = read_index(data.shards)
         shapes = index.get("latent_shapes") or []
         if not shapes:
             raise ValueError(f"{data.shards}: the index records no latent shapes")
+        text_dim = index.get("text_dim")
         return (tuple(max(shapes, key=math.prod)), int(index["max_length"]),
-                int(index.get("text_dim") or cfg.model_overrides.get("text_dim", 384)))
+                None if text_dim is None else int(text_dim))
     if not (cfg.vae and data.size):
         raise ValueError("train --dry-run: give data.shards (latent shards), or vae=PACKAGE with "
                          "data.frames and data.size (the clip the run will encode)")
@@ -156,9 +159,7 @@ def _data_geometry(cfg: TrainConfig) -> tuple[tuple[int, int, int, int], int, in
     vae = meta.vae
     t = 1 + (data.frames - 1) // vae.temporal_down
     shape = (vae.latent_channels, t, data.size // vae.spatial_down, data.size // vae.spatial_down)
-    # The text width needs the encoder itself; the preset's (MiniLM, 384) unless overridden.
-    return (shape, data.text_max_length or meta.text.max_length,
-            int(cfg.model_overrides.get("text_dim", 384)))
+    return shape, data.text_max_length or meta.text.max_length, None
 
 
 def _lora_params(model: DiTConfig, cfg: TrainConfig) -> int:
