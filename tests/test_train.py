@@ -44,6 +44,31 @@ def assert_same_losses(run_uri: str, reference_uri: str, steps: range) -> None:
         assert got[step] == pytest.approx(ref[step], rel=1e-5), (run_uri, step)
 
 
+def final_state(run_uri: str, into) -> tuple[dict, dict]:
+    """(fp32 parameters from the DeepSpeed ZeRO files of every rank, EMA of the package) of a
+    finished run, via DeepSpeed's own offline merger (any ZeRO stage)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    names = storage.list_prefix(run_uri)
+    final = next(n.rsplit("/", 1)[0] for n in names if n.endswith("/trainer.json")
+                 and json.loads(storage.read_text(n))["step"] == STEPS)
+    for uri in (n for n in names if n.startswith(final + "/")):
+        (into / uri[len(final) + 1:]).parent.mkdir(parents=True, exist_ok=True)
+        storage.download_file(uri, into / uri[len(final) + 1:])
+    params = get_fp32_state_dict_from_zero_checkpoint(str(into), tag="ds")
+    ema = storage.join(run_uri, "package", "dit.safetensors")
+    storage.download_file(ema, into / "ema.safetensors")
+    return params, load_file(str(into / "ema.safetensors"))
+
+
+def assert_close_states(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k].float(), rtol=1e-4, atol=1e-6,
+                                   msg=k)
+
+
 @pytest.fixture(scope="module")
 def reference(debug_run):
     """(runs root, run URI) of the uninterrupted ZeRO-2 run every other run is compared with."""
@@ -79,23 +104,30 @@ def test_reference_run_layout(reference):
 
 
 def test_zero3_with_accumulation_resumes_on_s3_exactly(reference, train_latents,
-                                                       debug_vae_package, moto_s3, s3_bucket):
-    """ZeRO-3 with micro-batch 1 x accumulation 2; shards, checkpoints and package in S3; stop
-    at step 2, resubmit: steps 1-4 give the reference's ZeRO-2 micro-batch-2 losses (so ZeRO-3's
-    partitioned checkpoint restores exactly, through S3)."""
+                                                       debug_vae_package, moto_s3, s3_bucket,
+                                                       tmp_path):
+    """ZeRO-3 (built under zero.Init, sharded EMA, activation checkpointing) with micro-batch 1
+    x accumulation 2; shards, checkpoints and package in S3; stop at step 2, resubmit: steps 1-4
+    give the reference's ZeRO-2 micro-batch-2 losses, and the final parameters and EMA are the
+    uninterrupted reference's (so ZeRO-3's partitioned checkpoint and EMA shards restore
+    exactly, through S3)."""
     _, ref = reference
     shards = storage.join(s3_bucket, "latents")
     for uri in storage.list_prefix(train_latents):
         storage.write_bytes(storage.join(shards, uri[len(train_latents) + 1:]),
                             storage.read_bytes(uri))
     runs = storage.join(s3_bucket, "runs")
-    zero3 = dict(zero_stage=3, batch_size=1, grad_accum=2)
+    zero3 = dict(zero_stage=3, batch_size=1, grad_accum=2, activation_checkpointing=True)
     first = run_train(config(runs, "s3run", shards, debug_vae_package, steps=2, **zero3))
     assert first["step"] == 2
     second = run_train(config(runs, "s3run", shards, debug_vae_package, **zero3))
     assert second["resumed_from"] == 2 and second["step"] == STEPS
     assert_same_losses(storage.join(runs, "s3run"), ref, range(1, STEPS + 1))
-    assert storage.exists(storage.join(runs, "s3run", "package", "dit.safetensors"))
+    params, ema = final_state(storage.join(runs, "s3run"), tmp_path / "z3")
+    ref_params, ref_ema = final_state(ref, tmp_path / "ref")
+    assert_close_states(params, ref_params)
+    assert_close_states(ema, ref_ema)
+    assert not all(torch.equal(ema[k], params[k]) for k in ema if k in params)  # EMA != weights
     # A finished run resubmitted is a no-op that reports the package.
     again = run_train(config(runs, "s3run", shards, debug_vae_package, **zero3))
     assert again["resumed"] and again["step"] == STEPS

@@ -20,13 +20,23 @@ model is float64), matching diffusers, so that bf16 training stays close to the 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+Whole = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
+"""A context factory: inside `with whole(params):` those parameters are whole tensors (see
+`VideoDiT.init_weights`)."""
+
+
+def _as_is(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -287,7 +297,7 @@ class FinalLayer(nn.Module):
 class VideoDiT(nn.Module):
     """Text-conditioned velocity predictor on video latents (B, C, T, H, W)."""
 
-    def __init__(self, cfg: DiTConfig) -> None:
+    def __init__(self, cfg: DiTConfig, whole: Whole | None = None) -> None:
         super().__init__()
         self.config = cfg
         self.checkpointing = False
@@ -300,34 +310,48 @@ class VideoDiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.head = FinalLayer(cfg)
         self._rope_cache: dict[tuple, Tensor] = {}
-        self.init_weights()
+        self.init_weights(whole)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Wan 2.1's init plus adaLN-zero (see the module docstring); works on meta tensors."""
+    def init_weights(self, whole: Whole | None = None) -> None:
+        """Wan 2.1's init plus adaLN-zero (see the module docstring); works on meta tensors.
+
+        `whole(params)` is a context in which those parameters are whole tensors and what is
+        written to them sticks: the identity by default. Training at ZeRO-3 builds the model
+        partitioned and passes a gather of just those parameters; the random draws are the same
+        in the same order, so both start from the same weights.
+        """
+        whole = whole or _as_is
         dim = self.config.dim
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
+                with whole([m.weight, m.bias]):
+                    nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))
-        nn.init.zeros_(self.patch_embed.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                with whole(list(m.parameters(recurse=False))):
+                    nn.init.ones_(m.weight)
+                    if getattr(m, "bias", None) is not None:
+                        nn.init.zeros_(m.bias)
+        with whole([self.patch_embed.weight, self.patch_embed.bias]):
+            nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))
+            nn.init.zeros_(self.patch_embed.bias)
         for lin in (self.text_embed.fc1, self.text_embed.fc2,
                     self.time_embed.fc1, self.time_embed.fc2):
-            nn.init.normal_(lin.weight, std=0.02)
-        nn.init.zeros_(self.time_proj.weight)
-        nn.init.zeros_(self.time_proj.bias)
+            with whole([lin.weight]):
+                nn.init.normal_(lin.weight, std=0.02)
+        with whole([self.time_proj.weight, self.time_proj.bias]):
+            nn.init.zeros_(self.time_proj.weight)
+            nn.init.zeros_(self.time_proj.bias)
         for block in self.blocks:
-            block.modulation.copy_(torch.randn_like(block.modulation) / dim**0.5)
-            block.modulation[:, [2, 5]] = 0.0  # gates: branches start at zero
-            nn.init.zeros_(block.cross_attn.out.weight)  # Wan's cross-attention has no gate
-        self.head.modulation.copy_(torch.randn_like(self.head.modulation) / dim**0.5)
-        nn.init.zeros_(self.head.linear.weight)
-        nn.init.zeros_(self.head.linear.bias)
+            with whole([block.modulation, block.cross_attn.out.weight]):
+                block.modulation.copy_(torch.randn_like(block.modulation) / dim**0.5)
+                block.modulation[:, [2, 5]] = 0.0  # gates: branches start at zero
+                nn.init.zeros_(block.cross_attn.out.weight)  # Wan's cross-attention: no gate
+        with whole([self.head.modulation, self.head.linear.weight, self.head.linear.bias]):
+            self.head.modulation.copy_(torch.randn_like(self.head.modulation) / dim**0.5)
+            nn.init.zeros_(self.head.linear.weight)
+            nn.init.zeros_(self.head.linear.bias)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -19,12 +19,20 @@ from t2v.data.streaming import VideoBatch, VideoCollate, video_stream
 from t2v.data.video import contact_sheet, to_model_range, to_uint8
 from t2v.diffusion.flow import flow_loss, heldout_flow_loss, sample_t
 from t2v.diffusion.sampling import denoise, get_noise
-from t2v.models.dit import DiTConfig, VideoDiT, dit_config
+from t2v.models.dit import DiTConfig, VideoDiT, Whole, dit_config
 from t2v.models.lora import add_lora, export_dit, lora_scale, target_layers
 from t2v.models.package import PackageMeta, RenderDefaults, load_package, read_meta, save_package
 from t2v.models.text import TextEncoder, TextEncoderConfig
 from t2v.train.schedule import per_sample_generators, train_flops
-from t2v.train.task import VAL_COUNT, DataInfo, StageTask, Validation, clip_fps, read_clips
+from t2v.train.task import (
+    VAL_COUNT,
+    DataInfo,
+    StageTask,
+    Validation,
+    clip_fps,
+    load_weights,
+    read_clips,
+)
 
 VAL_T = (0.1, 0.3, 0.5, 0.7, 0.9)
 """Fixed timesteps of the held-out flow loss."""
@@ -173,14 +181,15 @@ class DiTTask(StageTask):
 
     # ------------------------------------------------------------------------- workers
 
-    def build_model(self, info: DiTData) -> nn.Module:
+    def build_model(self, info: DiTData, whole: Whole | None = None) -> nn.Module:
         """From the preset (+ overrides) or `init_from`'s package (its LoRA merged in), with
         LoRA adapters when `lora.rank` > 0 (base frozen, adapters trainable)."""
         cfg = self.cfg
-        model = VideoDiT(dit_geometry(cfg, info.latent_shape[0], info.empty_text.shape[-1]))
+        model = VideoDiT(dit_geometry(cfg, info.latent_shape[0], info.empty_text.shape[-1]),
+                         whole)
         if cfg.init_from:
             pkg = load_package(cfg.init_from, load_text=False, load_vae=False)
-            model.load_state_dict(pkg.dit.state_dict(), strict=True)
+            load_weights(model, pkg.dit.state_dict(), whole)
         model.checkpointing = cfg.activation_checkpointing
         if cfg.lora.rank:
             model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,

@@ -6,10 +6,10 @@ each against its formula.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,41 +31,73 @@ def lr_factor(step: int, *, warmup: int, total: int, kind: str, min_ratio: float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class Fragment(NamedTuple):
+    """Elements [start, start + len(values)) of the flattened parameter `name`."""
+
+    name: str
+    start: int
+    values: Tensor
+
+
 class EMA:
     """Exponential moving average of parameters: shadow <- d * shadow + (1 - d) * param.
 
-    With `warmup`, the decay of update n (1-based) is min(decay, (1 + n) / (10 + n)), so a short
-    run's EMA is not stuck near its random init (the schedule of TensorFlow's
-    ExponentialMovingAverage with num_updates). Kept in float32 whatever the training precision, as a plain module (`self.module`) that
-    samples and exports without touching the distributed engine.
+    Kept over fragments of the flattened parameters, in float32 whatever the training precision:
+    a whole parameter is the fragment at 0; under ZeRO each rank keeps only the pieces it owns and
+    updates them from its own piece of the parameters, with no communication
+    (t2v/train/zero.py). With `warmup`, the decay of update n (1-based) is
+    min(decay, (1 + n) / (10 + n)), so a short run's EMA is not stuck near its random init (the
+    schedule of TensorFlow's ExponentialMovingAverage with num_updates).
     """
 
-    def __init__(self, module: nn.Module, decay: float, warmup: bool = True) -> None:
+    UPDATES_KEY = "__ema_updates__"
+
+    def __init__(self, fragments: Iterable[Fragment], decay: float, warmup: bool = True) -> None:
         self.decay, self.warmup, self.updates = decay, warmup, 0
-        self.module = copy.deepcopy(module).float().eval().requires_grad_(False)
+        self.shadow: dict[tuple[str, int], Tensor] = {
+            (f.name, f.start): f.values.detach().reshape(-1).float().clone() for f in fragments}
+
+    @classmethod
+    def of_module(cls, module: nn.Module, decay: float, warmup: bool = True) -> EMA:
+        """Whole trainable parameters of an undistributed module."""
+        return cls((Fragment(n, 0, p) for n, p in module.named_parameters() if p.requires_grad),
+                   decay, warmup)
 
     def current_decay(self) -> float:
         n = self.updates
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, params: Iterable[tuple[str, Tensor]]) -> None:
+    def update(self, fragments: Iterable[Fragment]) -> None:
+        """One update from the same fragments the EMA was made of (any order)."""
         self.updates += 1
         d = self.current_decay()
-        shadow = dict(self.module.named_parameters())
-        for name, p in params:
-            s = shadow[name]
-            s.lerp_(p.detach().to(s.dtype), 1.0 - d)
+        seen = 0
+        for f in fragments:
+            s = self.shadow[f.name, f.start]
+            s.lerp_(f.values.detach().reshape(-1).to(s.dtype), 1.0 - d)
+            seen += 1
+        if seen != len(self.shadow):
+            raise ValueError(f"EMA update got {seen} fragments, keeps {len(self.shadow)}")
+
+    def whole(self) -> dict[str, Tensor]:
+        """Name -> flat float32 tensor, for an EMA of whole parameters (`of_module`)."""
+        return {name: t for (name, start), t in self.shadow.items() if start == 0}
 
     def state_dict(self) -> dict[str, Tensor]:
-        state = {k: v.detach().contiguous() for k, v in self.module.state_dict().items()}
-        state["__ema_updates__"] = torch.tensor(self.updates)
+        state = {f"{name}@{start}": t.contiguous() for (name, start), t in self.shadow.items()}
+        state[self.UPDATES_KEY] = torch.tensor(self.updates)
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """The state of an EMA of the same fragments (strict); other layouts: zero.load_ema."""
         state = dict(state)
-        self.updates = int(state.pop("__ema_updates__", torch.tensor(0)))
-        self.module.load_state_dict(state, strict=True)
+        self.updates = int(state.pop(self.UPDATES_KEY, torch.tensor(0)))
+        want = {f"{name}@{start}" for name, start in self.shadow}
+        if set(state) != want:
+            raise ValueError(f"EMA state has other fragments: {sorted(set(state) ^ want)[:3]}")
+        for (name, start), t in self.shadow.items():
+            t.copy_(state[f"{name}@{start}"])
 
 
 def sample_seed(seed: int, step: int, key: str, salt: str = "") -> int:

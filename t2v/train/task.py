@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from t2v.config import TrainConfig
 from t2v.data.shards import iter_shard_samples
 from t2v.data.video import VideoDecodeError, decode_video
+from t2v.models.dit import Whole
 
 VAL_COUNT = 8
 """Held-out samples used by validation."""
@@ -94,6 +95,26 @@ def clip_fps(metas: list[dict]) -> float:
     return max(set(rates), key=rates.count) if rates else 8.0
 
 
+def load_weights(model: nn.Module, state: dict[str, Tensor], whole: Whole | None) -> None:
+    """`model.load_state_dict(state, strict=True)`, one parameter at a time inside `whole` when
+    given (a ZeRO-3-partitioned model then never holds more than one whole parameter)."""
+    if whole is None:
+        model.load_state_dict(state, strict=True)
+        return
+    want = set(model.state_dict())
+    if set(state) != want:
+        diff = sorted(set(state) ^ want)
+        raise ValueError(f"weights do not match the model: {', '.join(diff[:3])}"
+                         f"{' ...' if len(diff) > 3 else ''}")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            with whole([p]):
+                p.copy_(state[name])
+        for name, b in model.named_buffers():
+            if name in state:
+                b.copy_(state[name])
+
+
 class StageTask(ABC):
     """The stage-specific half of a training run. Subclasses set `stage` and fill in each step."""
 
@@ -123,8 +144,12 @@ class StageTask(ABC):
     # ------------------------------------------------------------------------- workers
 
     @abstractmethod
-    def build_model(self, info: DataInfo) -> nn.Module:
-        """The module DeepSpeed wraps (identical init on every rank: the caller seeds torch)."""
+    def build_model(self, info: DataInfo, whole: Whole | None = None) -> nn.Module:
+        """The module DeepSpeed wraps (identical init on every rank: the caller seeds torch).
+
+        At ZeRO-3 it is called inside `deepspeed.zero.Init`: parameters are partitioned as soon
+        as their layer exists, and whatever touches a built parameter (init, loading weights)
+        does so inside `whole(params)` (see `load_weights`)."""
 
     def setup(self, info: DataInfo, device: torch.device, dtype: torch.dtype,
               rank: int) -> None:

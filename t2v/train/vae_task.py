@@ -13,11 +13,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from t2v.config import ReaderConfig
 from t2v.data.streaming import VideoBatch, VideoCollate, video_stream
 from t2v.data.video import contact_sheet, to_model_range, to_uint8
+from t2v.models.dit import Whole
 from t2v.models.latent import fit_latent_stats
 from t2v.models.package import load_package, save_package
 from t2v.models.vae import CausalVideoVAE, vae_config
 from t2v.train.schedule import train_flops
-from t2v.train.task import VAL_COUNT, DataInfo, StageTask, Validation, clip_fps, read_clips
+from t2v.train.task import (
+    VAL_COUNT,
+    DataInfo,
+    StageTask,
+    Validation,
+    clip_fps,
+    load_weights,
+    read_clips,
+)
 from t2v.train.validation import psnr
 
 STATS_COUNT = 32
@@ -53,14 +62,14 @@ class VAETask(StageTask):
                               size=self.cfg.data.size, shuffle_seed=shuffle_seed)
         return video_stream(reader, uris=train).dataset, VideoCollate()
 
-    def build_model(self, info: DataInfo) -> nn.Module:
+    def build_model(self, info: DataInfo, whole: Whole | None = None) -> nn.Module:
         cfg = self.cfg
         model = CausalVideoVAE(vae_config(cfg.model, **cfg.model_overrides))
         if cfg.init_from:
             pkg = load_package(cfg.init_from, load_text=False, load_dit=False)
             if pkg.vae is None or not isinstance(pkg.vae, CausalVideoVAE):
                 raise ValueError(f"init_from={cfg.init_from}: the package has no VAE of ours")
-            model.load_state_dict(pkg.vae.state_dict(), strict=True)
+            load_weights(model, pkg.vae.state_dict(), whole)
         return model
 
     def loss(self, engine: nn.Module, batch: VideoBatch, step: int) -> Tensor:

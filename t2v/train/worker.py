@@ -17,10 +17,10 @@ from pathlib import Path
 
 import ray.train
 import torch
-from safetensors.torch import load_file, save_file
 
 from t2v import storage
 from t2v.config import TrainConfig
+from t2v.train import zero
 from t2v.train.monitor import Monitor
 from t2v.train.schedule import EMA, lr_factor
 from t2v.train.stages import task_for
@@ -46,8 +46,7 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
     }
 
 
-def initialize_engine(model, optimizer, lr_scheduler, cfg: TrainConfig, bf16: bool,
-                      use_gpu: bool):
+def initialize_engine(model, optimizer, lr_scheduler, ds_config: dict, use_gpu: bool):
     """deepspeed.initialize (torch.distributed already set up by Ray Train) -> the engine.
 
     On CPU, DeepSpeed's comm backend would JIT-compile its shared-memory all-reduce op (~30 s of
@@ -62,38 +61,39 @@ def initialize_engine(model, optimizer, lr_scheduler, cfg: TrainConfig, bf16: bo
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler,
-                                           config=deepspeed_config(cfg, bf16),
+                                           config=ds_config,
                                            dist_init_required=False)
     return engine
 
 
-def full_params(engine, zero_stage: int):
-    """(name, full tensor) of the trainable parameters, on every rank (frozen ones never change:
-    a LoRA run's EMA needs only its adapters).
-
-    ZeRO-0/1/2 keep whole parameters in the module: those, no communication. ZeRO-3 partitions
-    them: the optimizer's fp32 master copy, all-gathered parameter by parameter (a collective).
-    Not `zero.GatheredParameters` on the module: after `load_checkpoint`, gathering ZeRO-3 module
-    parameters between steps breaks DeepSpeed's prefetch trace, and the second step of every
-    resumed ZeRO-3 run died with "tracing error ... expected the next N parameters in the
-    parameter fetch queue" (DeepSpeed 0.19.8, their issue #3599; tests/test_train.py resumes one).
-    """
-    from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415 - heavy: workers only
-
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad:
-            yield name, safe_get_full_fp32_param(p) if zero_stage == 3 else p
+def ema_module(task, info, ema: EMA, shapes: dict, rank: int,
+               device: torch.device) -> torch.nn.Module | None:
+    """The EMA weights as a whole float32 module on rank 0 (None elsewhere): a collective, so
+    every rank calls it. Built afresh (frozen weights as the task builds them, e.g. a LoRA base),
+    without touching the training RNG, and dropped after use, so rank 0 holds a whole model only
+    while it validates or exports."""
+    weights = zero.gather_fragments(zero.ema_by_name(ema), shapes, rank, device)
+    if weights is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        module = task.build_model(info)
+    with torch.no_grad():
+        params = dict(module.named_parameters())
+        for name, w in weights.items():
+            params[name].copy_(w)
+    return module.float().eval().requires_grad_(False).to(device)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def save_checkpoint(engine, ema: EMA, state: dict, rank: int, metrics: dict) -> None:
-    """Every rank writes its ZeRO partition; rank 0 adds EMA + trainer state; Ray merges them."""
+    """Every rank writes its ZeRO partition and EMA fragments; rank 0 adds the trainer state;
+    Ray merges them into one checkpoint."""
     with tempfile.TemporaryDirectory(prefix="t2v-ckpt-") as d:
         engine.save_checkpoint(d, tag=CKPT_TAG)
+        zero.save_ema(ema, d, rank)
         if rank == 0:
-            save_file(ema.state_dict(), os.path.join(d, "ema.safetensors"))
             Path(d, "trainer.json").write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -107,7 +107,7 @@ def restore_checkpoint(engine, ema: EMA) -> dict | None:
         # user-supplied file); the exported model package is safetensors only.
         engine.load_checkpoint(d, tag=CKPT_TAG, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
-        ema.load_state_dict(load_file(os.path.join(d, "ema.safetensors")))
+        zero.load_ema(ema, d)
         return json.loads(Path(d, "trainer.json").read_text())
 
 
@@ -149,16 +149,21 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     task = task_for(cfg)
 
+    ds_config = deepspeed_config(cfg, bf16)
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    model = task.build_model(info).to(device)
-    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
+    model = zero.build_model(lambda whole: task.build_model(info, whole), cfg.zero_stage,
+                             ds_config, device)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
         s, warmup=cfg.optim.warmup_steps, total=cfg.steps, kind=cfg.optim.schedule,
         min_ratio=cfg.optim.min_lr_ratio))
-    engine = initialize_engine(model, opt, sched, cfg, bf16, use_gpu)
+    engine = initialize_engine(model, opt, sched, ds_config, use_gpu)
+    # The EMA of this rank's fragments, from the fp32 weights the optimizer starts from.
+    ema = EMA(zero.local_fragments(engine.module, rank, world), cfg.ema_decay,
+              warmup=cfg.ema_warmup)
+    shapes = zero.full_shapes(engine.module)
     task.setup(info, device, torch.bfloat16 if bf16 else torch.float32, rank)
 
     state = restore_checkpoint(engine, ema) or {"step": 0, "samples": 0}
@@ -194,14 +199,17 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             state = {"step": step, "samples": state["samples"] + cfg.batch_size * world
                      * cfg.grad_accum}
-            ema.update(full_params(engine, cfg.zero_stage))
+            ema.update(zero.local_fragments(engine.module, rank, world))
             metrics = monitor.step_done(step, engine)
-            if rank == 0 and (step % cfg.val_every == 0 or step == cfg.steps):
-                with torch.no_grad():
-                    val = record_validation(run_uri, step, task.validate(ema.module, step),
-                                            fps=info.fps)
-                monitor.record({"step": step, "val": val})
-                metrics |= {f"val_{k}": v for k, v in val.items()}
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                module = ema_module(task, info, ema, shapes, rank, device)  # every rank
+                if module is not None:
+                    with torch.no_grad():
+                        val = record_validation(run_uri, step, task.validate(module, step),
+                                                fps=info.fps)
+                    del module
+                    monitor.record({"step": step, "val": val})
+                    metrics |= {f"val_{k}": v for k, v in val.items()}
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_checkpoint(engine, ema, state, rank, metrics | {"step": step})
                 maybe_inject_fault(cfg, step, rank, run_uri)
@@ -210,9 +218,10 @@ def train_loop_per_worker(config: dict) -> None:
             if step >= cfg.steps:
                 break
             monitor.wait_start()
-    if rank == 0:
+    module = ema_module(task, info, ema, shapes, rank, device)  # every rank
+    if module is not None:
         out = storage.join(run_uri, "package")
         with torch.no_grad():
-            digest = task.export(ema.module, step, out)
+            digest = task.export(module, step, out)
         print(f"[t2v] exported model package {out} (sha256 {digest[:12]})", flush=True)
     monitor.close()
