@@ -45,10 +45,11 @@ def assert_same_losses(run_uri: str, reference_uri: str, steps: range) -> None:
 
 
 def final_state(run_uri: str, into) -> tuple[dict, dict]:
-    """(fp32 parameters from the DeepSpeed ZeRO files of every rank, EMA of the package) of a
-    finished run, via DeepSpeed's own offline merger (any ZeRO stage)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """(fp32 parameters assembled from every rank's checkpoint pieces, EMA of the package) of a
+    finished run."""
     from safetensors.torch import load_file
+
+    from t2v.train.checkpoint import read_whole
 
     names = storage.list_prefix(run_uri)
     final = next(n.rsplit("/", 1)[0] for n in names if n.endswith("/trainer.json")
@@ -56,10 +57,9 @@ def final_state(run_uri: str, into) -> tuple[dict, dict]:
     for uri in (n for n in names if n.startswith(final + "/")):
         (into / uri[len(final) + 1:]).parent.mkdir(parents=True, exist_ok=True)
         storage.download_file(uri, into / uri[len(final) + 1:])
-    params = get_fp32_state_dict_from_zero_checkpoint(str(into), tag="ds")
     ema = storage.join(run_uri, "package", "dit.safetensors")
     storage.download_file(ema, into / "ema.safetensors")
-    return params, load_file(str(into / "ema.safetensors"))
+    return read_whole(into), load_file(str(into / "ema.safetensors"))
 
 
 def assert_close_states(got: dict, want: dict) -> None:
@@ -103,14 +103,15 @@ def test_reference_run_layout(reference):
     assert any("val" in r and "flow_loss" in r["val"] for r in rows)
 
 
-def test_zero3_with_accumulation_resumes_on_s3_exactly(reference, train_latents,
-                                                       debug_vae_package, moto_s3, s3_bucket,
-                                                       tmp_path):
-    """ZeRO-3 (built under zero.Init, sharded EMA, activation checkpointing) with micro-batch 1
-    x accumulation 2; shards, checkpoints and package in S3; stop at step 2, resubmit: steps 1-4
-    give the reference's ZeRO-2 micro-batch-2 losses, and the final parameters and EMA are the
-    uninterrupted reference's (so ZeRO-3's partitioned checkpoint and EMA shards restore
-    exactly, through S3)."""
+def test_zero3_resumes_on_another_worker_count_on_s3_exactly(reference, train_latents,
+                                                              debug_vae_package, moto_s3,
+                                                              s3_bucket, tmp_path):
+    """ZeRO-3 (built under zero.Init, sharded EMA, activation checkpointing), micro-batch 1 x
+    accumulation 2; shards, checkpoints and package in S3. Stop at step 2; rerun the same name
+    on 1 worker to step 3 (accumulation 4 keeps the global batch of 4), then on 2 workers to 4:
+    every step's loss is the reference's (ZeRO-2, micro-batch 2, uninterrupted), and so are the
+    final parameters and EMA, so the partitioned checkpoint restores exactly on another worker
+    count, through S3."""
     _, ref = reference
     shards = storage.join(s3_bucket, "latents")
     for uri in storage.list_prefix(train_latents):
@@ -120,10 +121,20 @@ def test_zero3_with_accumulation_resumes_on_s3_exactly(reference, train_latents,
     zero3 = dict(zero_stage=3, batch_size=1, grad_accum=2, activation_checkpointing=True)
     first = run_train(config(runs, "s3run", shards, debug_vae_package, steps=2, **zero3))
     assert first["step"] == 2
+    one = run_train(config(runs, "s3run", shards, debug_vae_package, steps=3, num_workers=1,
+                           **zero3))
+    assert one["resumed_from"] == 2 and one["step"] == 3
     second = run_train(config(runs, "s3run", shards, debug_vae_package, **zero3))
-    assert second["resumed_from"] == 2 and second["step"] == STEPS
-    assert_same_losses(storage.join(runs, "s3run"), ref, range(1, STEPS + 1))
-    params, ema = final_state(storage.join(runs, "s3run"), tmp_path / "z3")
+    assert second["resumed_from"] == 3 and second["step"] == STEPS
+    run = storage.join(runs, "s3run")
+    starts = [r for r in map(json.loads, storage.read_text(storage.join(
+        run, "metrics.jsonl")).splitlines()) if r.get("event") == "start"]
+    assert [(r["step"], r["workers"], r["grad_accum"], r["global_batch"]) for r in starts] == [
+        (0, 2, 2, 4), (2, 1, 4, 4), (3, 2, 2, 4)]
+    assert starts[1]["note"] == ("elastic resume, 2 -> 1 workers: grad_accum 2 -> 4 keeps the "
+                                 "global batch at 4")
+    assert_same_losses(run, ref, range(1, STEPS + 1))
+    params, ema = final_state(run, tmp_path / "z3")
     ref_params, ref_ema = final_state(ref, tmp_path / "ref")
     assert_close_states(params, ref_params)
     assert_close_states(ema, ref_ema)

@@ -51,69 +51,54 @@ def test_ema_formula_with_and_without_warmup():
             ema.update([Fragment("weight", 0, new["weight"])])  # the bias is missing
 
 
-def _even_fragments(params: dict[str, torch.Tensor], rank: int, world: int) -> list[Fragment]:
-    out = []
-    for name, p in params.items():
-        size = -(-p.numel() // world)
-        piece = p.reshape(-1)[rank * size:(rank + 1) * size]
-        if piece.numel():
-            out.append(Fragment(name, rank * size, piece))
-    return out
-
-
-def test_sharded_ema_files_restore_on_any_number_of_workers(tmp_path):
-    """EMA fragments saved by 3 ranks (a 5-element bias: pieces of 2, 2, 1) load into 1 rank and
-    into 2, element for element; a legacy whole-tensor file loads too; a missing piece raises."""
+def test_checkpoint_pieces_read_across_any_cut(tmp_path):
+    """Pieces of a tensor saved by 3 ranks (a 5-element bias: 2, 2, 1) read back over any
+    range; a legacy whole tensor (no @START) reads as the piece at 0; a gap is reported."""
     from safetensors.torch import save_file
 
-    from t2v.train.zero import load_ema, save_ema
+    from t2v.train.checkpoint import Pieces
 
-    torch.manual_seed(0)
-    params = {"w": torch.randn(4, 3), "b": torch.randn(5)}
-    saved = []
-    for rank in range(3):
-        ema = EMA(_even_fragments(params, rank, 3), decay=0.9)
-        ema.update(_even_fragments({k: v + 1 for k, v in params.items()}, rank, 3))
-        save_ema(ema, str(tmp_path / "ckpt"), rank)
-        saved.append(ema)
-    d = saved[0].current_decay()  # of the one update made: 2 / 11 with warmup
-    want = {k: d * v + (1 - d) * (v + 1) for k, v in params.items()}
-    for world in (1, 2):
-        for rank in range(world):
-            fresh = EMA(_even_fragments({k: torch.zeros_like(v) for k, v in params.items()},
-                                        rank, world), decay=0.9)
-            load_ema(fresh, str(tmp_path / "ckpt"))
-            assert fresh.updates == 1
-            for (name, start), t in fresh.shadow.items():
-                torch.testing.assert_close(t, want[name].reshape(-1)[start:start + t.numel()])
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    save_file({"w": want["w"], "b": want["b"], "frozen": torch.ones(2),
-               EMA.UPDATES_KEY: torch.tensor(7)}, str(legacy / "ema.safetensors"))
-    fresh = EMA(_even_fragments({k: torch.zeros_like(v) for k, v in params.items()}, 1, 2), 0.9)
-    load_ema(fresh, str(legacy))
-    assert fresh.updates == 7 and torch.equal(fresh.shadow["b", 3], want["b"][3:])
-    (tmp_path / "ckpt" / "ema" / "rank-00002.safetensors").unlink()
-    with pytest.raises(ValueError, match="does not cover w@6, b@3"):
-        load_ema(EMA(_even_fragments(params, 1, 2), 0.9), str(tmp_path / "ckpt"))
+    b = torch.arange(5.0)
+    for rank, (lo, hi) in enumerate(((0, 2), (2, 4), (4, 5))):
+        save_file({f"param/b@{lo}": b[lo:hi].clone()}, str(tmp_path / f"rank-{rank}.safetensors"))
+    save_file({"w": torch.ones(2, 3)}, str(tmp_path / "legacy.safetensors"))
+    pieces = Pieces(sorted(str(p) for p in tmp_path.glob("*.safetensors")))
+    for start, count in ((0, 5), (1, 3), (3, 2), (4, 1)):
+        out = torch.full((count,), -1.0)
+        assert pieces.fill("param/b", start, out) == count
+        assert torch.equal(out, b[start:start + count])
+    assert torch.equal(pieces.whole("w", 6), torch.ones(6))
+    (tmp_path / "rank-1.safetensors").unlink()
+    with pytest.raises(ValueError, match="does not hold all of param/b"):
+        Pieces(sorted(str(p) for p in tmp_path.glob("rank-*.safetensors"))).whole("param/b", 5)
 
 
-ZERO3_SCRIPT = textwrap.dedent("""
-    import os, sys, torch, torch.distributed as dist
-    from safetensors.torch import save_file
-    rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+ZERO_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch, torch.distributed as dist
+    rank, world, port, out, phase = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4],
+                                     sys.argv[5])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     from t2v.config import TrainConfig
     from t2v.models.dit import VideoDiT, dit_config
-    from t2v.train import zero
-    from t2v.train.schedule import EMA
+    from t2v.train import checkpoint, zero
+    from t2v.train.schedule import EMA, lr_factor
     from t2v.train.worker import deepspeed_config, initialize_engine
     geo = dit_config("debug", in_channels=4, text_dim=16)
-    for stage, ckpt in ((2, False), (3, False), (3, True)):
-        ds = deepspeed_config(TrainConfig(batch_size=2, zero_stage=stage), False)
+    accum = 2 // world  # global batch 4: 2 workers x 2, or 1 worker x 2 x 2 micro-batches
+    def save(d, eng, ema, shapes, step, **extra):
+        os.makedirs(d, exist_ok=True)
+        checkpoint.save_state(eng, ema, d, rank, world)
+        if rank == 0:
+            state = checkpoint.trainer_state(eng, ema, shapes, step, 4 * step, world, accum)
+            lr = eng.optimizer.param_groups[0]["lr"]
+            json.dump(state | extra | {"lr": lr}, open(f"{d}/trainer.json", "w"))
+        dist.barrier()
+    for name, stage, ckpt in (("z0", 0, False), ("z2", 2, False), ("z3", 3, False),
+                              ("z3c", 3, True)):
+        ds = deepspeed_config(TrainConfig(batch_size=2, grad_accum=accum, zero_stage=stage), False)
         torch.manual_seed(0)
         model = zero.build_model(lambda whole: VideoDiT(geo, whole), stage, ds,
                                  torch.device("cpu"))
@@ -121,48 +106,101 @@ ZERO3_SCRIPT = textwrap.dedent("""
         held = sum(p.ds_tensor.numel() if zero.is_partitioned(p) else p.numel()
                    for p in model.parameters())  # right after construction
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        eng = initialize_engine(model, opt, None, ds, use_gpu=False)
-        ema = EMA(zero.local_fragments(eng.module, rank, 2), 0.9)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            x, t = torch.randn(2, 4, 3, 8, 8, generator=g), torch.rand(2, generator=g)
-            txt = torch.randn(2, 5, 16, generator=g)
-            eng.backward(eng(x, t, txt).pow(2).mean())
-            eng.step()
-            ema.update(zero.local_fragments(eng.module, rank, 2))
-        full = zero.gather_fragments(zero.ema_by_name(ema), zero.full_shapes(eng.module), rank,
-                                     torch.device("cpu"))
-        if rank == 0:
-            full["__held__"] = torch.tensor(held)
-            save_file(full, f"{out}/zero{stage}{'_ckpt' if ckpt else ''}.safetensors")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+            s, warmup=3, total=6, kind="cosine", min_ratio=0.1))
+        eng = initialize_engine(model, opt, sched, ds, use_gpu=False)
+        ema = EMA(zero.local_fragments(eng.module, rank, world), 0.9)
+        shapes = zero.full_shapes(eng.module)
+        step, run = 0, f"{out}/{name}"
+        if phase != "a":  # b: resume a's step 2 on 1 worker; c: b's step 3 on 2 workers again
+            src = f"{run}/a2" if phase == "b" else f"{run}/b3"
+            saved = json.load(open(f"{src}/trainer.json"))
+            checkpoint.restore_state(eng, ema, src, saved, rank, world, sched)
+            step = saved["step"]
+        while step < 4:
+            for m in range(accum):  # sample i of a step is the same data on any worker count
+                g = torch.Generator().manual_seed(1000 * step + rank * accum + m)
+                x, t = torch.randn(2, 4, 3, 8, 8, generator=g), torch.rand(2, generator=g)
+                txt = torch.randn(2, 5, 16, generator=g)
+                eng.backward((eng(x, t, txt) - x).pow(2).mean())
+                eng.step()
+            step += 1
+            ema.update(zero.local_fragments(eng.module, rank, world))
+            if (phase, step) in (("a", 2), ("b", 3)):
+                save(f"{run}/{phase}{step}", eng, ema, shapes, step)
+        save(f"{run}/{phase}-final", eng, ema, shapes, step, held=held)
 """)
 
 
-def test_zero3_builds_partitioned_and_trains_like_zero2(tmp_path):
-    """2 processes (gloo): the debug DiT built under zero.Init holds half its parameters per
-    rank from construction on, and after 3 steps its EMA (sharded, gathered to rank 0) equals
-    ZeRO-2's bit for bit, with and without activation checkpointing."""
-    from safetensors.torch import load_file
-
+def test_zero_stages_agree_and_resume_on_another_worker_count(tmp_path):
+    """2 processes (gloo), the debug DiT at ZeRO-0, 2, 3 and 3 + activation checkpointing, 4
+    steps of global batch 4. ZeRO-3 is built partitioned (half the parameters per rank from
+    construction on) and every stage trains the same weights. Elastic resume: run a (2 workers)
+    checkpoints at step 2; run b resumes it on 1 worker (2 micro-batches), checkpoints at step 3;
+    run c resumes that on 2 workers: both end with a's weights, AdamW moments, EMA, optimizer
+    step and LR, bit for bit."""
+    from t2v.train.checkpoint import read_whole
     from tests.s3_fixtures import free_port
 
-    script = tmp_path / "zero3.py"
-    script.write_text(ZERO3_SCRIPT)
-    port, env = str(free_port()), {**os.environ, "DS_ACCELERATOR": "cpu"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
-    z2, z3, z3c = (load_file(str(tmp_path / f"{n}.safetensors"))
-                   for n in ("zero2", "zero3", "zero3_ckpt"))
-    total = int(z2.pop("__held__"))
-    assert total == sum(v.numel() for v in z2.values()) > 900_000
-    for other in (z3, z3c):
-        assert int(other.pop("__held__")) <= total // 2 + 4096  # + each parameter's padding
-        assert other.keys() == z2.keys()
-        assert all(torch.equal(other[k], z2[k]) for k in z2)
+    script = tmp_path / "zero.py"
+    script.write_text(ZERO_SCRIPT)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    for phase, world in (("a", 2), ("b", 1), ("c", 2)):
+        port = str(free_port())
+        procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), port,
+                                   str(tmp_path), phase], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+                 for r in range(world)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for _, e in outs)
 
+    def final(name: str, phase: str) -> tuple[dict, dict]:
+        d = tmp_path / name / f"{phase}-final"
+        return ({k: read_whole(d, k) for k in ("param", "exp_avg", "exp_avg_sq", "ema")},
+                json.loads((d / "trainer.json").read_text()))
+
+    ref, ref_meta = final("z2", "a")
+    total = ref_meta["held"]
+    assert total == sum(v.numel() for v in ref["param"].values()) > 900_000
+    assert ref_meta["step"] == ref_meta["optimizer_step"] == ref_meta["ema_updates"] == 4
+    assert any(v.abs().max() > 0 for v in ref["exp_avg"].values())  # it really trained
+    for name in ("z0", "z2", "z3", "z3c"):
+        got_a, meta_a = final(name, "a")
+        if name.startswith("z3"):
+            assert meta_a["held"] <= total // 2 + 4096  # + each parameter's padding
+        for kind, tensors in got_a.items():  # every stage trains the same model
+            for k, v in tensors.items():
+                torch.testing.assert_close(v, ref[kind][k], rtol=1e-5, atol=1e-7, msg=k)
+        for phase in ("b", "c"):  # 2 -> 1 -> 2 workers, exactly
+            got, meta = final(name, phase)
+            assert {k: meta[k] for k in ("step", "optimizer_step", "ema_updates", "lr")} == {
+                k: meta_a[k] for k in ("step", "optimizer_step", "ema_updates", "lr")}
+            for kind, tensors in got.items():
+                assert all(torch.equal(v, got_a[kind][k]) for k, v in tensors.items()), (
+                    name, phase, kind)
+
+
+def test_elastic_accumulation_keeps_the_global_batch():
+    from t2v.train.checkpoint import elastic_accum
+
+    saved = {"world": 2, "batch_size": 2, "grad_accum": 1, "configured_grad_accum": 1,
+             "global_batch": 4}
+    assert elastic_accum(2, 1, None, 3) == (1, None)  # a fresh run
+    assert elastic_accum(2, 1, saved, 2) == (1, None)  # same workers, same settings
+    accum, note = elastic_accum(2, 1, saved, 1)
+    assert accum == 2 and note == ("elastic resume, 2 -> 1 workers: grad_accum 1 -> 2 keeps "
+                                   "the global batch at 4")
+    # ... and back: the 1-worker checkpoint records accumulation 2, configured 1.
+    back = {**saved, "world": 1, "grad_accum": 2}
+    assert elastic_accum(2, 1, back, 2) == (1, "elastic resume, 1 -> 2 workers")
+    assert elastic_accum(2, 1, back, 1) == (2, "resume: grad_accum 1 -> 2 keeps the global "
+                                               "batch at 4")
+    assert elastic_accum(2, 1, saved, 3) == (1, "elastic resume, 2 -> 3 workers: global batch "
+                                                "4 -> 6 (4 is not a multiple of 2 x 3 workers)")
+    # The user changed the batch settings: theirs, and the global batch said when it moves.
+    assert elastic_accum(4, 1, saved, 1) == (1, "elastic resume, 2 -> 1 workers")
+    assert elastic_accum(2, 3, saved, 2) == (3, "resume: batch settings changed, global batch "
+                                                "4 -> 12")
 
 
 def test_per_sample_randomness_depends_only_on_seed_step_key():

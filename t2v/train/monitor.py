@@ -74,14 +74,19 @@ class Monitor:
         self.t_log = self.t_start = time.perf_counter()
         self.steps_at_start: int | None = None
 
-    def start(self, step: int) -> None:
-        """Load the history of earlier attempts (dropping steps past `step`) and note the start."""
+    def start(self, step: int, note: str | None = None) -> None:
+        """Load the history of earlier attempts (dropping steps past `step`) and note the start:
+        workers, batch settings and what an elastic resume changed."""
         if self.rank != 0:
             return
         if storage.exists(self.history_uri):
             rows = [json.loads(x) for x in storage.read_text(self.history_uri).splitlines() if x]
             self.history = [r for r in rows if r.get("step", 0) <= step]
-        self.record({"event": "start", "step": step, "time": time.time()})
+        c = self.cfg
+        self.record({"event": "start", "step": step, "time": time.time(), "workers": self.world,
+                     "batch_size": c.batch_size, "grad_accum": c.grad_accum,
+                     "global_batch": c.batch_size * c.grad_accum * self.world}
+                    | ({"note": note} if note else {}))
 
     def record(self, row: dict) -> None:
         """Append to RUN/metrics.jsonl (rewritten whole: small, and atomic on S3 too)."""

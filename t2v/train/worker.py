@@ -8,6 +8,7 @@ distribution: DeepSpeed wraps the model here, from outside.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,14 +21,11 @@ import torch
 
 from t2v import storage
 from t2v.config import TrainConfig
-from t2v.train import zero
+from t2v.train import checkpoint, zero
 from t2v.train.monitor import Monitor
 from t2v.train.schedule import EMA, lr_factor
 from t2v.train.stages import task_for
 from t2v.train.validation import record_validation
-
-CKPT_TAG = "ds"
-
 
 # ----------------------------------------------------------------------------- engine
 
@@ -87,28 +85,15 @@ def ema_module(task, info, ema: EMA, shapes: dict, rank: int,
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(engine, ema: EMA, state: dict, rank: int, metrics: dict) -> None:
-    """Every rank writes its ZeRO partition and EMA fragments; rank 0 adds the trainer state;
+def save_checkpoint(engine, ema: EMA, state: dict, rank: int, world: int,
+                    metrics: dict) -> None:
+    """Every rank writes its pieces (t2v/train/checkpoint.py); rank 0 adds the trainer state;
     Ray merges them into one checkpoint."""
     with tempfile.TemporaryDirectory(prefix="t2v-ckpt-") as d:
-        engine.save_checkpoint(d, tag=CKPT_TAG)
-        zero.save_ema(ema, d, rank)
+        checkpoint.save_state(engine, ema, d, rank, world)
         if rank == 0:
             Path(d, "trainer.json").write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-def restore_checkpoint(engine, ema: EMA) -> dict | None:
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        # DeepSpeed's own checkpoint files are torch pickles of OUR run's state (trusted, never a
-        # user-supplied file); the exported model package is safetensors only.
-        engine.load_checkpoint(d, tag=CKPT_TAG, load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
-        zero.load_ema(ema, d)
-        return json.loads(Path(d, "trainer.json").read_text())
 
 
 def maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, run_uri: str) -> None:
@@ -149,34 +134,44 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     task = task_for(cfg)
 
-    ds_config = deepspeed_config(cfg, bf16)
-    torch.manual_seed(cfg.seed)  # identical init on every rank
-    model = zero.build_model(lambda whole: task.build_model(info, whole), cfg.zero_stage,
-                             ds_config, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
-    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
-        s, warmup=cfg.optim.warmup_steps, total=cfg.steps, kind=cfg.optim.schedule,
-        min_ratio=cfg.optim.min_lr_ratio))
-    engine = initialize_engine(model, opt, sched, ds_config, use_gpu)
-    # The EMA of this rank's fragments, from the fp32 weights the optimizer starts from.
-    ema = EMA(zero.local_fragments(engine.module, rank, world), cfg.ema_decay,
-              warmup=cfg.ema_warmup)
-    shapes = zero.full_shapes(engine.module)
+    ckpt = ray.train.get_checkpoint()
+    with ckpt.as_directory() if ckpt else contextlib.nullcontext() as ckpt_dir:
+        saved = json.loads(Path(ckpt_dir, "trainer.json").read_text()) if ckpt_dir else None
+        # Another worker count than the checkpoint's: keep its global batch (elastic resume).
+        configured_accum = cfg.grad_accum
+        accum, elastic = checkpoint.elastic_accum(cfg.batch_size, cfg.grad_accum, saved, world)
+        cfg = cfg.model_copy(update={"grad_accum": accum})
+        ds_config = deepspeed_config(cfg, bf16)
+        torch.manual_seed(cfg.seed)  # identical init on every rank
+        model = zero.build_model(lambda whole: task.build_model(info, whole), cfg.zero_stage,
+                                 ds_config, device)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
+        opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                weight_decay=cfg.optim.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+            s, warmup=cfg.optim.warmup_steps, total=cfg.steps, kind=cfg.optim.schedule,
+            min_ratio=cfg.optim.min_lr_ratio))
+        engine = initialize_engine(model, opt, sched, ds_config, use_gpu)
+        # The EMA of this rank's fragments, from the fp32 weights the optimizer starts from.
+        ema = EMA(zero.local_fragments(engine.module, rank, world), cfg.ema_decay,
+                  warmup=cfg.ema_warmup)
+        shapes = zero.full_shapes(engine.module)
+        if saved is not None:
+            checkpoint.restore_state(engine, ema, ckpt_dir, saved, rank, world, sched)
     task.setup(info, device, torch.bfloat16 if bf16 else torch.float32, rank)
 
-    state = restore_checkpoint(engine, ema) or {"step": 0, "samples": 0}
-    step = int(state["step"])
+    step, samples = (int(saved["step"]), int(saved["samples"])) if saved else (0, 0)
     if rank == 0:
+        count = sum(zero.numel(p) for p in model.parameters())
         print(f"[t2v] {cfg.stage} run {cfg.name}: {'resumed at' if step else 'starting at'} "
               f"step {step}/{cfg.steps}, {world} workers, ZeRO-{cfg.zero_stage}, "
-              f"{'bf16' if bf16 else 'fp32'}, {sum(p.numel() for p in model.parameters()):,} "
-              f"params ({sum(p.numel() for p in trainable):,} trainable"
+              f"{'bf16' if bf16 else 'fp32'}, {count:,} params "
+              f"({sum(s.numel() for s in shapes.values()):,} trainable"
               f"{f', LoRA rank {cfg.lora.rank}' if cfg.lora.rank else ''}); clips "
-              f"{info.frames}x{info.height}x{info.width} at {info.fps:g} fps", flush=True)
+              f"{info.frames}x{info.height}x{info.width} at {info.fps:g} fps"
+              f"{f'; {elastic}' if elastic else ''}", flush=True)
     monitor = Monitor(cfg, info, run_uri, rank, world)
-    monitor.start(step)
+    monitor.start(step, elastic)
 
     shard = ray.train.get_dataset_shard("train")
     micro = 0
@@ -197,8 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
                 monitor.wait_start()
                 continue
             step += 1
-            state = {"step": step, "samples": state["samples"] + cfg.batch_size * world
-                     * cfg.grad_accum}
+            samples += cfg.batch_size * world * cfg.grad_accum
             ema.update(zero.local_fragments(engine.module, rank, world))
             metrics = monitor.step_done(step, engine)
             if step % cfg.val_every == 0 or step == cfg.steps:
@@ -211,7 +205,9 @@ def train_loop_per_worker(config: dict) -> None:
                     monitor.record({"step": step, "val": val})
                     metrics |= {f"val_{k}": v for k, v in val.items()}
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save_checkpoint(engine, ema, state, rank, metrics | {"step": step})
+                state = checkpoint.trainer_state(engine, ema, shapes, step, samples, world,
+                                                 configured_accum)
+                save_checkpoint(engine, ema, state, rank, world, metrics | {"step": step})
                 maybe_inject_fault(cfg, step, rank, run_uri)
             elif metrics.get("logged"):
                 ray.train.report(metrics | {"step": step})

@@ -10,28 +10,20 @@
   EMA is sharded W ways at every stage and fed without any communication.
 - `gather_fragments`: the whole tensors, on rank 0 only, one parameter at a time (a collective:
   validation and export call it on every rank).
-- EMA files: each rank writes its fragments to `ema/rank-R.safetensors` (keys `NAME@START`);
-  reading takes, for each fragment this rank owns now, the pieces of any saved file that cover it,
-  so the files restore on any number of workers. A single `ema.safetensors` of whole tensors
-  (checkpoints of earlier versions) reads the same way.
+- Checkpoints hold each rank's EMA fragments beside its weights and moments and restore on any
+  number of workers: t2v/train/checkpoint.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
-import os
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from t2v.train.schedule import EMA, Fragment
-
-EMA_DIR = "ema"
 
 
 def build_model(
@@ -52,6 +44,11 @@ def build_model(
 
 def is_partitioned(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
+
+
+def numel(p: nn.Parameter) -> int:
+    """Elements of the whole parameter (ZeRO-3 keeps an empty placeholder in the module)."""
+    return p.ds_numel if is_partitioned(p) else p.numel()
 
 
 def local_fragments(module: nn.Module, rank: int, world: int) -> Iterator[Fragment]:
@@ -113,57 +110,3 @@ def ema_by_name(ema: EMA) -> dict[str, list[tuple[int, Tensor]]]:
     for (name, start), t in ema.shadow.items():
         pieces.setdefault(name, []).append((start, t))
     return pieces
-
-
-def save_ema(ema: EMA, directory: str, rank: int) -> None:
-    os.makedirs(os.path.join(directory, EMA_DIR), exist_ok=True)
-    save_file(ema.state_dict(), os.path.join(directory, EMA_DIR, f"rank-{rank:05d}.safetensors"))
-
-
-def load_ema(ema: EMA, directory: str) -> None:
-    """Fill this rank's EMA fragments from the saved pieces that cover them (any saved world
-    size); raises if a fragment is not covered completely."""
-    files = sorted(glob.glob(os.path.join(directory, EMA_DIR, "rank-*.safetensors")))
-    legacy = os.path.join(directory, "ema.safetensors")
-    files = files or ([legacy] if os.path.exists(legacy) else [])
-    if not files:
-        raise FileNotFoundError(
-            f"{directory}: checkpoint has no EMA ({EMA_DIR}/rank-*.safetensors)"
-        )
-    mine: dict[str, list[tuple[int, Tensor]]] = ema_by_name(ema)
-    filled = dict.fromkeys(ema.shadow, 0)
-    updates = None
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
-                if key == EMA.UPDATES_KEY:
-                    updates = int(f.get_tensor(key))
-                    continue
-                name, _, at = key.partition("@")
-                if name not in mine:
-                    continue  # a frozen parameter of a legacy whole-module file
-                start, piece = int(at or 0), f.get_slice(key)
-                shape = piece.get_shape()
-                count = 1
-                for n in shape:
-                    count *= n
-                for own_start, t in mine[name]:
-                    lo, hi = max(start, own_start), min(start + count, own_start + t.numel())
-                    if lo >= hi:
-                        continue
-                    # Fragments are 1-D: read just the overlap; legacy whole tensors entirely.
-                    values = (
-                        piece[lo - start : hi - start]
-                        if len(shape) == 1
-                        else f.get_tensor(key).reshape(-1)[lo - start : hi - start]
-                    )
-                    t[lo - own_start : hi - own_start] = values.to(t.dtype)
-                    filled[name, own_start] += hi - lo
-    short = [f"{n}@{s}" for (n, s), got in filled.items() if got != ema.shadow[n, s].numel()]
-    if short or updates is None:
-        raise ValueError(
-            f"{directory}: the saved EMA does not cover "
-            f"{', '.join(short[:3]) or 'the update count'}"
-            f"{' ...' if len(short) > 3 else ''}"
-        )
-    ema.updates = updates
