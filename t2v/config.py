@@ -245,7 +245,10 @@ class TrainConfig(Section):
     init_from's render shift, else 1. The package records it as its render shift."""
     kl_weight: float = Field(1e-6, ge=0)
     """Stage vae: weight of the KL term."""
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = 2
+    """Ray Train workers, or [MIN, MAX] for elastic training: Ray starts as many as fit (up to
+    MAX, at least MIN) and after a failure restarts with what is left. Any worker count resumes
+    any checkpoint; the global batch is kept through gradient accumulation where it divides."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -264,6 +267,19 @@ class TrainConfig(Section):
     lora: LoRAConfig = LoRAConfig()
     fault: FaultConfig = FaultConfig()
     ray_address: str | None = None
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (v, v) if isinstance(v, int) else v
+        if not 1 <= low <= high:
+            raise ValueError(f"num_workers must be >= 1, or [MIN, MAX] with 1 <= MIN <= MAX; "
+                             f"got {v}")
+        return v
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
 
 
 class RenderConfig(Section):

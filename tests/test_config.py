@@ -60,6 +60,19 @@ def test_out_of_range_value():
         load_config(PackConfig, None, ["size=[64]"])
 
 
+def test_num_workers_fixed_or_elastic_range(tmp_path):
+    from t2v.config import TrainConfig
+
+    assert load_config(TrainConfig, None, ["num_workers=4"]).min_workers == 4
+    cfg = load_config(TrainConfig, write(tmp_path, "num_workers: [2, 8]\n"), [])
+    assert cfg.num_workers == (2, 8) and cfg.min_workers == 2
+    again = load_config(TrainConfig, write(tmp_path, to_yaml(cfg), "resolved.yaml"), [])
+    assert again.num_workers == (2, 8)
+    for bad in ("num_workers=[3,1]", "num_workers=0", "num_workers=[0,2]"):
+        with pytest.raises(ConfigError, match="num_workers must be >= 1, or \\[MIN, MAX\\]"):
+            load_config(TrainConfig, None, [bad])
+
+
 @pytest.mark.parametrize("bad", ["num", "=3", "a..b=1", "two words=1", "num=[1,"])
 def test_bad_override_syntax(bad):
     with pytest.raises(ConfigError) as e:

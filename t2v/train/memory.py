@@ -100,7 +100,8 @@ def estimate_memory(model: DiTConfig, latent_shape: tuple[int, int, int, int], t
     params = sum(p.numel() for p in with_meta.parameters())
     trainable = params if trainable is None else trainable
     tokens = math.prod(with_meta.grid((1, *latent_shape)))
-    w, z, p = cfg.num_workers, cfg.zero_stage, 2 if bf16 else 4
+    # Elastic [MIN, MAX]: the fewest ranks hold the most per rank.
+    w, z, p = cfg.min_workers, cfg.zero_stage, 2 if bf16 else 4
     return MemoryEstimate(
         ranks=w, zero_stage=z, bf16=bf16, params=params, trainable=trainable, tokens=tokens,
         micro_batch=cfg.batch_size,
