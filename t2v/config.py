@@ -266,6 +266,9 @@ class TrainConfig(Section):
     2.6e11 on CPU (this project's 2-core reference machine, fp32 matmul, NOTES-stack)."""
     lora: LoRAConfig = LoRAConfig()
     fault: FaultConfig = FaultConfig()
+    deepspeed: dict[str, Any] = {}
+    """Merged, key by key, over the DeepSpeed config t2v generates (t2v/train/worker.py), e.g.
+    `deepspeed.zero_optimization.reduce_bucket_size=200000000`."""
     ray_address: str | None = None
 
     @field_validator("num_workers")

@@ -30,18 +30,60 @@ from t2v.train.validation import record_validation
 # ----------------------------------------------------------------------------- engine
 
 
+ZERO_BUCKETS = {
+    # DeepSpeed's defaults (5e8-element buckets, 1e9 live ZeRO-3 parameters) are sized for
+    # models of tens of billions: a 2 GB fp32 reduce bucket per rank, and a model under ~1e9
+    # parameters never released by ZeRO-3 at all, which then holds as much as ZeRO-0
+    # (BENCHMARKS.md, memory). 5e7-element buckets are 100 MB in bf16, still large enough to
+    # keep NCCL near full bandwidth; ZeRO-3 keeps at most 1e8 gathered parameters alive.
+    "reduce_bucket_size": 50_000_000,
+    "allgather_bucket_size": 50_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_live_parameters": 100_000_000,
+    "stage3_max_reuse_distance": 100_000_000,
+    # ZeRO-3 steps the optimizer over sub-groups of this many elements: AdamW's temporaries
+    # (its denominators, ~2 copies of what it steps at once) are bounded by them, not by the
+    # whole partition (the base DiT's first step at 2 ranks peaked 1.7 GiB higher with 1e9).
+    "sub_group_size": 50_000_000,
+}
+
+
+def tune_host_allocator(threshold: int = 4 << 20) -> bool:
+    """glibc: allocations of >= `threshold` bytes get their own mapping, returned to the OS when
+    freed. Its default adapts the threshold upwards after big frees, so the full-size
+    temporaries of building and initialising a ZeRO-3 model stay in the heap: the base DiT's
+    ZeRO-3 rank then held 6.7 GiB instead of 3.9 (BENCHMARKS.md, memory). No-op elsewhere."""
+    import ctypes  # noqa: PLC0415
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+    return bool(libc.mallopt(m_mmap_threshold, threshold)
+                and libc.mallopt(m_trim_threshold, threshold))
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`base` with `over` merged in, key by key through nested dicts."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
-    return {
+    return merged({
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, **ZERO_BUCKETS},
         # Our optimizer is torch's AdamW: no JIT-compiled fused kernels needed (NOTES-stack).
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
-    }
+    }, cfg.deepspeed)
 
 
 def initialize_engine(model, optimizer, lr_scheduler, ds_config: dict, use_gpu: bool):
@@ -123,6 +165,7 @@ def maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, run_uri: str) -> 
 
 
 def train_loop_per_worker(config: dict) -> None:
+    tune_host_allocator()
     cfg = TrainConfig.model_validate(config["train"])
     info, run_uri = config["data_info"], config["run_uri"]
     ctx = ray.train.get_context()
