@@ -1,9 +1,9 @@
 """Memory per worker by ZeRO stage, and of exporting / loading a package, for a real-size DiT.
 
-    .venv/bin/python tests/benchmarks/bench_memory.py [--preset base] [--stages 0,2,3]
-        [--out runs/bench/memory.json]
+    .venv/bin/python tests/benchmarks/bench_memory.py [--preset base] [--runs 0x2,2x2,3x2,3x4]
+        [--precision fp32|bf16] [--out runs/bench/memory.json]
 
-Training: 2 processes (gloo, CPU, fp32; the worker loop's own pieces without Ray: the model
+Training: W processes per run (gloo, CPU; the worker loop's own pieces without Ray: the model
 built by t2v.train.zero (under deepspeed.zero.Init at ZeRO-3), DeepSpeed's engine, the sharded
 EMA, 2 optimizer steps on a 16-token sample, then a checkpoint of this rank's pieces). Per rank:
 peak RSS (sampled every 5 ms) minus the RSS before the model existed = model-state memory,
@@ -53,9 +53,10 @@ SAMPLER = textwrap.dedent("""
 TRAIN = SAMPLER + textwrap.dedent("""
     import json, os, sys, tempfile, torch, torch.distributed as dist
     rank, port, stage, preset = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    world = int(sys.argv[5])
+    world, bf16 = int(sys.argv[5]), sys.argv[6] == "bf16"
     from t2v.train.worker import tune_host_allocator
-    tune_host_allocator()  # as the worker loop does, first thing
+    if stage == 3:
+        tune_host_allocator()  # as the worker loop does, first thing
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo")
@@ -67,7 +68,7 @@ TRAIN = SAMPLER + textwrap.dedent("""
     from t2v.train.schedule import EMA
     from t2v.train.worker import deepspeed_config, initialize_engine
     geo = dit_config(preset)
-    ds = deepspeed_config(TrainConfig(batch_size=1, zero_stage=stage), False)
+    ds = deepspeed_config(TrainConfig(batch_size=1, zero_stage=stage), bf16)
     peak = Peak()
     base = peak.rss()
     peak.start()
@@ -79,9 +80,11 @@ TRAIN = SAMPLER + textwrap.dedent("""
     ema = EMA(zero.local_fragments(eng.module, rank, world), 0.999)
     g = torch.Generator().manual_seed(rank)
     for _ in range(2):
-        x = torch.randn(1, geo.in_channels, 1, 8, 8, generator=g)
-        txt = torch.randn(1, 8, geo.text_dim, generator=g)
-        eng.backward((eng(x, torch.rand(1, generator=g), txt) - x).pow(2).mean())
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        x = torch.randn(1, geo.in_channels, 1, 8, 8, generator=g).to(dtype)
+        txt = torch.randn(1, 8, geo.text_dim, generator=g).to(dtype)
+        v = eng(x, torch.rand(1, generator=g).to(dtype), txt)
+        eng.backward((v.float() - x.float()).pow(2).mean())
         eng.step()
         ema.update(zero.local_fragments(eng.module, rank, world))
     trained = peak.stop() - base
@@ -133,7 +136,7 @@ def run_script(code: str, args: list[str], env: dict) -> dict:
     return json.loads(lines[0][6:])
 
 
-def theory(preset: str, stage: int, world: int) -> dict:
+def theory(preset: str, stage: int, world: int, bf16: bool) -> dict:
     from t2v.config import TrainConfig
     from t2v.models.dit import dit_config
     from t2v.train.memory import estimate_memory
@@ -141,7 +144,7 @@ def theory(preset: str, stage: int, world: int) -> dict:
     geo = dit_config(preset)
     est = estimate_memory(geo, (geo.in_channels, 1, 8, 8), 8,
                           TrainConfig(num_workers=world, zero_stage=stage, batch_size=1),
-                          bf16=False)
+                          bf16=bf16)
     return {"params": est.params, "weights": est.weights, "gradients": est.gradients,
             "optimizer": est.optimizer, "ema": est.ema,
             "model_states": est.weights + est.gradients + est.optimizer + est.ema}
@@ -154,6 +157,8 @@ def main() -> None:
     ap.add_argument("--preset", default="base")
     ap.add_argument("--runs", default="0x2,2x2,3x2,3x4",
                     help="ZeRO stage x workers, comma-separated")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: what GPU runs use (on a CPU without bf16 units: slow, same bytes)")
     ap.add_argument("--out", default="runs/bench/memory.json")
     args = ap.parse_args()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
@@ -165,8 +170,9 @@ def main() -> None:
         t0 = time.time()
         with ThreadPoolExecutor(world) as pool:  # the ranks run together
             results = list(pool.map(lambda r, p=port, z=stage, w=world: run_script(
-                TRAIN, [str(r), p, str(z), args.preset, str(w)], env), range(world)))
-        want = theory(args.preset, stage, world)
+                TRAIN, [str(r), p, str(z), args.preset, str(w), args.precision], env),
+                range(world)))
+        want = theory(args.preset, stage, world, args.precision == "bf16")
         rows.append({"stage": stage, "workers": world, "seconds": round(time.time() - t0, 1),
                      "theory": want, "ranks": results})
         print(f"ZeRO-{stage} x {world}: peak {max(r['peak'] for r in results) / gib:.2f} GiB per "
@@ -179,7 +185,8 @@ def main() -> None:
     z0 = next((r for r in rows if r["stage"] == 0 and r["workers"] == 2), None)
     cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo")
                 if x.startswith("model name")), platform.processor())
-    print(f"\n{args.preset} DiT, {rows[0]['theory']['params'] / 1e6:.0f}M params, fp32, CPU "
+    print(f"\n{args.preset} DiT, {rows[0]['theory']['params'] / 1e6:.0f}M params, "
+          f"{args.precision}, CPU "
           f"workers (gloo), {cpu}, {os.cpu_count()} cores\n")
     print("| ZeRO | workers | peak RSS - baseline, per rank (max) | after build | theory: "
           "weights + grads + Adam + EMA per rank | peak / ZeRO-0 x 2's | checkpoint save peak |")
