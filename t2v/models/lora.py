@@ -18,10 +18,14 @@ adapters: an adapter trained elsewhere on those names does not map onto ours.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import math
+
 import torch
 from torch import Tensor, nn
 
-from t2v.models.dit import VideoDiT
+from t2v.models.dit import VideoDiT, Whole
 
 DEFAULT_TARGETS = ("qkv", "q", "kv", "out")
 """Every attention projection, self and cross (Wan's to_q/to_k/to_v/to_out, fused as VideoDiT)."""
@@ -55,14 +59,30 @@ def target_layers(model: nn.Module, targets: list[str] | tuple[str, ...]) -> lis
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
-             targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS) -> nn.Module:
-    """Wrap the target layers with LoRA adapters in place; only the adapters stay trainable."""
+             targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
+             whole: Whole | None = None) -> nn.Module:
+    """Wrap the target layers with LoRA adapters in place; only the adapters stay trainable.
+
+    Adapters start as peft's (A Kaiming-uniform, B zero: the adapted model is the base), drawn
+    from a generator seeded by the layer's name, inside `whole` (see VideoDiT.init_weights): a
+    model partitioned as it is built (ZeRO-3) has its adapters split before peft could set
+    them, and gets the same ones as an unpartitioned model."""
     from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - optional extra, heavy
 
     layers = target_layers(model, targets)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
                         lora_dropout=dropout, target_modules=layers, bias="none")
     model = inject_adapter_in_model(config, model, adapter_name=_ADAPTER)
+    whole = whole or (lambda params: contextlib.nullcontext())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and _ADAPTER in m.lora_A:
+                a, b = m.lora_A[_ADAPTER].weight, m.lora_B[_ADAPTER].weight
+                seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+                with whole([a, b]):
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5),
+                                             generator=torch.Generator().manual_seed(seed >> 1))
+                    nn.init.zeros_(b)
     for name, p in model.named_parameters():  # peft already does this; be explicit about it
         p.requires_grad_(any(f".{part}." in name for part in _PARTS))
     return model

@@ -193,7 +193,7 @@ class DiTTask(StageTask):
         model.checkpointing = cfg.activation_checkpointing
         if cfg.lora.rank:
             model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                             cfg.lora.target_modules)
+                             cfg.lora.target_modules, whole)
         return model
 
     def setup(self, info: DiTData, device: torch.device, dtype: torch.dtype,

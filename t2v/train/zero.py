@@ -34,6 +34,10 @@ def build_model(
         return build(None).to(device)
     import deepspeed  # noqa: PLC0415 - heavy: workers only
 
+    # Imported inside zero.Init (peft does, lazily), torch._dynamo fails to register its
+    # polyfills against DeepSpeed's patched tensor constructor.
+    import torch._dynamo  # noqa: F401, PLC0415
+
     def whole(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
         # Every rank computes the same values (same seed); rank 0's are kept and re-partitioned.
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
