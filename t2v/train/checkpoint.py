@@ -13,7 +13,8 @@ every resume test exercises it.
 
 Which piece a rank owns: ZeRO-3, DeepSpeed's partition ([r * ceil(n / W), ...)); ZeRO-1/2 (and
 DeepSpeed's bf16 optimizer), the fragment its flat partition holds (`_hp_mapping`); ZeRO-0 (plain
-data parallel), an even split of the whole tensors every rank holds. The EMA: see zero.py.
+data parallel; in bf16 with per-parameter fp32 masters), an even split of the whole tensors every
+rank holds. The EMA: see zero.py.
 """
 
 from __future__ import annotations
@@ -99,6 +100,15 @@ def _base(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+def _masters(engine) -> dict[nn.Parameter, Tensor]:
+    """ZeRO-0 in bf16: DeepSpeed's unfused optimizer keeps an fp32 master per parameter
+    (`fp32_groups` beside the model's `fp16_groups`); the optimizer steps the masters. (ZeRO-1/2/3
+    name their flat groups alike: call this for ZeRO-0 only.)"""
+    opt = engine.optimizer
+    pairs = zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []), strict=True)
+    return {lp: hp for lps, hps in pairs for lp, hp in zip(lps, hps, strict=True)}
+
+
 def _ensure_moments(engine) -> None:
     """AdamW makes its moments at the first step; a restore before it needs them to exist (zero,
     as AdamW would make them) and DeepSpeed's fragments linked to them."""
@@ -122,7 +132,7 @@ def _pieces_of(engine, rank: int, world: int) -> Iterator[tuple[str, nn.Paramete
     """(name, parameter, start, {kind: 1-D view}) of this rank's piece of each trainable
     parameter: views into DeepSpeed's fp32 partition and the optimizer's moments, so reading
     them saves and writing them restores."""
-    base = _base(engine)
+    base, masters = _base(engine), None
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
@@ -139,12 +149,14 @@ def _pieces_of(engine, rank: int, world: int) -> Iterator[tuple[str, nn.Paramete
                 continue
             views = {"param": m.hp_fragment} | {k: m.get_optim_state_fragment(k) for k in MOMENTS}
             start, count = m.lp_fragment_address.start, m.lp_fragment_address.numel
-        else:  # ZeRO-0 in fp32: whole tensors on every rank, each saves an even share
-            state = base.state[p]
+        else:  # ZeRO-0: whole tensors on every rank, each saves an even share
+            masters = _masters(engine) if masters is None else masters
+            hp = masters.get(p, p)
+            state = base.state[hp]
             size = -(-p.numel() // world)
             start = min(rank * size, p.numel())
             count = min(size, p.numel() - start)
-            views = {"param": p.data.reshape(-1)} | {k: state[k].reshape(-1) for k in MOMENTS}
+            views = {"param": hp.data.reshape(-1)} | {k: state[k].reshape(-1) for k in MOMENTS}
             views = {k: v[start:] for k, v in views.items()}
         if count > 0:
             yield name, p, start, {k: v.reshape(-1)[:count] for k, v in views.items()}
@@ -255,10 +267,12 @@ def _rebuild_working_weights(engine, partitioned: bool, pieces: Pieces) -> None:
         opt.checkpoint_event_epilogue()  # re-gathers the persistent (small, unsplit) parameters
     elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2, bf16: fp32 pieces -> bit16, all-gather
         opt.update_lp_params()
-    else:  # ZeRO-0 in fp32: every rank holds whole weights and moments
-        base = _base(engine)
+    else:  # ZeRO-0: every rank holds whole weights (+ fp32 masters in bf16) and moments
+        base, masters = _base(engine), _masters(engine)
         for name, p in engine.module.named_parameters():
             if p.requires_grad:
-                p.data.copy_(pieces.whole(f"param/{name}", p.numel()).view_as(p))
+                hp = masters.get(p, p)
+                hp.data.copy_(pieces.whole(f"param/{name}", p.numel()).view_as(hp))
+                p.data.copy_(hp.data)
                 for key in MOMENTS:
-                    base.state[p][key].copy_(pieces.whole(f"{key}/{name}", p.numel()).view_as(p))
+                    base.state[hp][key].copy_(pieces.whole(f"{key}/{name}", p.numel()).view_as(hp))
