@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from t2v.train.schedule import EMA
-from t2v.train.zero import is_partitioned
+from t2v.train.zero import is_partitioned, piece
 
 STATE_DIR = "state"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -47,15 +47,16 @@ class Pieces:
 
     def __init__(self, files: list[str]) -> None:
         self.files = files
+        # Each file is opened (memory-mapped) once; fills read slices through these handles.
+        self.handles = {path: safe_open(path, framework="pt") for path in files}
         self.index: dict[str, list[tuple[int, int, str, str]]] = {}
-        for path in files:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
-                    name, _, at = key.rpartition("@") if "@" in key else (key, "", "0")
-                    count = 1
-                    for n in f.get_slice(key).get_shape():
-                        count *= n
-                    self.index.setdefault(name, []).append((int(at), count, path, key))
+        for path, f in self.handles.items():
+            for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
+                name, _, at = key.rpartition("@") if "@" in key else (key, "", "0")
+                count = 1
+                for n in f.get_slice(key).get_shape():
+                    count *= n
+                self.index.setdefault(name, []).append((int(at), count, path, key))
 
     def fill(self, name: str, start: int, out: Tensor) -> int:
         """Copy elements [start, start + out.numel()) of `name` into the 1-D `out`; returns how
@@ -65,10 +66,10 @@ class Pieces:
             lo, hi = max(at, start), min(at + count, start + out.numel())
             if lo >= hi:
                 continue
-            with safe_open(path, framework="pt") as f:
-                piece = f.get_slice(key)
-                values = (piece[lo - at:hi - at] if len(piece.get_shape()) == 1
-                          else f.get_tensor(key).reshape(-1)[lo - at:hi - at])
+            f = self.handles[path]
+            part = f.get_slice(key)
+            values = (part[lo - at:hi - at] if len(part.get_shape()) == 1
+                      else f.get_tensor(key).reshape(-1)[lo - at:hi - at])
             out[lo - start:hi - start] = values.to(out.dtype)
             got += hi - lo
         return got
@@ -127,9 +128,8 @@ def _ensure_moments(engine) -> None:
         link()
 
 
-def _pieces_of(engine, rank: int, world: int) -> Iterator[tuple[str, nn.Parameter, int,
-                                                                dict[str, Tensor]]]:
-    """(name, parameter, start, {kind: 1-D view}) of this rank's piece of each trainable
+def _pieces_of(engine, rank: int, world: int) -> Iterator[tuple[str, int, dict[str, Tensor]]]:
+    """(name, start, {kind: 1-D view}) of this rank's piece of each trainable
     parameter: views into DeepSpeed's fp32 partition and the optimizer's moments, so reading
     them saves and writing them restores."""
     base, masters = _base(engine), None
@@ -137,12 +137,10 @@ def _pieces_of(engine, rank: int, world: int) -> Iterator[tuple[str, nn.Paramete
         if not p.requires_grad:
             continue
         if is_partitioned(p):  # ZeRO-3: views, as DeepSpeed's safe_get_local_* read them
+            start, count = piece(p, rank, world)
             views = {k: engine.optimizer._get_fp32_opt_state_partition(
                 p, release_swap_buffers=False, optim_state_key=None if k == "param" else k)[0]
                 for k in KINDS}
-            size = views["param"].numel()
-            start = rank * size
-            count = max(0, min(size, p.ds_numel - start))
         elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer: a fragment, maybe none
             m = p._hp_mapping
             if m is None:
@@ -150,16 +148,13 @@ def _pieces_of(engine, rank: int, world: int) -> Iterator[tuple[str, nn.Paramete
             views = {"param": m.hp_fragment} | {k: m.get_optim_state_fragment(k) for k in MOMENTS}
             start, count = m.lp_fragment_address.start, m.lp_fragment_address.numel
         else:  # ZeRO-0: whole tensors on every rank, each saves an even share
+            start, count = piece(p, rank, world)
             masters = _masters(engine) if masters is None else masters
             hp = masters.get(p, p)
-            state = base.state[hp]
-            size = -(-p.numel() // world)
-            start = min(rank * size, p.numel())
-            count = min(size, p.numel() - start)
-            views = {"param": hp.data.reshape(-1)} | {k: state[k].reshape(-1) for k in MOMENTS}
-            views = {k: v[start:] for k, v in views.items()}
+            views = {"param": hp.data} | {k: base.state[hp][k] for k in MOMENTS}
+            views = {k: v.reshape(-1)[start:] for k, v in views.items()}
         if count > 0:
-            yield name, p, start, {k: v.reshape(-1)[:count] for k, v in views.items()}
+            yield name, start, {k: v.reshape(-1)[:count] for k, v in views.items()}
 
 
 def optimizer_step(engine) -> int:
@@ -173,7 +168,7 @@ def optimizer_step(engine) -> int:
 def save_state(engine, ema: EMA, directory: str, rank: int, world: int) -> None:
     """This rank's pieces of weights, moments and EMA -> `state/rank-R.safetensors`."""
     tensors = {f"{kind}/{name}@{start}": v.detach().float().contiguous().cpu()
-               for name, _, start, views in _pieces_of(engine, rank, world)
+               for name, start, views in _pieces_of(engine, rank, world)
                for kind, v in views.items()}
     tensors |= {f"ema/{name}@{start}": t.cpu() for (name, start), t in ema.shadow.items()}
     os.makedirs(os.path.join(directory, STATE_DIR), exist_ok=True)
@@ -232,18 +227,16 @@ def restore_state(engine, ema: EMA, directory: str, saved: dict, rank: int, worl
                              f"({out.numel()} elements; saved by {saved.get('world')} workers)")
 
     _ensure_moments(engine)
-    partitioned = False
     with torch.no_grad():
-        for name, p, start, views in _pieces_of(engine, rank, world):
+        for name, start, views in _pieces_of(engine, rank, world):
             for kind, view in views.items():
                 fill(f"{kind}/{name}", start, view)
-            partitioned |= is_partitioned(p)
         for state in _base(engine).state.values():
             state["step"] = torch.tensor(float(saved["optimizer_step"]))
         for (name, start), t in ema.shadow.items():
             fill(f"ema/{name}", start, t)
         ema.updates = int(saved["ema_updates"])
-        _rebuild_working_weights(engine, partitioned, pieces)
+        _rebuild_working_weights(engine, pieces)
     step = int(saved["step"])
     lr_scheduler.last_epoch = step - 1
     with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
@@ -253,10 +246,10 @@ def restore_state(engine, ema: EMA, directory: str, saved: dict, rank: int, worl
     engine.micro_steps = step * engine.gradient_accumulation_steps()
 
 
-def _rebuild_working_weights(engine, partitioned: bool, pieces: Pieces) -> None:
+def _rebuild_working_weights(engine, pieces: Pieces) -> None:
     """From the restored fp32 master pieces to the weights forward uses, DeepSpeed's way."""
     opt = engine.optimizer
-    if partitioned:  # ZeRO-3, as DeepSpeed's universal loader for stage 3
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3, as its universal loader does
         for i, fp32 in enumerate(opt.fp32_partitioned_groups_flat):
             if fp32.numel():
                 opt.fp16_partitioned_groups_flat[i].data.copy_(fp32.data)

@@ -55,24 +55,31 @@ def numel(p: nn.Parameter) -> int:
     return p.ds_numel if is_partitioned(p) else p.numel()
 
 
+def piece(p: nn.Parameter, rank: int, world: int) -> tuple[int, int]:
+    """(start, count) of this rank's piece of the flattened parameter: ZeRO-3's partition
+    ([r * ceil(n / W), ...), as DeepSpeed cuts it), else the same even split of the whole
+    parameter every rank holds. count is 0 where n < W leaves a rank nothing."""
+    n = numel(p)
+    size = p.ds_tensor.numel() if is_partitioned(p) else -(-n // world)
+    start = min(rank * size, n)
+    return start, min(size, n - start)
+
+
 def local_fragments(module: nn.Module, rank: int, world: int) -> Iterator[Fragment]:
     """This rank's piece of each trainable parameter (module order; see the module docstring)."""
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
+        start, count = piece(p, rank, world)
+        if not count:
+            continue
         if is_partitioned(p):
             from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415
 
-            local = safe_get_local_fp32_param(p)  # (ceil(n / W),), the last rank's padded
-            start = rank * local.numel()
-            count = max(0, min(local.numel(), p.ds_numel - start))
-            flat = local[:count]
+            # (ceil(n / W),): this rank's fp32 partition, the last rank's padded
+            yield Fragment(name, start, safe_get_local_fp32_param(p)[:count])
         else:
-            size = -(-p.numel() // world)
-            start = min(rank * size, p.numel())
-            flat = p.detach().reshape(-1)[start : start + size]
-        if flat.numel():
-            yield Fragment(name, start, flat)
+            yield Fragment(name, start, p.detach().reshape(-1)[start : start + count])
 
 
 def full_shapes(module: nn.Module) -> dict[str, torch.Size]:
