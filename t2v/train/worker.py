@@ -218,7 +218,7 @@ def train_loop_per_worker(config: dict) -> None:
     monitor.start(step, elastic)
 
     shard = ray.train.get_dataset_shard("train")
-    micro = 0
+    micro, module, gathered_at = 0, None, None
     while step < cfg.steps:
         batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
                                            collate_fn=config["collate"],
@@ -245,9 +245,11 @@ def train_loop_per_worker(config: dict) -> None:
                     with torch.no_grad():
                         val = record_validation(run_uri, step, task.validate(module, step),
                                                 fps=info.fps)
-                    del module
                     monitor.record({"step": step, "val": val})
                     metrics |= {f"val_{k}": v for k, v in val.items()}
+                # Rank 0 holds a whole model only to validate, except after the last step: the
+                # export below reuses that one rather than gathering the same EMA again.
+                module, gathered_at = (module, step) if step == cfg.steps else (None, None)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 state = checkpoint.trainer_state(engine, ema, shapes, step, samples, world,
                                                  configured_accum)
@@ -258,7 +260,8 @@ def train_loop_per_worker(config: dict) -> None:
             if step >= cfg.steps:
                 break
             monitor.wait_start()
-    module = ema_module(task, info, ema, shapes, rank, device)  # every rank
+    if gathered_at != step:  # e.g. resumed at the last step: no validation ran here
+        module = ema_module(task, info, ema, shapes, rank, device)  # every rank
     if module is not None:
         out = storage.join(run_uri, "package")
         with torch.no_grad():
