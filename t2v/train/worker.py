@@ -87,18 +87,8 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
 
 
 def initialize_engine(model, optimizer, lr_scheduler, ds_config: dict, use_gpu: bool):
-    """deepspeed.initialize (torch.distributed already set up by Ray Train) -> the engine.
-
-    On CPU, DeepSpeed's comm backend would JIT-compile its shared-memory all-reduce op (~30 s of
-    gcc the first time on every machine, ~1 min on slower CPUs) that only its inference path
-    (`inference_all_reduce`) uses; training all-reduces through torch.distributed (gloo). Marking
-    the op unavailable in DeepSpeed's compatibility table (a dict it keeps for edits like this)
-    skips the build; the install no longer pre-compiles it.
-    """
-    import deepspeed  # noqa: PLC0415 - heavy: imported by the workers only, never by the driver
-
-    if not use_gpu:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    """deepspeed.initialize (torch.distributed already set up by Ray Train) -> the engine."""
+    deepspeed = zero.import_deepspeed(use_gpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler,
                                            config=ds_config,

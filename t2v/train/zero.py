@@ -26,14 +26,29 @@ from torch import Tensor, nn
 from t2v.train.schedule import EMA, Fragment
 
 
+def import_deepspeed(use_gpu: bool):
+    """The deepspeed module, set up for this process's device.
+
+    On CPU, DeepSpeed's comm backend JIT-compiles its shared-memory all-reduce op the first time
+    it initialises (`zero.Init` or `deepspeed.initialize`: ~30 s of gcc on every fresh machine,
+    ~1 min on slower CPUs), an op only its inference path (`inference_all_reduce`) uses;
+    training all-reduces through torch.distributed (gloo). Marking the op unavailable in
+    DeepSpeed's compatibility table (a dict it keeps for edits like this) skips the build.
+    """
+    import deepspeed  # noqa: PLC0415 - heavy: imported by the workers only, never by the driver
+
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def build_model(
     build: Callable[..., nn.Module], zero_stage: int, ds_config: dict, device: torch.device
 ) -> nn.Module:
     """`build(whole)` -> the model on `device`; at ZeRO-3 partitioned as it is constructed."""
     if zero_stage != 3:
         return build(None).to(device)
-    import deepspeed  # noqa: PLC0415 - heavy: workers only
-
+    deepspeed = import_deepspeed(use_gpu=device.type != "cpu")
     # Imported inside zero.Init (peft does, lazily), torch._dynamo fails to register its
     # polyfills against DeepSpeed's patched tensor constructor.
     import torch._dynamo  # noqa: F401, PLC0415
