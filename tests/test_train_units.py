@@ -51,28 +51,6 @@ def test_ema_formula_with_and_without_warmup():
             ema.update([Fragment("weight", 0, new["weight"])])  # the bias is missing
 
 
-def test_checkpoint_pieces_read_across_any_cut(tmp_path):
-    """Pieces of a tensor saved by 3 ranks (a 5-element bias: 2, 2, 1) read back over any
-    range; a legacy whole tensor (no @START) reads as the piece at 0; a gap is reported."""
-    from safetensors.torch import save_file
-
-    from t2v.train.checkpoint import Pieces
-
-    b = torch.arange(5.0)
-    for rank, (lo, hi) in enumerate(((0, 2), (2, 4), (4, 5))):
-        save_file({f"param/b@{lo}": b[lo:hi].clone()}, str(tmp_path / f"rank-{rank}.safetensors"))
-    save_file({"w": torch.ones(2, 3)}, str(tmp_path / "legacy.safetensors"))
-    pieces = Pieces(sorted(str(p) for p in tmp_path.glob("*.safetensors")))
-    for start, count in ((0, 5), (1, 3), (3, 2), (4, 1)):
-        out = torch.full((count,), -1.0)
-        assert pieces.fill("param/b", start, out) == count
-        assert torch.equal(out, b[start:start + count])
-    assert torch.equal(pieces.whole("w", 6), torch.ones(6))
-    (tmp_path / "rank-1.safetensors").unlink()
-    with pytest.raises(ValueError, match="does not hold all of param/b"):
-        Pieces(sorted(str(p) for p in tmp_path.glob("rank-*.safetensors"))).whole("param/b", 5)
-
-
 ZERO_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch, torch.distributed as dist
     rank, world, port, out, phase = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4],
@@ -107,13 +85,17 @@ ZERO_SCRIPT = textwrap.dedent("""
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
             s, warmup=3, total=6, kind="cosine", min_ratio=0.1))
         eng = initialize_engine(model, opt, sched, ds, use_gpu=False)
+        o = eng.optimizer  # ZeRO-3 in fp32: the optimizer steps the weights' own partition
+        shared = [a.data_ptr() == b.data_ptr() for a, b in zip(
+            getattr(o, "fp16_partitioned_groups_flat", []),
+            getattr(o, "fp32_partitioned_groups_flat", [])) if a.numel()]
         ema = EMA(zero.local_fragments(eng.module, rank, world), 0.9)
         shapes = zero.full_shapes(eng.module)
         step, run = 0, f"{out}/{name}"
         if phase != "a":  # b: resume a's step 2 on 1 worker; c: b's step 3 on 2 workers again
             src = f"{run}/a2" if phase == "b" else f"{run}/b3"
-            saved = json.load(open(f"{src}/trainer.json"))
-            checkpoint.restore_state(eng, ema, src, saved, rank, world, sched)
+            saved, pieces = checkpoint.open_local(src)
+            checkpoint.restore_state(eng, ema, saved, pieces, rank, world, sched)
             step = saved["step"]
         while step < 4:
             for m in range(accum):  # sample i of a step is the same data on any worker count
@@ -126,7 +108,7 @@ ZERO_SCRIPT = textwrap.dedent("""
             ema.update(zero.local_fragments(eng.module, rank, world))
             if (phase, step) in (("a", 2), ("b", 3)):
                 save(f"{run}/{phase}{step}", eng, ema, shapes, step)
-        save(f"{run}/{phase}-final", eng, ema, shapes, step, held=held)
+        save(f"{run}/{phase}-final", eng, ema, shapes, step, held=held, shared=shared)
     if phase == "a":  # LoRA on a loaded base, built partitioned: the same model as unpartitioned
         import deepspeed
         from t2v.models.lora import add_lora
@@ -152,8 +134,9 @@ ZERO_SCRIPT = textwrap.dedent("""
 def test_zero_stages_agree_and_resume_on_another_worker_count(tmp_path):
     """2 processes (gloo), the debug DiT at ZeRO-0, 2 and 3 (ZeRO-1 is ZeRO-2's optimizer class;
     ZeRO-3 with activation checkpointing: tests/test_train.py), 4 steps of global batch 4. A
-    LoRA model on a loaded base, built partitioned, equals the unpartitioned one (adapters B = 0). ZeRO-3 is built partitioned (half the parameters per rank from
-    construction on) and every stage trains the same weights. Elastic resume: run a (2 workers)
+    LoRA model on a loaded base, built partitioned, equals the unpartitioned one (adapters B = 0).
+    ZeRO-3 is built partitioned (half the parameters per rank from construction on), steps its
+    own fp32 partition (no master copy), and every stage trains the same weights. Elastic resume: run a (2 workers)
     checkpoints at step 2; run b resumes it on 1 worker (2 micro-batches), checkpoints at step 3;
     run c resumes that on 2 workers: both end with a's weights, AdamW moments, EMA, optimizer
     step and LR, bit for bit."""
@@ -187,6 +170,7 @@ def test_zero_stages_agree_and_resume_on_another_worker_count(tmp_path):
         got_a, meta_a = final(name, "a")
         if name == "z3":
             assert meta_a["held"] <= total // 2 + 4096  # + each parameter's padding
+            assert meta_a["shared"] and all(meta_a["shared"])  # no fp32 master copy
         for kind, tensors in got_a.items():  # every stage trains the same model
             for k, v in tensors.items():
                 torch.testing.assert_close(v, ref[kind][k], rtol=1e-5, atol=1e-7, msg=k)
@@ -238,11 +222,12 @@ BF16_SCRIPT = textwrap.dedent("""
         other, other_ema = engine(stage)
         base = getattr(other.optimizer, "optimizer", other.optimizer)
         sched = torch.optim.lr_scheduler.LambdaLR(base, lambda s: 1.0)
-        checkpoint.restore_state(other, other_ema, d, saved, 0, 1, sched)
+        json.dump(saved, open(f"{d}/trainer.json", "w"))
+        checkpoint.restore_state(other, other_ema, saved, checkpoint.open_local(d)[1], 0, 1,
+                                 sched)
         d2 = tempfile.mkdtemp()
         checkpoint.save_state(other, other_ema, d2, 0, 1)
-        for where in (d, d2):
-            json.dump(saved, open(f"{where}/trainer.json", "w"))
+        json.dump(saved, open(f"{d2}/trainer.json", "w"))
         kinds = ("param", "exp_avg", "exp_avg_sq", "ema")
         first = {k: checkpoint.read_whole(d, k) for k in kinds}
         again = {k: checkpoint.read_whole(d2, k) for k in kinds}

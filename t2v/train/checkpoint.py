@@ -4,9 +4,10 @@ Each rank writes `state/rank-R.safetensors`: its own piece of every trainable pa
 master weights, AdamW moments and EMA, one 1-D tensor per piece, keyed `KIND/NAME@START` (START:
 the piece's offset in the flattened parameter). Rank 0 adds `trainer.json` (step, samples, the
 optimizer's step count, shapes, world size). Nothing in the files depends on how the pieces were
-cut, so a run saved by N workers restores on M: each rank reads, from every saved file, just the
-slices that overlap the pieces it owns now (safetensors slices, never a whole file), writes them
-into DeepSpeed's own buffers and lets DeepSpeed rebuild the working weights (ZeRO-1/2: fp32
+cut, so a run saved by N workers restores on M: each rank reads, from every saved file where it
+lies (local disk or S3, through Ray's checkpoint filesystem), just the byte ranges of the pieces it
+owns now (`Pieces`: nothing downloaded whole, so W ranks read the checkpoint about once between
+them, not W times), writes them into DeepSpeed's own buffers and lets DeepSpeed rebuild the working weights (ZeRO-1/2: fp32
 partition -> bit16 all-gather; ZeRO-3: fp32 partition -> partitioned parameters, persistent ones
 re-gathered), as its universal-checkpoint loader does. The same path serves every resume, so
 every resume test exercises it.
@@ -19,15 +20,16 @@ rank holds. The EMA: see zero.py.
 
 from __future__ import annotations
 
-import glob
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -41,56 +43,141 @@ KINDS = ("param", *MOMENTS)
 
 # ----------------------------------------------------------------------------- reading pieces
 
+# A ranged read costs a request (tens of ms on S3: megabytes of transfer), so reads of nearby
+# pieces are merged across gaps up to GAP bytes, into reads of at most SPAN bytes, READERS at once.
+GAP, SPAN, READERS = 1 << 20, 64 << 20, 8
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored tensor: elements [start, start + count) of NAME, at byte `offset` of `path`."""
+    start: int
+    count: int
+    path: str
+    offset: int
+    dtype: torch.dtype
+
 
 class Pieces:
-    """Every `NAME@START` tensor of a set of safetensors files, readable by element range."""
+    """Every `NAME@START` tensor of a set of safetensors files on a pyarrow filesystem (local
+    disk or S3: Ray's checkpoint storage), read by element range with ranged reads of just the
+    bytes asked for. No file is downloaded whole: a rank restoring 1/W of a checkpoint reads
+    about 1/W of its bytes. `bytes_read` and `reads` count them.
 
-    def __init__(self, files: list[str]) -> None:
-        self.files = files
-        # Each file is opened (memory-mapped) once; fills read slices through these handles.
-        self.handles = {path: safe_open(path, framework="pt") for path in files}
-        self.index: dict[str, list[tuple[int, int, str, str]]] = {}
-        for path, f in self.handles.items():
-            for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
+    The safetensors layout is read directly (8-byte little-endian header size, JSON header of
+    dtype / shape / data_offsets, then row-major data), so a range of elements is a range of
+    bytes whatever the tensor's shape.
+    """
+
+    def __init__(self, fs, paths: list[str]) -> None:
+        self.fs, self.paths = fs, paths
+        self.files = {path: fs.open_input_file(path) for path in paths}
+        self.total_bytes = sum(f.size() for f in self.files.values())
+        self.bytes_read = self.reads = 0
+        self.index: dict[str, list[Entry]] = {}
+        for path, f in self.files.items():
+            size = int.from_bytes(self._read(f, 0, 8), "little")
+            header = json.loads(self._read(f, 8, size))
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                if meta["dtype"] not in DTYPES:
+                    raise ValueError(f"{path}: {key} is {meta['dtype']}, not a float tensor")
                 name, _, at = key.rpartition("@") if "@" in key else (key, "", "0")
-                count = 1
-                for n in f.get_slice(key).get_shape():
-                    count *= n
-                self.index.setdefault(name, []).append((int(at), count, path, key))
+                count = math.prod(meta["shape"])
+                self.index.setdefault(name, []).append(Entry(
+                    int(at), count, path, 8 + size + meta["data_offsets"][0],
+                    DTYPES[meta["dtype"]]))
 
-    def fill(self, name: str, start: int, out: Tensor) -> int:
-        """Copy elements [start, start + out.numel()) of `name` into the 1-D `out`; returns how
-        many were found."""
-        got = 0
-        for at, count, path, key in self.index.get(name, []):
-            lo, hi = max(at, start), min(at + count, start + out.numel())
-            if lo >= hi:
-                continue
-            f = self.handles[path]
-            part = f.get_slice(key)
-            values = (part[lo - at:hi - at] if len(part.get_shape()) == 1
-                      else f.get_tensor(key).reshape(-1)[lo - at:hi - at])
-            out[lo - start:hi - start] = values.to(out.dtype)
-            got += hi - lo
-        return got
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def _read(self, f, offset: int, nbytes: int) -> bytes:
+        data = f.read_at(nbytes, offset)
+        if len(data) != nbytes:
+            raise ValueError(f"{self.paths[0]}...: truncated checkpoint file ({len(data)} of "
+                             f"{nbytes} bytes at {offset})")
+        self.bytes_read += nbytes
+        self.reads += 1
+        return data
+
+    def read(self, requests: list[tuple[str, int, Tensor]]) -> None:
+        """Fill each (name, start, 1-D out) with elements [start, start + out.numel()) of
+        name; raises naming the first one the files do not cover."""
+        # Every (file, byte range, destination) a request needs ...
+        wants: dict[str, list[tuple[int, int, Entry, Tensor]]] = {}
+        found = [0] * len(requests)
+        for i, (name, start, out) in enumerate(requests):
+            for e in self.index.get(name, []):
+                lo, hi = max(e.start, start), min(e.start + e.count, start + out.numel())
+                if lo < hi:
+                    size = e.dtype.itemsize
+                    wants.setdefault(e.path, []).append((
+                        e.offset + (lo - e.start) * size, e.offset + (hi - e.start) * size, e,
+                        out[lo - start:hi - start]))
+                    found[i] += hi - lo
+        for (name, start, out), got in zip(requests, found, strict=True):
+            if got != out.numel():
+                raise ValueError(f"{self.paths[0]}...: the checkpoint does not cover {name}@"
+                                 f"{start} ({got} of {out.numel()} elements; saved by another "
+                                 f"version or its files are missing)")
+        # ... merged into few large reads per file, read concurrently, scattered as they land.
+        runs: list[tuple[str, int, int, list]] = []
+        for path, parts in wants.items():
+            parts.sort(key=lambda w: w[0])
+            for part in parts:
+                last = runs[-1] if runs and runs[-1][0] == path else None
+                if last and part[0] - last[2] <= GAP and part[1] - last[1] <= SPAN:
+                    runs[-1] = (path, last[1], max(last[2], part[1]), [*last[3], part])
+                else:
+                    runs.append((path, part[0], part[1], [part]))
+
+        def load(run: tuple[str, int, int, list]) -> None:
+            path, lo, hi, parts = run
+            data = self._read(self.files[path], lo, hi - lo)
+            with torch.no_grad():  # grad mode is per thread: this one's is on
+                for a, b, e, dest in parts:
+                    dest.copy_(torch.frombuffer(bytearray(data[a - lo:b - lo]), dtype=e.dtype))
+
+        with ThreadPoolExecutor(READERS) as pool:
+            list(pool.map(load, runs))
 
     def whole(self, name: str, count: int) -> Tensor:
         out = torch.empty(count, dtype=torch.float32)
-        if self.fill(name, 0, out) != count:
-            raise ValueError(f"{self.files[0]}...: the checkpoint does not hold all of {name}")
+        self.read([(name, 0, out)])
         return out
 
 
-def state_files(directory: str | Path) -> list[str]:
-    return sorted(glob.glob(os.path.join(directory, STATE_DIR, "rank-*.safetensors")))
+def open_checkpoint(fs, path: str) -> tuple[dict, Pieces]:
+    """(trainer.json, the pieces of every rank's state file) of a checkpoint directory on a
+    pyarrow filesystem, e.g. Ray's `Checkpoint.filesystem` / `.path`; nothing downloaded."""
+    import pyarrow.fs as pafs  # noqa: PLC0415 - heavy; only checkpoint readers need it
+
+    with fs.open_input_file(f"{path}/trainer.json") as f:
+        saved = json.loads(f.read())
+    listing = fs.get_file_info(pafs.FileSelector(f"{path}/{STATE_DIR}", allow_not_found=True))
+    files = sorted(i.path for i in listing if i.is_file and i.base_name.startswith("rank-")
+                   and i.base_name.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no {STATE_DIR}/rank-*.safetensors (a checkpoint of an "
+                                f"older t2v: finish it with that version or start afresh)")
+    return saved, Pieces(fs, files)
+
+
+def open_local(directory: str | Path) -> tuple[dict, Pieces]:
+    import pyarrow.fs as pafs  # noqa: PLC0415 - heavy; only checkpoint readers need it
+
+    return open_checkpoint(pafs.LocalFileSystem(), str(Path(directory).absolute()))
 
 
 def read_whole(directory: str | Path, kind: str = "param") -> dict[str, Tensor]:
     """Whole tensors of one kind (param, exp_avg, exp_avg_sq, ema) from a checkpoint directory."""
-    shapes = json.loads(Path(directory, "trainer.json").read_text())["shapes"]
-    pieces = Pieces(state_files(directory))
-    return {name: pieces.whole(f"{kind}/{name}", torch.Size(shape).numel()).view(shape)
-            for name, shape in shapes.items()}
+    saved, pieces = open_local(directory)
+    return {name: pieces.whole(f"{kind}/{name}", math.prod(shape)).view(shape)
+            for name, shape in saved["shapes"].items()}
 
 
 # ----------------------------------------------------------------------------- DeepSpeed's buffers
@@ -211,30 +298,19 @@ def elastic_accum(batch_size: int, grad_accum: int, saved: dict | None,
                         f"of {batch_size} x {world} workers)")
 
 
-def restore_state(engine, ema: EMA, directory: str, saved: dict, rank: int, world: int,
+def restore_state(engine, ema: EMA, saved: dict, pieces: Pieces, rank: int, world: int,
                   lr_scheduler) -> None:
     """Weights, moments, optimizer step, LR schedule and EMA from a checkpoint of any world
-    size; raises naming the first tensor the checkpoint does not cover."""
-    files = state_files(directory)
-    if not files:
-        raise FileNotFoundError(f"{directory}: no {STATE_DIR}/rank-*.safetensors (a checkpoint "
-                                f"of an older t2v: finish it with that version or start afresh)")
-    pieces = Pieces(files)
-
-    def fill(name: str, start: int, out: Tensor) -> None:
-        if pieces.fill(name, start, out) != out.numel():
-            raise ValueError(f"{directory}: the checkpoint does not cover {name}@{start} "
-                             f"({out.numel()} elements; saved by {saved.get('world')} workers)")
-
+    size (`open_checkpoint`); raises naming the first tensor the checkpoint does not cover."""
     _ensure_moments(engine)
     with torch.no_grad():
-        for name, start, views in _pieces_of(engine, rank, world):
-            for kind, view in views.items():
-                fill(f"{kind}/{name}", start, view)
+        wants = [(f"{kind}/{name}", start, view)
+                 for name, start, views in _pieces_of(engine, rank, world)
+                 for kind, view in views.items()]
+        wants += [(f"ema/{name}", start, t) for (name, start), t in ema.shadow.items()]
+        pieces.read(wants)
         for state in _base(engine).state.values():
             state["step"] = torch.tensor(float(saved["optimizer_step"]))
-        for (name, start), t in ema.shadow.items():
-            fill(f"ema/{name}", start, t)
         ema.updates = int(saved["ema_updates"])
         _rebuild_working_weights(engine, pieces)
     step = int(saved["step"])
@@ -262,10 +338,10 @@ def _rebuild_working_weights(engine, pieces: Pieces) -> None:
         opt.update_lp_params()
     else:  # ZeRO-0: every rank holds whole weights (+ fp32 masters in bf16) and moments
         base, masters = _base(engine), _masters(engine)
-        for name, p in engine.module.named_parameters():
-            if p.requires_grad:
-                hp = masters.get(p, p)
-                hp.data.copy_(pieces.whole(f"param/{name}", p.numel()).view_as(hp))
+        pairs = [(name, p, masters.get(p, p)) for name, p in engine.module.named_parameters()
+                 if p.requires_grad]
+        pieces.read([(f"{kind}/{name}", 0, (hp if kind == "param" else base.state[hp][kind])
+                      .data.view(-1)) for name, _, hp in pairs for kind in KINDS])
+        for _, p, hp in pairs:
+            if p is not hp:
                 p.data.copy_(hp.data)
-                for key in MOMENTS:
-                    base.state[hp][key].copy_(pieces.whole(f"{key}/{name}", p.numel()).view_as(hp))

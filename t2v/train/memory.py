@@ -6,8 +6,10 @@ Model states per rank, for P parameters (T of them trainable), W ranks, p = 2 by
     weights    p * P            ZeRO-3: / W
     gradients  p * T            ZeRO-2, 3: / W
     optimizer  (8 + 4 [master]) * T   ZeRO-1, 2, 3: / W   (exp_avg, exp_avg_sq, fp32 master:
-                                                      bf16, or any ZeRO stage >= 1, whose
-                                                      partition is a copy even in fp32)
+                                                      bf16, or ZeRO-1/2, whose partition is
+                                                      a copy even in fp32; ZeRO-3 in fp32
+                                                      steps the weights' own partition,
+                                                      zero.share_fp32_partitions)
     EMA        4 * T / W        fp32, sharded W ways at every stage (t2v/train/zero.py)
 
 Activations saved for backward, per micro-batch sample, p bytes each, for n video tokens, L text
@@ -109,7 +111,7 @@ def estimate_memory(model: DiTConfig, latent_shape: tuple[int, int, int, int], t
         micro_batch=cfg.batch_size,
         weights=p * params // (w if z >= 3 else 1),
         gradients=p * trainable // (w if z >= 2 else 1),
-        optimizer=(8 + (4 if bf16 or z >= 1 else 0)) * trainable // (w if z >= 1 else 1),
+        optimizer=(8 + (4 if bf16 or z in (1, 2) else 0)) * trainable // (w if z >= 1 else 1),
         ema=4 * trainable // w,
         activations=p * cfg.batch_size * activation_elements(
             model, tokens, text_len, cfg.activation_checkpointing))

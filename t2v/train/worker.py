@@ -8,7 +8,6 @@ distribution: DeepSpeed wraps the model here, from outside.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -93,6 +92,7 @@ def initialize_engine(model, optimizer, lr_scheduler, ds_config: dict, use_gpu: 
                                            lr_scheduler=lr_scheduler,
                                            config=ds_config,
                                            dist_init_required=False)
+    zero.share_fp32_partitions(engine)
     return engine
 
 
@@ -168,30 +168,38 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     task = task_for(cfg)
 
+    # The checkpoint is read where it lies (local disk or S3), by byte range: each rank reads
+    # the pieces it owns now, never a whole checkpoint (checkpoint.Pieces).
     ckpt = ray.train.get_checkpoint()
-    with ckpt.as_directory() if ckpt else contextlib.nullcontext() as ckpt_dir:
-        saved = json.loads(Path(ckpt_dir, "trainer.json").read_text()) if ckpt_dir else None
-        # Another worker count than the checkpoint's: keep its global batch (elastic resume).
-        configured_accum = cfg.grad_accum
-        accum, elastic = checkpoint.elastic_accum(cfg.batch_size, cfg.grad_accum, saved, world)
-        cfg = cfg.model_copy(update={"grad_accum": accum})
-        ds_config = deepspeed_config(cfg, bf16)
-        torch.manual_seed(cfg.seed)  # identical init on every rank
-        model = zero.build_model(lambda whole: task.build_model(info, whole), cfg.zero_stage,
-                                 ds_config, device)
-        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
-        opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                weight_decay=cfg.optim.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
-            s, warmup=cfg.optim.warmup_steps, total=cfg.steps, kind=cfg.optim.schedule,
-            min_ratio=cfg.optim.min_lr_ratio))
-        engine = initialize_engine(model, opt, sched, ds_config, use_gpu)
-        # The EMA of this rank's fragments, from the fp32 weights the optimizer starts from.
-        ema = EMA(zero.local_fragments(engine.module, rank, world), cfg.ema_decay,
-                  warmup=cfg.ema_warmup)
-        shapes = zero.full_shapes(engine.module)
-        if saved is not None:
-            checkpoint.restore_state(engine, ema, ckpt_dir, saved, rank, world, sched)
+    saved, pieces = (checkpoint.open_checkpoint(ckpt.filesystem, ckpt.path) if ckpt
+                     else (None, None))
+    # Another worker count than the checkpoint's: keep its global batch (elastic resume).
+    configured_accum = cfg.grad_accum
+    accum, elastic = checkpoint.elastic_accum(cfg.batch_size, cfg.grad_accum, saved, world)
+    cfg = cfg.model_copy(update={"grad_accum": accum})
+    ds_config = deepspeed_config(cfg, bf16)
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    model = zero.build_model(lambda whole: task.build_model(info, whole), cfg.zero_stage,
+                             ds_config, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+        s, warmup=cfg.optim.warmup_steps, total=cfg.steps, kind=cfg.optim.schedule,
+        min_ratio=cfg.optim.min_lr_ratio))
+    engine = initialize_engine(model, opt, sched, ds_config, use_gpu)
+    # The EMA of this rank's fragments, from the fp32 weights the optimizer starts from.
+    ema = EMA(zero.local_fragments(engine.module, rank, world), cfg.ema_decay,
+              warmup=cfg.ema_warmup)
+    shapes = zero.full_shapes(engine.module)
+    if saved is not None:
+        t0 = time.time()
+        checkpoint.restore_state(engine, ema, saved, pieces, rank, world, sched)
+        if rank == 0:
+            print(f"[t2v] restored step {saved['step']} from {ckpt.path}: read "
+                  f"{pieces.bytes_read / 2**20:.1f} MiB of its "
+                  f"{pieces.total_bytes / 2**20:.1f} MiB in {time.time() - t0:.1f} s", flush=True)
+        pieces.close()
     task.setup(info, device, torch.bfloat16 if bf16 else torch.float32, rank)
 
     step, samples = (int(saved["step"]), int(saved["samples"])) if saved else (0, 0)

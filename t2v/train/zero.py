@@ -61,6 +61,22 @@ def build_model(
         return build(whole)
 
 
+def share_fp32_partitions(engine) -> None:
+    """ZeRO-3 in fp32: let the optimizer step the model's own fp32 partition.
+
+    DeepSpeed means to skip its fp32 master copy when the partition already is fp32 on the
+    optimizer's device, but compares the tensor's `torch.device` with the device's *name* (a
+    str: never equal), so it always clones: 4 bytes per parameter / W for nothing. Pointing each
+    master at its partition is what its own branch would do: the step writes the weights
+    in place and its copy back to the partition becomes a copy onto itself. (bf16: the master is
+    a real fp32 copy of bf16 weights, left alone; ZeRO-1/2 keep their copy.)"""
+    opt = engine.optimizer
+    for lp, hp in zip(getattr(opt, "fp16_partitioned_groups_flat", []),
+                      getattr(opt, "fp32_partitioned_groups_flat", []), strict=True):
+        if lp.dtype == hp.dtype and lp.device == hp.device and lp.data_ptr() != hp.data_ptr():
+            hp.data = lp.data
+
+
 def is_partitioned(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
 
