@@ -109,32 +109,58 @@ ZERO_SCRIPT = textwrap.dedent("""
             if (phase, step) in (("a", 2), ("b", 3)):
                 save(f"{run}/{phase}{step}", eng, ema, shapes, step)
         save(f"{run}/{phase}-final", eng, ema, shapes, step, held=held, shared=shared)
-    if phase == "a":  # LoRA on a loaded base, built partitioned: the same model as unpartitioned
-        import deepspeed
-        from t2v.models.lora import add_lora
-        from t2v.train.task import load_weights
-        torch.manual_seed(1)
-        base = VideoDiT(geo).state_dict()
-        def lora(whole):
-            m = VideoDiT(geo, whole)
-            load_weights(m, base, whole)
-            return add_lora(m, 4, 4.0, 0.0, ("qkv", "out"), whole)
-        ds = deepspeed_config(TrainConfig(batch_size=2, zero_stage=3), False)
-        z3, plain = zero.build_model(lora, 3, ds, torch.device("cpu")), lora(None)
+    if phase == "a":  # fine-tuning a package (its own LoRA merged) with new adapters, through
+        import types, deepspeed  # the DiT task's build: partitioned == unpartitioned
+        from t2v.models.lora import add_lora, lora_state_dict
+        from t2v.models.package import RenderDefaults, load_package, save_package
+        from t2v.models.text import TextEncoderConfig
+        from t2v.models.vae import CausalVideoVAE, vae_config
+        from t2v.train.stages import task_for
+        pkg = f"{out}/pkg"
+        if rank == 0:
+            torch.manual_seed(1)
+            src = VideoDiT(geo)
+            adapted = add_lora(VideoDiT(geo), 4, 4.0, 0.0, ("qkv",), None)
+            for n, q in adapted.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(q)  # a LoRA that changes the weights
+            save_package(pkg, vae=CausalVideoVAE(vae_config("debug", latent_channels=4)),
+                         dit=src, render=RenderDefaults(frames=9, height=32, width=32, fps=8.0,
+                                                        shift=1.0),
+                         text=TextEncoderConfig(), lora=lora_state_dict(adapted),
+                         lora_meta={"rank": 4, "alpha": 4.0})
+        dist.barrier()
+        cfg = TrainConfig(stage="dit", batch_size=2, zero_stage=3, init_from=pkg,
+                          lora={"rank": 4, "alpha": 4.0, "target_modules": ["qkv", "out"]})
+        task = task_for(cfg)
+        info = types.SimpleNamespace(latent_shape=(4, 3, 8, 8), empty_text=torch.zeros(5, 16))
+        ds = deepspeed_config(cfg, False)
+        torch.manual_seed(2)
+        z3 = zero.build_model(lambda whole: task.build_model(info, whole), 3, ds,
+                              torch.device("cpu"))
+        torch.manual_seed(2)
+        plain = task.build_model(info, None)
+        merged = dict(load_package(pkg, load_text=False, load_vae=False).dit.named_parameters())
         same = True
         for (n, p), (_, q) in zip(z3.named_parameters(), plain.named_parameters(), strict=True):
             with deepspeed.zero.GatheredParameters([p]):
                 same &= torch.equal(p.detach(), q.detach())
+        base = {n.replace(".base_layer.", "."): q for n, q in plain.named_parameters()
+                if "lora_" not in n}
+        loaded = base.keys() == merged.keys() and all(torch.equal(base[k], v)
+                                                      for k, v in merged.items())
         b_zero = all(not q.any() for n, q in plain.named_parameters() if "lora_B" in n)
         if rank == 0:
-            json.dump({"same": bool(same), "b_zero": b_zero}, open(f"{out}/lora.json", "w"))
+            json.dump({"same": bool(same), "loaded": loaded, "b_zero": b_zero},
+                      open(f"{out}/lora.json", "w"))
 """)
 
 
 def test_zero_stages_agree_and_resume_on_another_worker_count(tmp_path):
     """2 processes (gloo), the debug DiT at ZeRO-0, 2 and 3 (ZeRO-1 is ZeRO-2's optimizer class;
     ZeRO-3 with activation checkpointing: tests/test_train.py), 4 steps of global batch 4. A
-    LoRA model on a loaded base, built partitioned, equals the unpartitioned one (adapters B = 0).
+    fine-tune of a package (with its own LoRA, merged as render merges it) and new adapters, built
+    by the DiT task partitioned, equals the unpartitioned one (new adapters B = 0).
     ZeRO-3 is built partitioned (half the parameters per rank from construction on), steps its
     own fp32 partition (no master copy), and every stage trains the same weights. Elastic resume: run a (2 workers)
     checkpoints at step 2; run b resumes it on 1 worker (2 micro-batches), checkpoints at step 3;
@@ -160,7 +186,8 @@ def test_zero_stages_agree_and_resume_on_another_worker_count(tmp_path):
         return ({k: read_whole(d, k) for k in ("param", "exp_avg", "exp_avg_sq", "ema")},
                 json.loads((d / "trainer.json").read_text()))
 
-    assert json.loads((tmp_path / "lora.json").read_text()) == {"same": True, "b_zero": True}
+    assert json.loads((tmp_path / "lora.json").read_text()) == {"same": True, "loaded": True,
+                                                                 "b_zero": True}
     ref, ref_meta = final("z2", "a")
     total = ref_meta["held"]
     assert total == sum(v.numel() for v in ref["param"].values()) > 900_000

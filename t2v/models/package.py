@@ -19,17 +19,20 @@ files, in a fixed order) identifies the package in every manifest row.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from t2v import storage
 from t2v.models.dit import DiTConfig, VideoDiT
-from t2v.models.lora import lora_scale, merge_into
+from t2v.models.lora import lora_scale, merge_into, merge_lora
 from t2v.models.text import TextEncoder, TextEncoderConfig
 from t2v.models.vae import CausalVideoVAE, VAEConfig
 from t2v.models.wan_vae import WanVAE, WanVAEConfig, parse_ref
@@ -343,6 +346,58 @@ def load_package(uri: str, *, device: str | torch.device = "cpu",
             raise PackageError(f"{uri}: lora.safetensors does not fit the DiT: {e}") from None
     return LoadedPackage(uri=uri, meta=meta, hash=content_hash(digests), vae=vae, dit=dit,
                          text=text, lora=lora)
+
+
+class DiTWeights(Mapping[str, torch.Tensor]):
+    """A package's DiT weights by name, each read from the memory-mapped safetensors file only
+    when asked for, with the package's LoRA adapters merged into the weights they adapt."""
+
+    def __init__(self, path: str, lora: dict[str, torch.Tensor] | None, scale: float,
+                 uri: str) -> None:
+        self.file, self.uri = safe_open(path, framework="pt"), uri
+        self.names = list(self.file.keys())  # noqa: SIM118 - safe_open has keys(), no __iter__
+        self.lora, self.scale = lora or {}, scale
+        self.adapted = {k.rsplit(".", 2)[0] + ".weight" for k in self.lora}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        t = self.file.get_tensor(name)
+        if name not in self.adapted:
+            return t
+        layer = name.rsplit(".", 1)[0]
+        pair = {k: v for k, v in self.lora.items() if k.rsplit(".", 2)[0] == layer}
+        try:
+            return merge_lora({name: t}, pair, self.scale)[name]
+        except ValueError as e:
+            raise PackageError(f"{self.uri}: lora.safetensors does not fit the DiT: {e}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@contextlib.contextmanager
+def dit_weights(uri: str) -> Iterator[DiTWeights]:
+    """The DiT weights of a package (LoRA merged), one tensor in memory at a time: what a
+    training run starting from it loads into a model it built itself, e.g. partitioned under
+    ZeRO-3 (no module is built here: `load_package` would build a second, whole one)."""
+    meta = read_meta(uri)
+    part = storage.join(uri, "dit.safetensors")
+    if meta.dit is None or not storage.exists(part):
+        raise PackageError(f"{uri}: the package has no DiT weights")
+    lora = None
+    if meta.lora and storage.exists(storage.join(uri, "lora.safetensors")):
+        lora = _read_weights(storage.join(uri, "lora.safetensors"), f"{uri}/lora.safetensors")[0]
+    with storage.local_copy(part) as path:
+        try:
+            weights = DiTWeights(str(path), lora, lora_scale(int(meta.lora["rank"]),
+                                 meta.lora.get("alpha")) if lora else 1.0, uri)
+        except Exception as e:  # SafetensorError is not exported under a stable name
+            raise PackageError(f"{uri}/dit.safetensors: not a safetensors file ({e})") from None
+        yield weights
 
 
 def _load_wan_vae(uri: str, meta: PackageMeta, dtype: torch.dtype,

@@ -21,7 +21,14 @@ from t2v.diffusion.flow import flow_loss, heldout_flow_loss, sample_t
 from t2v.diffusion.sampling import denoise, get_noise
 from t2v.models.dit import DiTConfig, VideoDiT, Whole, dit_config
 from t2v.models.lora import add_lora, export_dit, lora_scale, target_layers
-from t2v.models.package import PackageMeta, RenderDefaults, load_package, read_meta, save_package
+from t2v.models.package import (
+    PackageMeta,
+    RenderDefaults,
+    dit_weights,
+    load_package,
+    read_meta,
+    save_package,
+)
 from t2v.models.text import TextEncoder, TextEncoderConfig
 from t2v.train.schedule import per_sample_generators, train_flops
 from t2v.train.task import (
@@ -187,9 +194,9 @@ class DiTTask(StageTask):
         cfg = self.cfg
         model = VideoDiT(dit_geometry(cfg, info.latent_shape[0], info.empty_text.shape[-1]),
                          whole)
-        if cfg.init_from:
-            pkg = load_package(cfg.init_from, load_text=False, load_vae=False)
-            load_weights(model, pkg.dit.state_dict(), whole)
+        if cfg.init_from:  # read a tensor at a time, into the (maybe partitioned) model
+            with dit_weights(cfg.init_from) as weights:
+                load_weights(model, weights, whole)
         model.checkpointing = cfg.activation_checkpointing
         if cfg.lora.rank:
             model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,

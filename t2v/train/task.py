@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,7 +96,7 @@ def clip_fps(metas: list[dict]) -> float:
     return max(set(rates), key=rates.count) if rates else 8.0
 
 
-def load_weights(model: nn.Module, state: dict[str, Tensor], whole: Whole | None) -> None:
+def load_weights(model: nn.Module, state: Mapping[str, Tensor], whole: Whole | None) -> None:
     """`model.load_state_dict(state, strict=True)`, one parameter at a time inside `whole` when
     given (a ZeRO-3-partitioned model then never holds more than one whole parameter)."""
     if whole is None:
@@ -109,7 +110,11 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], whole: Whole | None
     with torch.no_grad():
         for name, p in model.named_parameters():
             with whole([p]):
-                p.copy_(state[name])
+                value = state[name]
+                if value.shape != p.shape:  # copy_ would broadcast
+                    raise ValueError(f"weights do not match the model: {name} is "
+                                     f"{tuple(value.shape)}, the model's {tuple(p.shape)}")
+                p.copy_(value)
         for name, b in model.named_buffers():
             if name in state:
                 b.copy_(state[name])
