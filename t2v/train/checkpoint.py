@@ -303,16 +303,30 @@ def restore_state(engine, ema: EMA, saved: dict, pieces: Pieces, rank: int, worl
     """Weights, moments, optimizer step, LR schedule and EMA from a checkpoint of any world
     size (`open_checkpoint`); raises naming the first tensor the checkpoint does not cover."""
     _ensure_moments(engine)
+    opt = engine.optimizer
+    partitioned = hasattr(opt, "fp32_partitioned_groups_flat") or hasattr(opt, "update_lp_params")
     with torch.no_grad():
-        wants = [(f"{kind}/{name}", start, view)
-                 for name, start, views in _pieces_of(engine, rank, world)
-                 for kind, view in views.items()]
+        if partitioned:  # this rank's pieces of the fp32 masters and moments
+            wants = [(f"{kind}/{name}", start, view)
+                     for name, start, views in _pieces_of(engine, rank, world)
+                     for kind, view in views.items()]
+        else:  # ZeRO-0: every rank holds whole weights (+ fp32 masters in bf16) and moments
+            base, masters = _base(engine), _masters(engine)
+            pairs = [(p, masters.get(p, p), name) for name, p in engine.module.named_parameters()
+                     if p.requires_grad]
+            wants = [(f"{kind}/{name}", 0, (hp if kind == "param" else base.state[hp][kind])
+                      .data.view(-1)) for _, hp, name in pairs for kind in KINDS]
         wants += [(f"ema/{name}", start, t) for (name, start), t in ema.shadow.items()]
-        pieces.read(wants)
+        pieces.read(wants)  # one batch: merged ranged reads
         for state in _base(engine).state.values():
             state["step"] = torch.tensor(float(saved["optimizer_step"]))
         ema.updates = int(saved["ema_updates"])
-        _rebuild_working_weights(engine, pieces)
+        if partitioned:
+            _rebuild_working_weights(opt)
+        else:
+            for p, hp, _ in pairs:
+                if p is not hp:  # bf16 weights from the fp32 masters
+                    p.data.copy_(hp.data)
     step = int(saved["step"])
     lr_scheduler.last_epoch = step - 1
     with warnings.catch_warnings():  # "step() before optimizer.step()": intended here
@@ -322,9 +336,9 @@ def restore_state(engine, ema: EMA, saved: dict, pieces: Pieces, rank: int, worl
     engine.micro_steps = step * engine.gradient_accumulation_steps()
 
 
-def _rebuild_working_weights(engine, pieces: Pieces) -> None:
-    """From the restored fp32 master pieces to the weights forward uses, DeepSpeed's way."""
-    opt = engine.optimizer
+def _rebuild_working_weights(opt) -> None:
+    """ZeRO-1/2/3: from the restored fp32 master pieces to the weights forward uses, DeepSpeed's
+    way."""
     if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3, as its universal loader does
         for i, fp32 in enumerate(opt.fp32_partitioned_groups_flat):
             if fp32.numel():
@@ -334,14 +348,5 @@ def _rebuild_working_weights(engine, pieces: Pieces) -> None:
             for part, q in zip(opt.fp16_partitioned_groups[i], flats, strict=True):
                 part.data = q.data
         opt.checkpoint_event_epilogue()  # re-gathers the persistent (small, unsplit) parameters
-    elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2, bf16: fp32 pieces -> bit16, all-gather
+    else:  # ZeRO-1/2, bf16: fp32 pieces -> bit16, all-gather
         opt.update_lp_params()
-    else:  # ZeRO-0: every rank holds whole weights (+ fp32 masters in bf16) and moments
-        base, masters = _base(engine), _masters(engine)
-        pairs = [(name, p, masters.get(p, p)) for name, p in engine.module.named_parameters()
-                 if p.requires_grad]
-        pieces.read([(f"{kind}/{name}", 0, (hp if kind == "param" else base.state[hp][kind])
-                      .data.view(-1)) for name, _, hp in pairs for kind in KINDS])
-        for _, p, hp in pairs:
-            if p is not hp:
-                p.data.copy_(hp.data)

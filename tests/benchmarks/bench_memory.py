@@ -5,7 +5,8 @@
 
 Training: W processes per run (gloo, CPU; the worker loop's own pieces without Ray: the model
 built by t2v.train.zero (under deepspeed.zero.Init at ZeRO-3), DeepSpeed's engine, the sharded
-EMA, 2 optimizer steps on a 16-token sample, then a checkpoint of this rank's pieces). Per rank:
+EMA, 2 optimizer steps on a 16-token sample, then a checkpoint of this rank's pieces, restored
+again: bytes each rank reads of the whole checkpoint, by range). Per rank:
 peak RSS (sampled every 5 ms) minus the RSS before the model existed = model-state memory,
 beside the theoretical bytes per rank of t2v/train/memory.py. Target (issue [2/7]): ZeRO-3 <=
 0.55x ZeRO-0.
@@ -51,9 +52,9 @@ SAMPLER = textwrap.dedent("""
 """)
 
 TRAIN = SAMPLER + textwrap.dedent("""
-    import json, os, sys, tempfile, torch, torch.distributed as dist
+    import json, os, sys, time, torch, torch.distributed as dist
     rank, port, stage, preset = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    world, bf16 = int(sys.argv[5]), sys.argv[6] == "bf16"
+    world, bf16, shared = int(sys.argv[5]), sys.argv[6] == "bf16", sys.argv[7]
     from t2v.train.worker import tune_host_allocator
     if stage == 3:
         tune_host_allocator()  # as the worker loop does, first thing
@@ -89,11 +90,23 @@ TRAIN = SAMPLER + textwrap.dedent("""
         ema.update(zero.local_fragments(eng.module, rank, world))
     trained = peak.stop() - base
     peak.start()
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint.save_state(eng, ema, d, rank, world)
+    checkpoint.save_state(eng, ema, shared, rank, world)
     saved = peak.stop() - base
+    if rank == 0:
+        state = checkpoint.trainer_state(eng, ema, zero.full_shapes(eng.module), 2, 2, world, 1)
+        json.dump(state, open(f"{shared}/trainer.json", "w"))
+    dist.barrier()
+    # Restore it (into the same engine): what this rank reads of the whole checkpoint.
+    peak.start()
+    t0 = time.time()
+    state, pieces = checkpoint.open_local(shared)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    checkpoint.restore_state(eng, ema, state, pieces, rank, world, sched)
+    restore = {"restore_seconds": time.time() - t0, "restore_read": pieces.bytes_read,
+               "restore_reads": pieces.reads, "checkpoint_bytes": pieces.total_bytes,
+               "peak_with_restore": peak.stop() - base}
     print("RESULT" + json.dumps({"rank": rank, "built": built, "peak": trained,
-                                 "peak_with_checkpoint": saved}))
+                                 "peak_with_checkpoint": saved} | restore))
 """)
 
 PACKAGE = SAMPLER + textwrap.dedent("""
@@ -168,10 +181,10 @@ def main() -> None:
         stage, world = (int(x) for x in run.split("x"))
         port = str(free_port())
         t0 = time.time()
-        with ThreadPoolExecutor(world) as pool:  # the ranks run together
-            results = list(pool.map(lambda r, p=port, z=stage, w=world: run_script(
-                TRAIN, [str(r), p, str(z), args.preset, str(w), args.precision], env),
-                range(world)))
+        with ThreadPoolExecutor(world) as pool, tempfile.TemporaryDirectory() as ckpt:
+            results = list(pool.map(lambda r, p=port, z=stage, w=world, d=ckpt: run_script(
+                TRAIN, [str(r), p, str(z), args.preset, str(w), args.precision, d], env),
+                range(world)))  # the ranks run together
         want = theory(args.preset, stage, world, args.precision == "bf16")
         rows.append({"stage": stage, "workers": world, "seconds": round(time.time() - t0, 1),
                      "theory": want, "ranks": results})
@@ -189,15 +202,20 @@ def main() -> None:
           f"{args.precision}, CPU "
           f"workers (gloo), {cpu}, {os.cpu_count()} cores\n")
     print("| ZeRO | workers | peak RSS - baseline, per rank (max) | after build | theory: "
-          "weights + grads + Adam + EMA per rank | peak / ZeRO-0 x 2's | checkpoint save peak |")
-    print("|---|---|---|---|---|---|---|")
+          "weights + grads + Adam + EMA per rank | peak / ZeRO-0 x 2's | checkpoint save peak | "
+          "restore: read per rank of the checkpoint, reads, seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = max(x["peak"] for x in r["ranks"])
         ratio = f"{peak / max(x['peak'] for x in z0['ranks']):.2f}x" if z0 else "-"
         print(f"| {r['stage']} | {r['workers']} | {peak / gib:.2f} GiB | "
               f"{max(x['built'] for x in r['ranks']) / gib:.2f} GiB | "
               f"{r['theory']['model_states'] / gib:.2f} GiB | {ratio} | "
-              f"{max(x['peak_with_checkpoint'] for x in r['ranks']) / gib:.2f} GiB |")
+              f"{max(x['peak_with_checkpoint'] for x in r['ranks']) / gib:.2f} GiB | "
+              f"{max(x['restore_read'] for x in r['ranks']) / gib:.2f} of "
+              f"{r['ranks'][0]['checkpoint_bytes'] / gib:.2f} GiB, "
+              f"{max(x['restore_reads'] for x in r['ranks'])}, "
+              f"{max(x['restore_seconds'] for x in r['ranks']):.1f} s |")
     print(f"\nPackage ({weights / gib:.2f} GiB of weights): export peak "
           f"{export['peak'] / gib:.2f} GiB ({export['peak'] / weights:.2f}x, the model "
           f"included), load peak {load['peak'] / gib:.2f} GiB ({load['peak'] / weights:.2f}x; "
