@@ -332,6 +332,10 @@ class RenderConfig(Section):
     vae_chunk: int | None = Field(None, ge=1)
     """Decode a batch's videos one at a time, this many latent frames per pass (bounds VAE
     memory on one GPU); None decodes the whole batch at once."""
+    vae_tile: int | None = Field(None, ge=8)
+    """Decode in overlapping spatial tiles of this many pixels a side (a multiple of the VAE's
+    spatial factor; neighbours share a quarter, blended): bounds VAE memory for large frames,
+    close to but not exactly the untiled result. None: whole frames."""
     fail_after: int | None = Field(None, ge=0)
     """Test hook: a renderer actor raises after writing this many videos (fault injection)."""
 

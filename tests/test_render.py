@@ -147,6 +147,15 @@ def test_same_seed_same_video_at_batch_size_1_and_4(package):
         assert np.abs(v1[0].astype(int) - v4[i].astype(int)).max() <= 2
         a, b = (decode_video(encode_mp4(v, crf=18)).astype(float) for v in (v1[0], v4[i]))
         assert a.shape == (9, 32, 32, 3) and np.abs(a - b).mean() < 1.0
+    # vae_tile: the renderer decodes in tiles (16 px = 4 latents of the debug VAE: 2x2 tiles)
+    from t2v.models.tiling import Tiling
+
+    tiled, _ = RenderModel.load(package, vae_tile=16)
+    assert tiled.tiling == Tiling(4) and model.tiling is None
+    with torch.no_grad():
+        want = model.vae.decode(z4[:1], tiling=Tiling(4))
+        torch.testing.assert_close(tiled.decode(z4[:1]), want, rtol=0, atol=0)
+        assert not torch.allclose(want, model.decode(z4[:1]), atol=1e-3)
     with pytest.raises(ValueError, match="one \\(frames, height, width, steps\\)"):
         render_batch(model, [samples[0], samples[1].model_copy(update={"steps": 3})])
 

@@ -22,6 +22,7 @@ from t2v.config import ImportConfig, RenderConfig  # noqa: E402
 from t2v.diffusion.sampling import get_noise  # noqa: E402
 from t2v.models.package import PackageError, RenderDefaults, load_package, read_meta  # noqa: E402
 from t2v.models.text import clean_prompt  # noqa: E402
+from t2v.models.tiling import Tiling  # noqa: E402
 from t2v.models.wan_import import WanImportError, run_import_command  # noqa: E402
 from t2v.models.wan_vae import WanVAE, WanVAEConfig, wan_vae_config  # noqa: E402
 from t2v.render.model import RenderModel, render_batch  # noqa: E402
@@ -184,6 +185,17 @@ def test_wan_vae_backend_contract(wan_folder: Path) -> None:
         pixels = vae.decode(z)
         torch.testing.assert_close(pixels, ref.decode(mean).sample, rtol=0, atol=1e-5)
         torch.testing.assert_close(vae.decode(z, chunk_latent_frames=1), pixels, rtol=0, atol=1e-5)
+        # Tiling maps onto diffusers' own (tile and stride in pixels), on for the call only.
+        x2 = torch.rand(1, 3, 5, 32, 48) * 2 - 1
+        z2, s = vae.encode_latents(x2), cfg.spatial_down
+        tiled = vae.decode(z2, tiling=Tiling(2, overlap=1))
+        assert not vae.model.use_tiling
+        mean2 = ref.encode(x2).latent_dist.mean
+        ref.enable_tiling(tile_sample_min_height=2 * s, tile_sample_min_width=2 * s,
+                          tile_sample_stride_height=s, tile_sample_stride_width=s)
+        want = ref.decode(mean2).sample
+        torch.testing.assert_close(tiled, want, rtol=0, atol=1e-5)
+        assert not torch.allclose(tiled, vae.decode(z2), atol=1e-4)  # it did tile
     with pytest.raises(ValueError, match="frames=4"):
         vae.latent_shape(4, 16, 16)
 

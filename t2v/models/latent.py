@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from t2v.models.tiling import Tiling
+
 
 class DiagonalGaussian:
     """The posterior q(z | x): a diagonal Gaussian over raw (unnormalised) latents."""
@@ -56,7 +58,7 @@ class LatentVAE(nn.Module):
     and latent shapes, and the normalisation `(z - shift) * scale` from `config.shift/scale`.
 
     Subclasses provide `config` (latent_channels, temporal_down, spatial_down, in_channels,
-    shift, scale), `encode(x, chunk_frames) -> DiagonalGaussian` and `decode_raw(z, chunk)`.
+    shift, scale), `encode(x, chunk_frames) -> DiagonalGaussian` and `decode_raw(z, chunk, tiling)`.
     """
 
     config: Any
@@ -86,9 +88,11 @@ class LatentVAE(nn.Module):
         z = posterior.sample(generator) if sample else posterior.mean  # (B, C, T', H', W')
         return self.normalize(z)
 
-    def decode(self, z: Tensor, chunk_latent_frames: int | None = None) -> Tensor:
-        """Pixels (B, 3, T, H, W) from NORMALISED latents (inverts scale/shift first)."""
-        return self.decode_raw(self.denormalize(z), chunk_latent_frames)
+    def decode(self, z: Tensor, chunk_latent_frames: int | None = None,
+               tiling: Tiling | None = None) -> Tensor:
+        """Pixels (B, 3, T, H, W) from NORMALISED latents (inverts scale/shift first); see
+        `decode_raw` for the memory bounds."""
+        return self.decode_raw(self.denormalize(z), chunk_latent_frames, tiling)
 
     # ---- latent normalisation
 

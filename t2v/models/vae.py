@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2v.models.latent import DiagonalGaussian, LatentVAE, fit_latent_stats
+from t2v.models.tiling import Tiling, tiled_decode
 
 Cache = dict[nn.Module, Tensor]  # per-layer carry between time chunks; None = one whole clip
 
@@ -343,20 +344,25 @@ class CausalVideoVAE(LatentVAE):
 
     # ---- decode
 
-    def decode_raw(self, z: Tensor, chunk_latent_frames: int | None = None) -> Tensor:
-        """Pixels from raw latents; chunks of chunk_latent_frames latent frames bound memory."""
+    def decode_raw(self, z: Tensor, chunk_latent_frames: int | None = None,
+                   tiling: Tiling | None = None) -> Tensor:
+        """Pixels from raw latents. Memory bounds: chunks of `chunk_latent_frames` latent frames
+        (exact, causal cache); spatial tiles (t2v/models/tiling.py: close, not exact)."""
         if z.dim() != 5 or z.shape[1] != self.config.latent_channels:
             raise ValueError(f"z must be (B, {self.config.latent_channels}, T', H', W'), "
                              f"got {tuple(z.shape)}")
-        if chunk_latent_frames is None:
-            out = self.decoder(z)  # (B, 3, T, H, W)
-        elif chunk_latent_frames < 1:
+        if chunk_latent_frames is not None and chunk_latent_frames < 1:
             raise ValueError(f"chunk_latent_frames={chunk_latent_frames} must be >= 1")
-        else:
-            out = self.decoder.stream(z, chunk_latent_frames)  # (B, 3, T, H, W)
+
+        def run(part: Tensor) -> Tensor:  # (B, C, T', h, w) -> (B, 3, T, h * s, w * s)
+            if chunk_latent_frames is None:
+                return self.decoder(part)
+            return self.decoder.stream(part, chunk_latent_frames)
+
+        out = run(z) if tiling is None else tiled_decode(run, z, tiling, self.config.spatial_down)
         if self.config.shortcut:
             out = out + self.unpool(z[:, : self.config.in_channels])
-        return out
+        return out  # (B, 3, T, H, W)
 
     def set_latent_stats(self, shift: list[float] | float, scale: list[float] | float) -> None:
         """Store fitted stats in the config (validated), e.g. from `fit_latent_stats`."""

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from t2v.models.latent import DiagonalGaussian, LatentVAE
 from t2v.models.text import resolve_model_dir
+from t2v.models.tiling import Tiling
 
 DIFFUSERS_PREFIX = "diffusers:"
 VAE_CLASS = "AutoencoderKLWan"
@@ -147,17 +148,30 @@ class WanVAE(LatentVAE):
         dist = self.model.encode(x.to(self._dtype())).latent_dist
         return DiagonalGaussian(dist.mean.to(x.dtype), dist.logvar.to(x.dtype))
 
-    def decode_raw(self, z: Tensor, chunk_latent_frames: int | None = None) -> Tensor:
+    def decode_raw(self, z: Tensor, chunk_latent_frames: int | None = None,
+                   tiling: Tiling | None = None) -> Tensor:
         """Pixels from raw latents. diffusers decodes one latent frame at a time (causal cache)
         whatever `chunk_latent_frames` says, so memory is already bounded along time; videos
-        of a batch are decoded one by one when it is given."""
+        of a batch are decoded one by one when it is given. `tiling` turns on diffusers' own
+        spatial tiling for this call (its tile and stride; Wan's norms are per pixel, so its
+        tiles need no halo)."""
         if z.dim() != 5 or z.shape[1] != self.config.latent_channels:
             raise ValueError(f"z must be (B, {self.config.latent_channels}, T', H', W'), "
                              f"got {tuple(z.shape)}")
         if chunk_latent_frames is not None and chunk_latent_frames < 1:
             raise ValueError(f"chunk_latent_frames={chunk_latent_frames} must be >= 1")
         parts = z.split(1) if chunk_latent_frames is not None else [z]
-        out = [self.model.decode(p.to(self._dtype())).sample for p in parts]  # (b, 3, T, H, W)
+        if tiling is not None:
+            s, stride = self.config.spatial_down, tiling.tile - tiling.overlap
+            self.model.enable_tiling(tile_sample_min_height=tiling.tile * s,
+                                     tile_sample_min_width=tiling.tile * s,
+                                     tile_sample_stride_height=stride * s,
+                                     tile_sample_stride_width=stride * s)
+        try:
+            out = [self.model.decode(p.to(self._dtype())).sample for p in parts]  # (b, 3, T, H, W)
+        finally:
+            if tiling is not None:
+                self.model.disable_tiling()
         return torch.cat(out).to(z.dtype)  # (B, 3, T, H, W)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ batch of prompts -> latents -> pixels. `t2v/render/pipeline.py` runs it on a Ray
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -14,9 +14,22 @@ from t2v.diffusion.sampling import denoise, get_noise
 from t2v.models.dit import VideoDiT
 from t2v.models.package import PackageError, load_package
 from t2v.models.text import TextEncoder
+from t2v.models.tiling import Tiling
 from t2v.models.vae import CausalVideoVAE
 from t2v.models.wan_vae import WanVAE
 from t2v.render.rows import Sample
+
+
+def vae_tiling(vae_tile: int | None, spatial_down: int) -> Tiling | None:
+    """`vae_tile` pixels -> tiles in latent pixels (default overlap and halo); raises unless a
+    multiple of the VAE's spatial factor."""
+    if vae_tile is None:
+        return None
+    if vae_tile % spatial_down or vae_tile < 2 * spatial_down:
+        near = max(2 * spatial_down, vae_tile // spatial_down * spatial_down)
+        raise ValueError(f"vae_tile={vae_tile}: must be a multiple of the VAE's spatial factor "
+                         f"{spatial_down}, at least two of it (e.g. {near})")
+    return Tiling(vae_tile // spatial_down)
 
 
 @dataclass
@@ -25,7 +38,8 @@ class RenderModel:
 
     Memory savers for one GPU: `offload_text` keeps the text encoder on the CPU between batches
     (it visits the device only to encode a batch's prompts: umT5-xxl is ~11 GB in bf16), and
-    `vae_chunk` decodes the videos of a batch one at a time, `vae_chunk` latent frames a pass.
+    `vae_chunk` decodes the videos of a batch one at a time, `vae_chunk` latent frames a pass;
+    `vae_tile` decodes in overlapping spatial tiles of that many pixels a side.
     """
 
     dit: VideoDiT
@@ -34,11 +48,17 @@ class RenderModel:
     device: torch.device
     offload_text: bool = False
     vae_chunk: int | None = None
+    vae_tile: int | None = None
+    tiling: Tiling | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.tiling = vae_tiling(self.vae_tile, self.vae.config.spatial_down)
 
     @classmethod
     def load(cls, uri: str, truncate: bool = True, device: torch.device | None = None,
              offload_text: bool = False,
-             vae_chunk: int | None = None) -> tuple[RenderModel, str]:
+             vae_chunk: int | None = None,
+             vae_tile: int | None = None) -> tuple[RenderModel, str]:
         """Load a package (DiT with any LoRA merged, VAE, text encoder); returns the model and
         the package hash."""
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,7 +68,7 @@ class RenderModel:
         text = TextEncoder(replace(pkg.meta.text, truncate=truncate))
         text = text.to("cpu" if offload_text else device)
         return cls(pkg.dit.requires_grad_(False), pkg.vae.requires_grad_(False), text,
-                   device, offload_text, vae_chunk), pkg.hash
+                   device, offload_text, vae_chunk, vae_tile), pkg.hash
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings (U, L, D), mask (U, L)) on the device; see `offload_text`."""
@@ -64,11 +84,11 @@ class RenderModel:
         return emb.to(self.device), mask.to(self.device)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, 3, T, H, W) from normalised latents; see `vae_chunk`."""
+        """Pixels (B, 3, T, H, W) from normalised latents; see `vae_chunk` and `vae_tile`."""
         if self.vae_chunk is None:
-            return self.vae.decode(z)
-        return torch.cat([self.vae.decode(zi[None], chunk_latent_frames=self.vae_chunk)
-                          for zi in z])
+            return self.vae.decode(z, tiling=self.tiling)
+        return torch.cat([self.vae.decode(zi[None], chunk_latent_frames=self.vae_chunk,
+                                          tiling=self.tiling) for zi in z])
 
 
 def _check_batch(samples: list[Sample]) -> tuple[int, int, int, int]:

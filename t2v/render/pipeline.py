@@ -35,7 +35,7 @@ from t2v.models.package import PackageError, PackageMeta, RenderDefaults, packag
 from t2v.models.text import load_tokenizer, token_counts
 from t2v.render import manifest as mf
 from t2v.render.manifest import ManifestRow
-from t2v.render.model import RenderModel, render_batch
+from t2v.render.model import RenderModel, render_batch, vae_tiling
 from t2v.render.prompts import ParsedPrompts, PromptRules, parse_prompts, prompt_format
 from t2v.render.rows import SAMPLES, BatchKey, RenderJob, Sample
 from t2v.runtime import check_output_uri, ensure_ray
@@ -68,7 +68,7 @@ class Renderer:
         self.cfg, self.job = cfg, job
         self.model, digest = RenderModel.load(cfg.model, truncate=cfg.truncate,
                                               offload_text=cfg.offload_text,
-                                              vae_chunk=cfg.vae_chunk)
+                                              vae_chunk=cfg.vae_chunk, vae_tile=cfg.vae_tile)
         if digest != job.package_hash:  # every row must say what made its video
             raise PackageError(f"{cfg.model}: the package changed while the job ran (hash "
                                f"{digest[:12]}, planned {job.package_hash[:12]})")
@@ -167,6 +167,7 @@ def resolve_settings(cfg: RenderConfig, meta: PackageMeta) -> RenderConfig:
     if meta.dit is None or meta.vae is None:
         raise PackageError(f"{cfg.model}: rendering needs a DiT and a VAE in the package "
                            f"(dit: {meta.dit is not None}, vae: {meta.vae is not None})")
+    vae_tiling(cfg.vae_tile, meta.vae.spatial_down)
     d = meta.render
     if d is None:
         missing = [f"--{n}" for n in ("frames", "height", "width") if getattr(cfg, n) is None]
