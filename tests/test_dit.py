@@ -7,15 +7,8 @@ import json
 import pytest
 import torch
 
-from t2v.models.dit import (
-    DIT_PRESETS,
-    DiTConfig,
-    VideoDiT,
-    apply_rope,
-    dit_config,
-    grid_positions,
-    rope_angles,
-)
+from t2v.models.dit import DIT_PRESETS, DiTConfig, VideoDiT, dit_config
+from t2v.models.rope import apply_rope, grid_positions, rope_angles
 from t2v.models.wan import convert_wan_state_dict, load_wan_transformer, wan_config_to_dit
 
 PRESET_PARAMS: dict[str, int] = {

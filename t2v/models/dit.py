@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from t2v.models.rope import apply_rope, grid_positions, rope_angles
+
 Whole = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 """A context factory: inside `with whole(params):` those parameters are whole tensors (see
 `VideoDiT.init_weights`)."""
@@ -129,45 +131,6 @@ def dit_config(name: str, **overrides: object) -> DiTConfig:
     return DiTConfig.from_dict({**DIT_PRESETS[name].to_dict(), **overrides})
 
 
-# ----------------------------------------------------------------------------- 3D RoPE
-
-
-def rope_split(head_dim: int) -> tuple[int, int, int]:
-    """Channels of each head given to (frame, height, width) rotations, exactly as Wan.
-
-    Height and width get 2*(head_dim//6) each, frames the rest (128 -> 44/42/42). Channels are
-    rotated in interleaved pairs (2i, 2i+1); the pairs are ordered frame, height, width.
-    """
-    hw = 2 * (head_dim // 6)
-    return head_dim - 2 * hw, hw, hw
-
-
-def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> Tensor:
-    """Rotation angles (N, head_dim/2), float64, for integer (frame, y, x) positions (N, 3).
-
-    Axis a with d_a channels rotates pair j by pos_a * theta^(-2j/d_a).
-    """
-    out = []
-    for axis, d in enumerate(rope_split(head_dim)):
-        j = torch.arange(0, d, 2, dtype=torch.float64, device=positions.device)
-        freqs = 1.0 / theta ** (j / d)  # (d/2,)
-        out.append(positions[:, axis, None].to(torch.float64) * freqs)  # (N, d/2)
-    return torch.cat(out, dim=1)  # (N, head_dim/2)
-
-
-def grid_positions(grid: tuple[int, int, int], device: torch.device | None = None) -> Tensor:
-    """(frame, y, x) of every token of a (T', H', W') grid in patch-embedding order, (N, 3)."""
-    axes = [torch.arange(n, device=device) for n in grid]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
-
-
-def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate interleaved channel pairs of x (B, N, H, Dh) by complex rope (N, 1, Dh/2)."""
-    ct = torch.promote_types(x.dtype, torch.float32)  # complex maths needs f32/f64
-    xc = torch.view_as_complex(x.to(ct).unflatten(-1, (-1, 2)))  # (B, N, H, Dh/2)
-    return torch.view_as_real(xc * rope).flatten(-2).type_as(x)  # (B, N, H, Dh)
-
-
 # ----------------------------------------------------------------------------- embedders
 
 
@@ -209,6 +172,13 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- attention
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Attention of q (B, N, H, Dh) over k, v (B, S, H, Dh) -> (B, N, H, Dh)."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask)  # (B, H, N, Dh)
+    return o.transpose(1, 2)
+
+
 class Attention(nn.Module):
     """Multi-head attention with QK RMSNorm across heads: self (with 3D RoPE) or cross to text."""
 
@@ -223,6 +193,9 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(cfg.dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = nn.RMSNorm(cfg.dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
         self.out = nn.Linear(cfg.dim, cfg.dim)
+        self.attend: Callable[..., Tensor] = sdpa
+        """The attention core (q, k, v (B, S, H, Dh), mask) -> (B, N, H, Dh): a plain attribute,
+        not a weight; sequence parallelism swaps it from outside (sequence_parallel.py)."""
 
     def forward(self, x: Tensor, ctx: Tensor | None = None, rope: Tensor | None = None,
                 mask: Tensor | None = None) -> Tensor:
@@ -236,10 +209,7 @@ class Attention(nn.Module):
         v = v.unflatten(2, (self.heads, -1))  # (B, S, H, Dh)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-        )  # (B, H, N, Dh), laid out as (B, N, H, Dh)
-        return self.out(o.transpose(1, 2).flatten(2))  # (B, N, D)
+        return self.out(self.attend(q, k, v, mask).flatten(2))  # (B, N, D)
 
 
 # ----------------------------------------------------------------------------- block
@@ -292,6 +262,18 @@ class FinalLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class Conditioning:
+    """What every block sees besides the tokens (VideoDiT.embed)."""
+
+    grid: tuple[int, int, int]
+    ctx: Tensor  # (B, L, D) text tokens
+    mod: Tensor  # (B, 6, D) shared time modulation
+    temb: Tensor  # (B, D) time embedding (the head's modulation)
+    mask: Tensor | None  # (B, 1, 1, L) cross-attention mask
+    keep: Tensor | None  # (B, 1, 1) 0 for rows without text
 
 
 class VideoDiT(nn.Module):
@@ -407,15 +389,23 @@ class VideoDiT(nn.Module):
         (B, L, text_dim) with text_mask (B, L), True = real token; a row with no real token gets
         no cross-attention at all (zero branch output), never NaN. With `config.text_mask` False
         the mask is ignored (Wan's convention, see DiTConfig).
+
+        The three steps are public so that parallelism can be applied from outside (the token
+        sequence split across ranks between them: sequence_parallel.py).
         """
+        tokens, cond = self.embed(x, t, text, text_mask)  # (B, N, D)
+        tokens = self.run_blocks(tokens, cond, self.rope(cond.grid, x.device))
+        return self.unpatchify(self.head(tokens, cond.temb), cond.grid)
+
+    def embed(self, x: Tensor, t: Tensor, text: Tensor,
+              text_mask: Tensor | None = None) -> tuple[Tensor, Conditioning]:
+        """Video tokens (B, N, D) and what every block is conditioned on."""
         c = self.config
         b = x.shape[0]
         grid = self.grid(x.shape)
         if t.shape != (b,) or text.ndim != 3 or text.shape[0] != b or text.shape[2] != c.text_dim:
             raise ValueError(f"need t (B,) and text (B, L, {c.text_dim}) for B={b}, got "
                              f"t {tuple(t.shape)}, text {tuple(text.shape)}")
-        rope = self.rope(grid, x.device)  # (N, 1, Dh/2) complex
-
         # contiguous: elementwise ops keep the strides of their input, so a transposed view
         # here would make every later LayerNorm and GEMM copy it.
         x = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
@@ -433,14 +423,21 @@ class VideoDiT(nn.Module):
             has_text = real.any(dim=1, keepdim=True)  # (B, 1)
             mask = (real | ~has_text)[:, None, None, :]  # (B, 1, 1, L): no all-False rows
             keep = has_text[:, :, None].to(x.dtype)  # (B, 1, 1): zero branch for no-text rows
+        return x, Conditioning(grid, ctx, mod, temb, mask, keep)
 
+    def run_blocks(self, x: Tensor, cond: Conditioning, rope: Tensor) -> Tensor:
+        """The blocks over tokens x (B, n, D) with their rotations rope (n, 1, Dh/2)."""
+        args = (cond.ctx, cond.mod, rope, cond.mask, cond.keep)
         for block in self.blocks:
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, mod, rope, mask, keep, use_reentrant=False)
+                x = checkpoint(block, x, *args, use_reentrant=False)
             else:
-                x = block(x, ctx, mod, rope, mask, keep)  # (B, N, D)
+                x = block(x, *args)  # (B, n, D)
+        return x
 
-        x = self.head(x, temb)  # (B, N, pt*ph*pw*C_out)
+    def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """Head outputs (B, N, pt*ph*pw*C_out) -> (B, C_out, T, H, W)."""
+        c, b = self.config, x.shape[0]
         (pt, ph, pw), (gt, gh, gw) = c.patch, grid
         x = x.reshape(b, gt, gh, gw, pt, ph, pw, c.output_channels)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C_out, T', pt, H', ph, W', pw)
