@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_memory.py
 	$(BIN)/python tests/benchmarks/bench_render.py
 	$(BIN)/python tests/benchmarks/bench_vae_tiling.py
+	$(BIN)/python tests/benchmarks/bench_sequence_parallel.py
 	$(BIN)/python tests/benchmarks/bench_quality.py
 
 clean:
