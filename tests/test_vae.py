@@ -281,7 +281,7 @@ def test_debug_vae_overfits_moving_squares():
     # Tiled decoding (t2v/models/tiling.py) of a 96x96 mosaic of the clips, 24x24 latents in
     # 12x12 tiles (the defaults: 3 of context, 1 blended): per-tile GroupNorm statistics and
     # the cut context make it close, not exact. Stated tolerance: >= 30 dB PSNR against the
-    # whole-frame decode (measured 34.9 dB, AVX-512 EPYC); chunking on top of it is exact.
+    # whole-frame decode (measured 34.3 dB, AVX-512 EPYC); chunking on top of it is exact.
     from t2v.models.tiling import Tiling
 
     mosaic = torch.cat([x[0:1], x[1:2], x[0:1]], dim=3)  # (1, 3, 9, 96, 32)

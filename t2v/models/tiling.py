@@ -45,15 +45,14 @@ class Tiling:
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Starts of tiles of side `tile` covering [0, size), neighbours sharing >= `overlap` (the
-    last tile is moved back to end at `size`, so it may share more)."""
+    """Starts of the fewest tiles of side `tile` covering [0, size) with neighbours sharing >=
+    `overlap`, spread evenly (the overlaps differ by at most one)."""
     if not 0 <= overlap < tile:
         raise ValueError(f"tile overlap {overlap} must be in [0, tile={tile})")
     if size <= tile:
         return [0]
-    stride = tile - overlap
-    count = math.ceil((size - tile) / stride) + 1
-    return sorted({min(i * stride, size - tile) for i in range(count)})
+    count = math.ceil((size - overlap) / (tile - overlap))
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
 
 
 def blend_weights(starts: list[int], tile: int, size: int, scale: int) -> list[Tensor]:
