@@ -70,7 +70,10 @@ class UlyssesAttend:
 
     def __init__(self, group) -> None:
         self.group = group
-        self.valid = 0  # real tokens of the current sequence (set per forward)
+        # Real tokens of the current sequence, set by each forward. A checkpointed block's
+        # recompute reads it in backward: run a forward's backward before the next forward of
+        # another length (training does: one micro-batch at a time).
+        self.valid = 0
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is not None:
