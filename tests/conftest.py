@@ -52,21 +52,38 @@ def _ray_cli(*args: str, env: dict) -> None:
         raise RuntimeError(f"ray {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
 
 
-def _stop_processes_under(temp: str, gcs: str | None = None) -> None:
-    """Stop this session's Ray processes only (`ray stop` would end every Ray on the machine).
+CLUSTER_MARK = "T2V_TEST_CLUSTER"
+"""Set (to the cluster's temp dir) in the environment a test cluster is started with: every Ray
+process inherits it, also those whose command line is only a title (ray::DashboardAgent)."""
 
-    Every process of the cluster names its temp dir on its command line (session/log dirs),
-    except the Ray client server, which names only the GCS address: `gcs` catches it.
-    """
+
+def own_processes(temp: str, gcs: str | None = None) -> list:
+    """The processes of one test cluster, and only those (`ray stop` would end every Ray on the
+    machine): marked with CLUSTER_MARK=temp, or naming `temp` (session/log dirs) or the GCS port
+    (the Ray client server names the GCS by the machine's IP even when the head was started on
+    127.0.0.1) on their command line; and their children."""
     import re
 
     import psutil
 
-    # The address must not continue with a digit: 127.0.0.1:6379 is not 127.0.0.1:63791.
-    marks = [re.escape(temp)] + ([re.escape(gcs) + r"(?!\d)"] if gcs else [])
-    mine = [p for p in psutil.process_iter(["cmdline"])
-            if any(re.search(m, arg) for arg in (p.info["cmdline"] or []) for m in marks)]
-    mine = [p for p in mine if p.pid != os.getpid()]
+    port = re.compile(rf"^--address=.*:{gcs.rpartition(':')[2]}$") if gcs else None
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        args, env = p.info["cmdline"] or [], p.info["environ"] or {}
+        if p.pid != os.getpid() and (env.get(CLUSTER_MARK) == temp or any(
+                temp in a or (port is not None and port.match(a)) for a in args)):
+            found[p.pid] = p
+    for p in list(found.values()):
+        with contextlib.suppress(psutil.Error):
+            found.update({c.pid: c for c in p.children(recursive=True)})
+    return [p for p in found.values() if p.pid != os.getpid()]
+
+
+def stop_processes(temp: str, gcs: str | None = None) -> list:
+    """Stop one test cluster's processes; returns those still running afterwards (none)."""
+    import psutil
+
+    mine = own_processes(temp, gcs)
     for p in mine:
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -76,6 +93,8 @@ def _stop_processes_under(temp: str, gcs: str | None = None) -> None:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return own_processes(temp, gcs)
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +113,7 @@ def ray_cluster(moto_s3):  # noqa: F811 - moto first: Ray's processes inherit th
     port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="t2vray", dir="/tmp")  # short: Unix socket paths are limited
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "DS_ACCELERATOR": "cpu"}
+           "DS_ACCELERATOR": "cpu", CLUSTER_MARK: temp}
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
     def own_ports() -> list[str]:
@@ -124,11 +143,12 @@ def ray_cluster(moto_s3):  # noqa: F811 - moto first: Ray's processes inherit th
         yield cluster
     finally:
         ray.shutdown()
-        _stop_processes_under(temp, cluster.address)  # also matches node 2's "{temp}n2"
+        left = stop_processes(temp, cluster.address)  # also matches node 2's "{temp}n2"
         # NOTES-stack: a custom --temp-dir leaves this file and later ray.init() would try it.
         Path(temp, "ray_current_cluster").unlink(missing_ok=True)
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(temp + "n2", ignore_errors=True)
+    assert not left, f"processes of the session's Ray cluster still running: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ or any other Ray on the machine: only processes that name this cluster are stopp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import CLUSTER_MARK, stop_processes
 from tests.s3_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,40 +31,6 @@ JOB = ROOT / "cluster" / "local_scale_job.py"
 RAY = Path(sys.executable).with_name("ray")
 
 pytestmark = pytest.mark.slow
-
-
-def _own_processes(temp: str, gcs: str) -> list:
-    """Processes of this cluster only: every one names its temp dir (session/log dirs) or, like
-    the Ray client server, its GCS address; children of those are ours too. The client server
-    names the GCS by the machine's IP even when the head was started on 127.0.0.1, so the
-    address is matched by its port."""
-    import psutil
-
-    port = re.compile(rf"^--address=.*:{gcs.rpartition(':')[2]}$")
-    found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter(["cmdline"]):
-        args = p.info["cmdline"] or []
-        if any(temp in a or port.match(a) for a in args) and p.pid != os.getpid():
-            found[p.pid] = p
-    for p in list(found.values()):
-        with contextlib.suppress(psutil.Error):
-            found.update({c.pid: c for c in p.children(recursive=True)})
-    return list(found.values())
-
-
-def _stop(temp: str, gcs: str) -> None:
-    import psutil
-
-    mine = _own_processes(temp, gcs)
-    for p in mine:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    # A test cluster has nothing to flush: a short grace period, then SIGKILL.
-    _, alive = psutil.wait_procs(mine, timeout=5)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
 
 
 def _monitor_events(temp: str) -> list[str]:
@@ -95,7 +61,7 @@ def test_local_cluster_scales_up_then_down() -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"})
+                "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", CLUSTER_MARK: temp})
     head = [str(RAY), "start", "--head", f"--port={port}", f"--num-cpus={head_cpus}",
             f"--autoscaling-config={cfg_path}", f"--temp-dir={temp}",
             "--node-ip-address=127.0.0.1", "--include-dashboard=false",
@@ -128,8 +94,7 @@ def test_local_cluster_scales_up_then_down() -> None:
         assert re.search(r"Adding \d+ node", events), events
         assert re.search(r"Removing \d+ nodes", events), events
     finally:
-        _stop(temp, gcs)
-        left = _own_processes(temp, gcs)
+        left = stop_processes(temp, gcs)
         shutil.rmtree(temp, ignore_errors=True)
         print(f"[{time.monotonic() - t_start:6.1f}s] torn down")
     assert not left, f"processes of the local cluster still running: {[p.pid for p in left]}"

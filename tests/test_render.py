@@ -419,21 +419,22 @@ def test_renderer_node_removed_mid_job(package, tmp_path):
     `ray start` cluster): the renderer's node goes away after its first batch, then a new node
     joins; Ray restarts the actor there and resends the lost batches; every prompt ends rendered
     exactly once."""
-    from tests.conftest import _stop_processes_under
+    from tests.conftest import CLUSTER_MARK, stop_processes
 
     prompts = tmp_path / "p.txt"
     n = 10
     prompts.write_text("".join(f"moving shape {i}\n" for i in range(n)))
     out = str(tmp_path / "out")
     ray_tmp = tempfile.mkdtemp(prefix="t2vrn", dir="/tmp")  # short: socket paths are limited
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT), CLUSTER_MARK: ray_tmp}
     env.pop("RAY_ADDRESS", None)
     try:
         r = subprocess.run([sys.executable, "-c", NODE_LOSS, package, str(prompts), out],
                            cwd=ROOT, env=env, text=True, capture_output=True, timeout=240)
     finally:
-        _stop_processes_under(ray_tmp)
+        left = stop_processes(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not left, f"processes of the test's cluster still running: {left}"
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(lines[0][7:])
