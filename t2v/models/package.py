@@ -354,21 +354,21 @@ class DiTWeights(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: str, lora: dict[str, torch.Tensor] | None, scale: float,
                  uri: str) -> None:
-        self.file, self.uri = safe_open(path, framework="pt"), uri
+        self.file, self.uri, self.scale = safe_open(path, framework="pt"), uri, scale
         self.names = list(self.file.keys())  # noqa: SIM118 - safe_open has keys(), no __iter__
-        self.lora, self.scale = lora or {}, scale
-        self.adapted = {k.rsplit(".", 2)[0] + ".weight" for k in self.lora}
+        # weight name -> the adapters (A, B) of its layer
+        self.adapters: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in (lora or {}).items():
+            self.adapters.setdefault(key.rsplit(".", 2)[0] + ".weight", {})[key] = value
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.names:
             raise KeyError(name)
         t = self.file.get_tensor(name)
-        if name not in self.adapted:
+        if name not in self.adapters:
             return t
-        layer = name.rsplit(".", 1)[0]
-        pair = {k: v for k, v in self.lora.items() if k.rsplit(".", 2)[0] == layer}
         try:
-            return merge_lora({name: t}, pair, self.scale)[name]
+            return merge_lora({name: t}, self.adapters[name], self.scale)[name]
         except ValueError as e:
             raise PackageError(f"{self.uri}: lora.safetensors does not fit the DiT: {e}") from None
 

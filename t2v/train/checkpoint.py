@@ -7,8 +7,8 @@ optimizer's step count, shapes, world size). Nothing in the files depends on how
 cut, so a run saved by N workers restores on M: each rank reads, from every saved file where it
 lies (local disk or S3, through Ray's checkpoint filesystem), just the byte ranges of the pieces it
 owns now (`Pieces`: nothing downloaded whole, so W ranks read the checkpoint about once between
-them, not W times), writes them into DeepSpeed's own buffers and lets DeepSpeed rebuild the working weights (ZeRO-1/2: fp32
-partition -> bit16 all-gather; ZeRO-3: fp32 partition -> partitioned parameters, persistent ones
+them, not W times), writes them into DeepSpeed's own buffers and lets DeepSpeed rebuild the
+working weights (ZeRO-1/2: fp32 partition -> bit16 all-gather; ZeRO-3: fp32 partition -> partitioned parameters, persistent ones
 re-gathered), as its universal-checkpoint loader does. The same path serves every resume, so
 every resume test exercises it.
 
@@ -72,7 +72,7 @@ class Pieces:
     """
 
     def __init__(self, fs, paths: list[str]) -> None:
-        self.fs, self.paths = fs, paths
+        self.paths = paths
         self.files = {path: fs.open_input_file(path) for path in paths}
         self.total_bytes = sum(f.size() for f in self.files.values())
         self.bytes_read = self.reads = 0
@@ -125,17 +125,18 @@ class Pieces:
                                  f"{start} ({got} of {out.numel()} elements; saved by another "
                                  f"version or its files are missing)")
         # ... merged into few large reads per file, read concurrently, scattered as they land.
-        runs: list[tuple[str, int, int, list]] = []
+        runs: list[list] = []  # [path, lo, hi, parts]
         for path, parts in wants.items():
             parts.sort(key=lambda w: w[0])
             for part in parts:
                 last = runs[-1] if runs and runs[-1][0] == path else None
                 if last and part[0] - last[2] <= GAP and part[1] - last[1] <= SPAN:
-                    runs[-1] = (path, last[1], max(last[2], part[1]), [*last[3], part])
+                    last[2] = max(last[2], part[1])
+                    last[3].append(part)
                 else:
-                    runs.append((path, part[0], part[1], [part]))
+                    runs.append([path, part[0], part[1], [part]])
 
-        def load(run: tuple[str, int, int, list]) -> None:
+        def load(run: list) -> None:
             path, lo, hi, parts = run
             data = self._read(self.files[path], lo, hi - lo)
             with torch.no_grad():  # grad mode is per thread: this one's is on
