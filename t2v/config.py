@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 
 class Section(BaseModel):
@@ -84,6 +92,11 @@ class PackConfig(Section):
     """Clips with fewer decodable frames are skipped as too short."""
     size: list[int] | None = None
     """[height, width]: resize to cover, then centre crop. None keeps the source size."""
+    buckets: str | list[str] | None = None
+    """Duration/resolution buckets instead of one `size`/`frames`: a preset (`debug`: <= 64 px,
+    <= 17 frames; `480p`: Wan's 480p sizes both ways and square, 33/49/81 frames) or
+    FRAMESxHEIGHTxWIDTH,... Each clip goes to the bucket that trims and crops it the least
+    (t2v/data/buckets.py); a clip shorter than every bucket is skipped with that reason."""
     crf: int = Field(18, ge=0, le=51)
     concurrency: int | None = Field(None, ge=1)
     """Parallel pack tasks (None: Ray decides)."""
@@ -93,6 +106,19 @@ class PackConfig(Section):
     def _size_pair(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (len(v) != 2 or min(v) < 2):
             raise ValueError(f"size must be [height, width] with both >= 2, got {v}")
+        return v
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets(cls, v: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+        if v is None:
+            return v
+        from t2v.data.buckets import parse_buckets  # noqa: PLC0415 - the config stays light
+
+        parse_buckets(v)  # raises naming the bad bucket
+        clash = [k for k in ("frames", "size") if info.data.get(k) is not None]
+        if clash:
+            raise ValueError(f"buckets set each clip's {' and '.join(clash)}: drop {clash[0]}=")
         return v
 
 
@@ -230,6 +256,11 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU (bf16 is 2.6x slower than fp32 on CPUs without AMX)."""
     activation_checkpointing: bool = False
+    sequence_parallel: int = Field(1, ge=1)
+    """Stage dit: ranks that split each sample's video tokens between them (Ulysses all-to-all
+    attention, t2v/train/parallel.py); it must divide num_workers (fixed, not [MIN, MAX]), the
+    DiT's heads, and each node's worker count. The data-parallel replicas are num_workers / it;
+    ZeRO shards over all workers."""
     dry_run: bool = False
     """Print the memory per rank this run needs (t2v/train/memory.py) and start nothing."""
     device_memory_gib: float = Field(80.0, gt=0)
@@ -273,11 +304,14 @@ class TrainConfig(Section):
 
     @field_validator("num_workers")
     @classmethod
-    def _workers(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+    def _workers(cls, v: int | tuple[int, int], info: ValidationInfo) -> int | tuple[int, int]:
         low, high = (v, v) if isinstance(v, int) else v
         if not 1 <= low <= high:
             raise ValueError(f"num_workers must be >= 1, or [MIN, MAX] with 1 <= MIN <= MAX; "
                              f"got {v}")
+        sp = info.data.get("sequence_parallel", 1)  # validated before: declared above
+        if sp > 1 and (not isinstance(v, int) or v % sp):
+            raise ValueError(f"sequence_parallel={sp} needs a fixed num_workers that it divides")
         return v
 
     @property

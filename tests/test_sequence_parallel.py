@@ -75,3 +75,55 @@ def test_ulysses_matches_one_process_loss_and_every_gradient(tmp_path):
         worst = max(r["grads"], key=r["grads"].get)
         assert r["grads"][worst] < 1e-5, (checkpointing, worst, r["grads"][worst])
     assert result["error"] == "sequence_parallel=2 must divide the DiT's 1 heads"
+
+
+LAYOUT_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch, torch.distributed as dist
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    dist.init_process_group("gloo")
+    from t2v.data.latents import LatentBatch
+    from t2v.train.parallel import make_layout
+    result = {}
+    try:  # 3 ranks on one "node", 1 on another: a group of 2 would span them
+        make_layout(2, rank, world, rank if rank < 3 else 0, 3 if rank < 3 else 1)
+    except ValueError as e:
+        result["error"] = str(e)
+    layout = make_layout(2, rank, world, rank, world)  # one node of 4: groups {0, 1}, {2, 3}
+    def stream():  # what each rank's Ray Data split would yield: only leaders may read it
+        assert layout.is_leader, "a follower read the stream"
+        for i in range(3):
+            g = layout.rank * 10 + i
+            yield LatentBatch(latent=torch.full((2, 4, 1, 2, 2), float(g)),
+                              text=torch.full((2, 3, 8), float(g)),
+                              mask=torch.ones(2, 3, dtype=torch.bool),
+                              captions=[f"c{g}", "x"], keys=[f"k{g}", "y"])
+    got = [(b.keys[0], b.latent.mean().item(), b.text.shape[-1], b.mask.dtype == torch.bool)
+           for b in layout.batches(stream(), torch.device("cpu"))]
+    result.update(got=got, dp=layout.data_parallel, leader=layout.leader,
+                  scale=layout.loss_scale)
+    json.dump(result, open(f"{out}.{rank}", "w"))
+""")
+
+
+def test_layout_groups_ranks_and_shares_the_leaders_batches(tmp_path):
+    """4 gloo ranks, sequence_parallel 2: groups {0, 1} and {2, 3}; every rank of a group gets
+    its leader's batches (tensors and fields) and only leaders read; a layout that would put a
+    group across two nodes is refused on every rank with one line."""
+    from tests.s3_fixtures import free_port
+
+    script, out, port = tmp_path / "layout.py", tmp_path / "layout", str(free_port())
+    script.write_text(LAYOUT_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "4", port, str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for _, e in outs)
+    results = [json.loads((tmp_path / f"layout.{r}").read_text()) for r in range(4)]
+    for r, res in enumerate(results):
+        leader = r - r % 2
+        assert res["got"] == [[f"k{leader * 10 + i}", leader * 10 + i, 8, True]
+                              for i in range(3)]
+        assert (res["dp"], res["leader"], res["scale"]) == (2, leader, 2.0)
+        assert res["error"].startswith("sequence_parallel=2: a node runs 3 workers (ranks 0-2")

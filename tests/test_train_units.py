@@ -302,6 +302,16 @@ def test_elastic_accumulation_keeps_the_global_batch():
     assert elastic_accum(4, 1, saved, 1) == (1, "elastic resume, 2 -> 1 workers")
     assert elastic_accum(2, 3, saved, 2) == (3, "resume: batch settings changed, global batch "
                                                 "4 -> 12")
+    # Sequence parallelism: the data-parallel groups (world / sequence_parallel) read different
+    # samples, so they set the global batch. 4 workers in 2 groups of 2 -> 2 plain workers
+    # (still 2 data-parallel) keep the accumulation; -> 1 group of 2 doubles it.
+    sp = {**saved, "world": 4, "data_parallel": 2}
+    assert elastic_accum(2, 1, sp, 2) == (1, "elastic resume, 4 -> 2 workers, data-parallel "
+                                             "2 -> 2")
+    assert elastic_accum(2, 1, sp, 2, 1) == (2, "elastic resume, 4 -> 2 workers, data-parallel "
+                                                "2 -> 1: grad_accum 1 -> 2 keeps the global "
+                                                "batch at 4")
+    assert elastic_accum(2, 1, sp, 4, 2) == (1, None)  # the same layout
 
 
 def test_per_sample_randomness_depends_only_on_seed_step_key():
@@ -448,3 +458,44 @@ def test_dry_run_per_rank_memory(tmp_path, capsys, monkeypatch):
     # Without activation checkpointing 30 blocks keep ~100 GiB: no 80 GiB GPU holds that.
     assert z0["fits"] is True and runs[3, 8, "false"]["fits"] is False
     assert runs[3, 8, "false"]["activations"] > 80 * GiB
+    # Sequence parallelism 4: each rank keeps a quarter of the 32,760 tokens (8,190 each),
+    # whatever the block count: without checkpointing it fits again; states are as before.
+    assert main([*base, "zero_stage=3", "num_workers=8", "activation_checkpointing=false",
+                 "sequence_parallel=4"]) == 0
+    out = capsys.readouterr().out
+    sp4 = json.loads(out[out.index("{"):])
+    from t2v.models.dit import dit_config
+    from t2v.train.memory import activation_elements
+
+    assert sp4["activations"] == 2 * activation_elements(dit_config("large", text_dim=4096),
+                                                         8190, 512, False)
+    assert sp4["optimizer"] == z3["optimizer"] and sp4["fits"] is True
+
+
+def test_sequence_parallel_refusals_are_one_line(tmp_path, capsys, monkeypatch):
+    """What sequence parallelism cannot run is refused before Ray starts, in one line each."""
+    from t2v.cli import main
+    from t2v.train import trainer
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("started Ray")
+
+    monkeypatch.setattr(trainer, "ensure_ray", no_ray)
+    (tmp_path / "shards").mkdir()
+    base = ["train", f"out={tmp_path}/runs", f"data.shards={tmp_path}/shards", "vae=unused"]
+    cases = {
+        ("num_workers=3", "sequence_parallel=2"):
+            "num_workers: Value error, sequence_parallel=2 needs a fixed num_workers that it "
+            "divides (got 3)",
+        ("num_workers=[2,4]", "sequence_parallel=2"):
+            "num_workers: Value error, sequence_parallel=2 needs a fixed num_workers that it "
+            "divides (got [2, 4])",
+        ("stage=vae", "num_workers=2", "sequence_parallel=2"):
+            "sequence_parallel=2 needs stage dit (got stage vae)",
+        ("model=debug", "num_workers=4", "sequence_parallel=4"):
+            "sequence_parallel=4 must divide the 2 attention heads of model debug",
+    }
+    for args, message in cases.items():
+        assert main([*base, *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith(message), (args, err)

@@ -152,7 +152,10 @@ class EncodeShard:
             raise SkipSample(f"size {h}x{w} is not a multiple of spatial_down="
                              f"{vcfg.spatial_down} (set size=)")
         frames = frames[:usable_frames(t, vcfg.temporal_down)]  # the VAE takes 1 + 4k frames
-        meta |= {"frames": frames.shape[0], "height": h, "width": w}  # what was encoded
+        # What was encoded; `bucket` names it as pack does (frames x height x width): training
+        # batches samples of one bucket together.
+        meta |= {"frames": frames.shape[0], "height": h, "width": w,
+                 "bucket": f"{frames.shape[0]}x{h}x{w}"}
         return Clip(key, frames, caption, meta)
 
     @torch.no_grad()
@@ -237,15 +240,17 @@ class EncodeShard:
         for group in pending.values():
             self._encode_videos(group, generator)
         texts = self._encode_captions([c.caption for c in clips])
-        samples = []
+        samples, buckets = [], Counter()
         for clip in clips:
             reason = _unusable(clip, texts)
             if reason:
                 skipped.append({"shard": name, "key": clip.key, "reason": reason})
                 continue
             samples.append((clip.key, self._fields(clip, texts[clip.caption], source)))
+            buckets[clip.meta["bucket"]] += 1
         n = write_shard(target, samples) if samples else 0
-        record = {"name": name, "samples": n, "skipped": skipped, "settings": self.settings,
+        record = {"name": name, "samples": n, "buckets": dict(sorted(buckets.items())),
+                  "skipped": skipped, "settings": self.settings,
                   "text_dim": self.text.dim,
                   "latent_shapes": sorted({json.dumps(list(c.latent.shape)) for c in clips}),
                   "captions_encoded": self.cache.encoded - encoded0,
@@ -361,8 +366,13 @@ def _finish(cfg: EncodeConfig, settings: dict, records: list[dict], fresh: list[
     clips = sum(r["samples"] for r in fresh)
     skips = sorted((s for r in records for s in r["skipped"]),
                    key=lambda s: (s["shard"], s["key"]))
-    shards = [{"name": r["name"], "samples": r["samples"]} for r in records if r["samples"]]
+    # Samples per bucket of each shard: training sums its own shards' (t2v/train/buckets.py).
+    shards = [{"name": r["name"], "samples": r["samples"], "buckets": r.get("buckets", {})}
+              for r in records if r["samples"]]
     shapes = sorted({s for r in records for s in r["latent_shapes"]})
+    buckets = Counter()
+    for r in records:
+        buckets.update(r.get("buckets", {}))
     vae = {"uri": cfg.vae, "hash": settings["vae_hash"]}
     report = {
         "src": cfg.src, "out": cfg.out, "vae": vae, "shards": len(shards),
@@ -372,14 +382,15 @@ def _finish(cfg: EncodeConfig, settings: dict, records: list[dict], fresh: list[
         "captions_encoded": sum(r["captions_encoded"] for r in fresh),
         "caption_cache_hits": sum(r["caption_cache_hits"] for r in fresh),
         "clips_per_s": round(clips / max(seconds, 1e-9), 3), "seconds": round(seconds, 2),
-        "skips": skips,
+        "buckets": dict(sorted(buckets.items())), "skips": skips,
     }
     storage.write_text(storage.join(cfg.out, REPORT_NAME), json.dumps(report, indent=1))
     text = settings["text_encoder"]
     write_index(cfg.out, shards, format=LATENT_FORMAT, source=cfg.src, vae=vae,
                 text_encoder=text, max_length=text["max_length"],
                 text_dim=records[0]["text_dim"], latent_shapes=[json.loads(s) for s in shapes],
-                frames=cfg.frames, size=cfg.size, sampled=cfg.sample, skipped=len(skips))
+                frames=cfg.frames, size=cfg.size, sampled=cfg.sample, skipped=len(skips),
+                buckets=dict(sorted(buckets.items())))
     return report
 
 

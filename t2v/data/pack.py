@@ -22,6 +22,7 @@ import ray
 from t2v import storage
 from t2v.config import PackConfig
 from t2v.configfile import save_resolved
+from t2v.data.buckets import choose_bucket, parse_buckets
 from t2v.data.shards import safe_key, shard_name, write_index, write_shard
 from t2v.data.video import VideoDecodeError, decode_video, encode_mp4, probe_video
 from t2v.runtime import check_output_uri, ensure_ray
@@ -101,6 +102,22 @@ class PackShard:
 
     def __init__(self, cfg: PackConfig) -> None:
         self.cfg = cfg
+        self.buckets = parse_buckets(cfg.buckets) if cfg.buckets else None
+
+    def _decode_bucketed(self, data: bytes, info, uri: str):
+        """(frames, bucket name): the clip decoded straight into its bucket's size and length.
+        The header's frame count (rescaled to `fps`) picks the bucket; a clip that then decodes
+        shorter (a header that overstates) is placed again by what it has."""
+        fps = self.cfg.fps
+        count = info.num_frames if not fps or not info.fps else int(info.num_frames * fps
+                                                                     / info.fps)
+        bucket = choose_bucket(max(count, 1), info.height, info.width, self.buckets)
+        while True:
+            frames = decode_video(data, fps=fps, num_frames=bucket.frames,
+                                  size=(bucket.height, bucket.width), source=uri)
+            if frames.shape[0] == bucket.frames:
+                return frames, bucket.name
+            bucket = choose_bucket(frames.shape[0], info.height, info.width, self.buckets)
 
     def _sample(self, item: dict) -> tuple[str, dict[str, bytes]]:
         cfg = self.cfg
@@ -113,15 +130,19 @@ class PackShard:
         if not data:
             raise VideoDecodeError(f"{item['uri']}: empty file (0 bytes)")
         info = probe_video(data, source=item["uri"])
-        size = tuple(cfg.size) if cfg.size else None
-        frames = decode_video(data, fps=cfg.fps, num_frames=cfg.frames, size=size,
-                              source=item["uri"])
+        bucket = None
+        if self.buckets:
+            frames, bucket = self._decode_bucketed(data, info, item["uri"])
+        else:
+            size = tuple(cfg.size) if cfg.size else None
+            frames = decode_video(data, fps=cfg.fps, num_frames=cfg.frames, size=size,
+                                  source=item["uri"])
         if frames.shape[0] < cfg.min_frames:
             raise ValueError(f"too short: {frames.shape[0]} frames < min_frames={cfg.min_frames}")
         fps = cfg.fps or info.fps
         meta = {"key": item["key"], "source": item["uri"], "caption": caption,
                 "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
-                "width": int(frames.shape[2]), "fps": fps,
+                "width": int(frames.shape[2]), "fps": fps, **({"bucket": bucket} if bucket else {}),
                 "source_info": {"width": info.width, "height": info.height, "fps": info.fps,
                                 "codec": info.codec, "duration": info.duration}}
         return item["key"], {"mp4": encode_mp4(frames, fps=fps, crf=cfg.crf),
@@ -136,14 +157,20 @@ class PackShard:
             if record["samples"] == 0 or storage.exists(storage.join(out, name)):
                 return {"record": json.dumps(record), "resumed": True}
         t0 = time.time()
-        samples, skipped = [], []
+        samples, skipped, buckets = [], [], {}
         for item in json.loads(plan["items"]):
             try:
-                samples.append(self._sample(item))
+                sample = self._sample(item)
             except (VideoDecodeError, ValueError, storage.StorageError) as e:
                 skipped.append({"path": item["uri"], "reason": str(e).splitlines()[0]})
+                continue
+            samples.append(sample)
+            bucket = json.loads(sample[1]["json"]).get("bucket")
+            if bucket:
+                buckets[bucket] = buckets.get(bucket, 0) + 1
         n = write_shard(storage.join(out, name), samples) if samples else 0
-        record = {"name": name, "samples": n, "skipped": skipped, "seconds": time.time() - t0}
+        record = {"name": name, "samples": n, "skipped": skipped, "seconds": time.time() - t0,
+                  **({"buckets": buckets} if self.buckets else {})}
         storage.write_text(part_uri, json.dumps(record))
         return {"record": json.dumps(record), "resumed": False}
 
@@ -168,12 +195,23 @@ def run_pack(cfg: PackConfig) -> dict:
                   f"{' (resumed)' if row['resumed'] else ''} | {len(records)}/{len(plans)} shards",
                   flush=True)
     skipped = [s for r in records for s in r["skipped"]]
-    shards = [{"name": r["name"], "samples": r["samples"]} for r in records if r["samples"]]
+    shards = [{"name": r["name"], "samples": r["samples"],
+               **({"buckets": r["buckets"]} if "buckets" in r else {})}
+              for r in records if r["samples"]]
     report = {"src": cfg.src, "found": found, "packed": sum(s["samples"] for s in shards),
               "skipped": len(skipped), "skips": sorted(skipped, key=lambda s: s["path"]),
               "shards": len(shards), "seconds": round(time.time() - t0, 2)}
+    extra = {}
+    if cfg.buckets:  # samples per bucket, every bucket listed (an empty one says so)
+        counts = {b.name: 0 for b in parse_buckets(cfg.buckets)}
+        for r in records:
+            for name, n in r.get("buckets", {}).items():
+                counts[name] += n
+        report["buckets"] = extra["buckets"] = counts
+        print("[pack] per bucket: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v),
+              flush=True)
     storage.write_text(storage.join(cfg.out, "pack_report.json"), json.dumps(report, indent=1))
-    write_index(cfg.out, shards, source=cfg.src)  # last: marks the data set complete
+    write_index(cfg.out, shards, source=cfg.src, **extra)  # last: marks the data set complete
     return report
 
 

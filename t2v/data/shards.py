@@ -112,6 +112,20 @@ def read_index(root: str) -> dict:
     return json.loads(storage.read_text(storage.join(root, INDEX_NAME)))
 
 
+def bucket_counts(root: str, uris: list[str]) -> dict[str, int]:
+    """Samples per bucket (FRAMESxHEIGHTxWIDTH) in the shards `uris` of the data set at `root`,
+    from its index (pack --buckets and encode record them per shard); {} when it records none."""
+    if not storage.exists(storage.join(root, INDEX_NAME)):
+        return {}
+    wanted = {u.rsplit("/", 1)[-1] for u in uris}
+    counts: dict[str, int] = {}
+    for shard in read_index(root).get("shards", []):
+        if shard.get("name") in wanted:
+            for name, n in (shard.get("buckets") or {}).items():
+                counts[name] = counts.get(name, 0) + int(n)
+    return dict(sorted(counts.items()))
+
+
 def shard_uris(root: str) -> list[str]:
     """Complete shards of a data set: from `_index.json` when present, else by listing."""
     if storage.exists(storage.join(root, INDEX_NAME)):

@@ -66,6 +66,9 @@ class RenderDefaults:
     steps: int | None = None
     cfg: float | None = None
     sampler: str | None = None
+    buckets: list[str] | None = None
+    """FRAMESxHEIGHTxWIDTH of every bucket the DiT trained on, when more than one (the geometry
+    above is the one with the most samples); a prompt row may ask for any of them."""
 
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width"):
@@ -82,7 +85,10 @@ class RenderDefaults:
             raise ValueError(f"render.cfg must be >= 0, got {self.cfg!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["buckets"] is None:  # one geometry: model.json as before buckets existed
+            del d["buckets"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> RenderDefaults:

@@ -264,18 +264,22 @@ def save_state(engine, ema: EMA, directory: str, rank: int, world: int) -> None:
 
 
 def trainer_state(engine, ema: EMA, shapes: dict[str, torch.Size], step: int, samples: int,
-                  world: int, configured_accum: int) -> dict:
+                  world: int, configured_accum: int, data_parallel: int | None = None) -> dict:
+    """The trainer.json of a checkpoint. `data_parallel`: the replicas reading different samples
+    (world / sequence_parallel; default world)."""
     batch, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    dp = data_parallel or world
     return {"step": step, "samples": samples, "optimizer_step": optimizer_step(engine),
-            "ema_updates": ema.updates, "world": world, "batch_size": batch,
+            "ema_updates": ema.updates, "world": world, "data_parallel": dp, "batch_size": batch,
             "grad_accum": accum, "configured_grad_accum": configured_accum,
-            "global_batch": batch * accum * world,
+            "global_batch": batch * accum * dp,
             "shapes": {name: list(shape) for name, shape in shapes.items()}}
 
 
 def elastic_accum(batch_size: int, grad_accum: int, saved: dict | None,
-                  world: int) -> tuple[int, str | None]:
-    """Gradient accumulation for resuming `saved` on `world` workers, with a note when the
+                  world: int, data_parallel: int | None = None) -> tuple[int, str | None]:
+    """Gradient accumulation for resuming `saved` on `world` workers (`data_parallel` of them
+    reading different samples: world / sequence_parallel; default world), with a note when the
     worker count or the global batch changes.
 
     Batch settings as configured before: accumulation makes up for the worker count, so the
@@ -285,18 +289,25 @@ def elastic_accum(batch_size: int, grad_accum: int, saved: dict | None,
     """
     if not saved or "global_batch" not in saved:
         return grad_accum, None
-    target, new = saved["global_batch"], batch_size * grad_accum * world
-    moved = saved["world"] != world
-    head = f"elastic resume, {saved['world']} -> {world} workers" if moved else "resume"
+    dp = data_parallel or world
+    target, new = saved["global_batch"], batch_size * grad_accum * dp
+    saved_dp = saved.get("data_parallel", saved["world"])
+    moved = (saved["world"], saved_dp) != (world, dp)
+    head = "resume"
+    if moved:
+        head = f"elastic resume, {saved['world']} -> {world} workers"
+        if saved_dp != saved["world"] or dp != world:  # sequence parallel on either side
+            head += f", data-parallel {saved_dp} -> {dp}"
     if (saved["batch_size"], saved["configured_grad_accum"]) != (batch_size, grad_accum):
         return grad_accum, (f"{head}: batch settings changed, global batch {target} -> {new}"
                             if new != target else head if moved else None)
-    if target % (batch_size * world) == 0:
-        accum = target // (batch_size * world)
+    if target % (batch_size * dp) == 0:
+        accum = target // (batch_size * dp)
         return accum, (f"{head}: grad_accum {grad_accum} -> {accum} keeps the global batch at "
                        f"{target}" if accum != grad_accum else head if moved else None)
     return grad_accum, (f"{head}: global batch {target} -> {new} ({target} is not a multiple "
-                        f"of {batch_size} x {world} workers)")
+                        f"of {batch_size} x {dp} "
+                        f"{'workers' if dp == world else 'data-parallel groups'})")
 
 
 def restore_state(engine, ema: EMA, saved: dict, pieces: Pieces, rank: int, world: int,

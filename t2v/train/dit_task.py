@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from t2v.config import ReaderConfig, TrainConfig
+from t2v.data.buckets import Bucket
 from t2v.data.latents import LatentBatch, LatentCollate, latent_stream
 from t2v.data.shards import iter_shard_samples, read_index
 from t2v.data.streaming import VideoBatch, VideoCollate, video_stream
@@ -29,6 +30,7 @@ from t2v.models.package import (
     read_meta,
     save_package,
 )
+from t2v.models.sequence_parallel import parallelize
 from t2v.models.text import TextEncoder, TextEncoderConfig
 from t2v.train.schedule import per_sample_generators, train_flops
 from t2v.train.task import (
@@ -119,6 +121,15 @@ class DiTTask(StageTask):
         if self.cfg.lora.rank and not self.cfg.init_from:
             raise ValueError(f"lora.rank={self.cfg.lora.rank} needs stage dit and init_from="
                              "PACKAGE (got init_from None)")
+        sp = self.cfg.sequence_parallel
+        if sp > 1 and self.init_meta and self.init_meta.dit and self.init_meta.dit.heads % sp:
+            raise ValueError(f"sequence_parallel={sp} must divide the {self.init_meta.dit.heads} "
+                             f"attention heads of init_from={self.cfg.init_from}")
+        if sp > 1 and not self.cfg.init_from:
+            heads = dit_config(self.cfg.model, **self.cfg.model_overrides).heads
+            if heads % sp:
+                raise ValueError(f"sequence_parallel={sp} must divide the {heads} attention "
+                                 f"heads of model {self.cfg.model}")
 
     def _text_config(self) -> TextEncoderConfig:
         data = self.cfg.data
@@ -139,20 +150,24 @@ class DiTTask(StageTask):
             captions = [c.caption for c in clips]
             emb, mask = text(captions)
             return latent.numpy(), emb.numpy(), mask.numpy(), captions, [c.meta for c in clips]
-        rows = []
-        for _key, f in iter_shard_samples([val_uri]):
-            rows.append((_npy(f["latent.npy"]), _npy(f["text.npy"]), _npy(f["mask.npy"]),
-                         f["txt"].decode(), json.loads(f["json"]) if "json" in f else {}))
-            if len(rows) == VAL_COUNT:
+        # Bucketed shards mix shapes: validate on the most common one among the first samples.
+        by_shape: dict[tuple[int, ...], list] = {}
+        for n, (_key, f) in enumerate(iter_shard_samples([val_uri])):
+            latent = _npy(f["latent.npy"])
+            rows = by_shape.setdefault(latent.shape, [])
+            rows.append((latent, _npy(f["text.npy"]), _npy(f["mask.npy"]), f["txt"].decode(),
+                         json.loads(f["json"]) if "json" in f else {}))
+            if len(rows) == VAL_COUNT or n + 1 == 8 * VAL_COUNT:
                 break
-        if not rows:
+        if not by_shape:
             raise ValueError(f"{val_uri}: the held-out latent shard has no sample")
+        rows = max(by_shape.values(), key=len)
         return (np.stack([r[0] for r in rows]).astype(np.float32),
                 np.stack([r[1] for r in rows]).astype(np.float32),
                 np.stack([r[2] for r in rows]).astype(bool), [r[3] for r in rows],
                 [r[4] for r in rows])
 
-    def describe_data(self, val_uri: str) -> DiTData:
+    def describe_data(self, val_uri: str, buckets: dict[str, int]) -> DiTData:
         cfg = self.cfg
         text_cfg = self._text_config()
         encoder = TextEncoder(text_cfg)
@@ -168,15 +183,31 @@ class DiTTask(StageTask):
             target_layers(probe, cfg.lora.target_modules)
         init_render = self.init_meta.render if self.init_meta else None
         shift = cfg.shift or (init_render.shift if init_render else 1.0)
+        # The latents fix the geometry: 1 + k latent frames are 1 + k * temporal_down frames;
+        # bucketed data: the bucket with the most training samples (its render default).
+        frames, height, width = 1 + (t - 1) * vae.temporal_down, h * vae.spatial_down, (
+            w * vae.spatial_down)
+        if len(buckets) > 1:
+            top = max(map(Bucket.parse, buckets), key=lambda b: (  # ties: the larger one
+                buckets[b.name], b.frames * b.height * b.width))
+            frames, height, width = top.frames, top.height, top.width
         return DiTData(
-            # The latents fix the geometry: 1 + k latent frames are 1 + k * temporal_down frames.
-            frames=1 + (t - 1) * vae.temporal_down, height=h * vae.spatial_down,
-            width=w * vae.spatial_down, fps=clip_fps(metas),
+            frames=frames, height=height, width=width, fps=clip_fps(metas), buckets=buckets,
             tokens_per_sample=int(np.prod(probe.grid((1, c, t, h, w)))),
             train_flops_per_sample=train_flops(probe.flops((1, c, t, h, w), text_cfg.max_length)),
             latent_shape=(c, t, h, w), text_encoder=text_cfg, shift=float(shift),
             empty_text=empty[0].numpy(), empty_mask=empty_mask[0].numpy(),
             val_latent=latent, val_text=text, val_mask=mask, val_captions=captions)
+
+    def bucket_column(self, buckets: dict[str, int]) -> str | None:
+        if self.cfg.data.encode_on_the_fly:
+            return super().bucket_column(buckets)
+        return "latent" if len(buckets) > 1 else None
+
+    def bucket_of(self, batch: LatentBatch) -> str:
+        t, h, w = batch.latent.shape[-3:]
+        vae = self.vae_config
+        return f"{1 + (t - 1) * vae.temporal_down}x{h * vae.spatial_down}x{w * vae.spatial_down}"
 
     def dataset(self, train: list[str], shuffle_seed: int):  # noqa: ANN201
         data = self.cfg.data
@@ -203,6 +234,9 @@ class DiTTask(StageTask):
                              cfg.lora.target_modules, whole)
         return model
 
+    def parallelize(self, model: nn.Module, group: object) -> nn.Module:
+        return parallelize(model, group)  # LoRA adapters sit inside the VideoDiT's layers
+
     def setup(self, info: DiTData, device: torch.device, dtype: torch.dtype,
               rank: int) -> None:
         super().setup(info, device, dtype, rank)
@@ -210,6 +244,7 @@ class DiTTask(StageTask):
                       torch.from_numpy(info.empty_mask).bool().to(device))  # (L,)
         self.encoder = (OnTheFlyEncoder(self.cfg.vae, info.text_encoder, device)
                         if self.cfg.data.encode_on_the_fly else None)
+        self.vae_config = read_meta(self.cfg.vae).vae  # names the buckets of latent batches
         self.vae = None
         if rank == 0 and self.cfg.val_samples:  # decodes the validation sample videos
             self.vae = load_package(self.cfg.vae, load_text=False, load_dit=False).vae.to(device)
@@ -268,6 +303,7 @@ class DiTTask(StageTask):
         init = self.init_meta.render if self.init_meta else None
         render = RenderDefaults(frames=info.frames, height=info.height, width=info.width,
                                 fps=info.fps, shift=info.shift,
+                                buckets=sorted(info.buckets) if len(info.buckets) > 1 else None,
                                 steps=init.steps if init else None,
                                 cfg=init.cfg if init else None,
                                 sampler=init.sampler if init else None)

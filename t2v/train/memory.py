@@ -104,6 +104,9 @@ def estimate_memory(model: DiTConfig, latent_shape: tuple[int, int, int, int], t
     params = sum(p.numel() for p in with_meta.parameters())
     trainable = params if trainable is None else trainable
     tokens = math.prod(with_meta.grid((1, *latent_shape)))
+    # Sequence parallelism: a rank keeps 1/P of the tokens, and its self-attention all P times
+    # as many tokens with 1/P of the heads: the same elements as 1/P of the sequence.
+    local_tokens = -(-tokens // cfg.sequence_parallel)
     # Elastic [MIN, MAX]: the fewest ranks hold the most per rank.
     w, z, p = cfg.min_workers, cfg.zero_stage, 2 if bf16 else 4
     return MemoryEstimate(
@@ -114,7 +117,7 @@ def estimate_memory(model: DiTConfig, latent_shape: tuple[int, int, int, int], t
         optimizer=(8 + (4 if bf16 or z in (1, 2) else 0)) * trainable // (w if z >= 1 else 1),
         ema=4 * trainable // w,
         activations=p * cfg.batch_size * activation_elements(
-            model, tokens, text_len, cfg.activation_checkpointing))
+            model, local_tokens, text_len, cfg.activation_checkpointing))
 
 
 def _meta_model(model: DiTConfig) -> VideoDiT:

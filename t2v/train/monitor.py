@@ -59,8 +59,10 @@ class TensorBoard:
 
 class Monitor:
     def __init__(self, cfg: TrainConfig, info: DataInfo, run_uri: str, rank: int,
-                 world: int) -> None:
+                 world: int, data_parallel: int | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.data_parallel = data_parallel or world
+        """Replicas reading different samples (world / sequence_parallel)."""
         self.flops_per_sample = float(info.train_flops_per_sample)
         self.tokens_per_sample = int(info.tokens_per_sample)
         self.peak = cfg.peak_flops or (GPU_PEAK if cfg.use_gpu else CPU_PEAK)
@@ -69,6 +71,9 @@ class Monitor:
         self.history: list[dict] = []
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum, count) since last log
         self.samples = 0
+        self.buckets = sorted(info.buckets)
+        self.bucket_samples = torch.zeros(len(self.buckets) + 1, dtype=torch.float64)
+        """Samples per bucket since the last log (+ one slot for a shape no bucket names)."""
         self.wait = 0.0
         self._wait0 = time.perf_counter()
         self.t_log = self.t_start = time.perf_counter()
@@ -84,8 +89,9 @@ class Monitor:
             self.history = [r for r in rows if r.get("step", 0) <= step]
         c = self.cfg
         self.record({"event": "start", "step": step, "time": time.time(), "workers": self.world,
+                     "sequence_parallel": self.world // self.data_parallel,
                      "batch_size": c.batch_size, "grad_accum": c.grad_accum,
-                     "global_batch": c.batch_size * c.grad_accum * self.world}
+                     "global_batch": c.batch_size * c.grad_accum * self.data_parallel}
                     | ({"note": note} if note else {}))
 
     def record(self, row: dict) -> None:
@@ -98,9 +104,12 @@ class Monitor:
     def wait_start(self) -> None:
         self._wait0 = time.perf_counter()
 
-    def got_batch(self, n: int) -> None:
+    def got_batch(self, n: int, bucket: str | None = None) -> None:
         self.wait += time.perf_counter() - self._wait0
         self.samples += n
+        if bucket is not None:
+            i = self.buckets.index(bucket) if bucket in self.buckets else len(self.buckets)
+            self.bucket_samples[i] += n
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += torch.tensor([float(loss), 1.0], dtype=torch.float64)
@@ -113,13 +122,13 @@ class Monitor:
         now = time.perf_counter()
         elapsed = max(now - self.t_log, 1e-9)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
-        stats = torch.tensor([*self.loss_sum.tolist(), self.samples, self.wait],
-                             dtype=torch.float64)
+        stats = torch.tensor([*self.loss_sum.tolist(), self.samples, self.wait,
+                              *self.bucket_samples.tolist()], dtype=torch.float64)
         peak = torch.tensor([rss], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)  # sums over ranks
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        loss_sum, count, samples, wait = stats.tolist()
+        loss_sum, count, samples, wait, *per_bucket = stats.tolist()
         per_worker = samples / self.world / elapsed
         gnorm = engine.get_global_grad_norm()
         metrics = {
@@ -144,9 +153,14 @@ class Monitor:
                   f"ETA {metrics['eta_s']:.0f}s", flush=True)
             self.tb.scalars({f"train/{k}": v for k, v in metrics.items() if k != "logged"}, step)
             self.tb.flush()
-            self.record({"step": step, **{k: v for k, v in metrics.items() if k != "logged"}})
+            row = {"step": step, **{k: v for k, v in metrics.items() if k != "logged"}}
+            if any(per_bucket):  # samples per bucket in this interval, every rank's
+                names = [*self.buckets, "other"]
+                row["buckets"] = {k: int(v) for k, v in zip(names, per_bucket, strict=True) if v}
+            self.record(row)
         self.loss_sum.zero_()
         self.samples, self.wait, self.t_log = 0, 0.0, time.perf_counter()
+        self.bucket_samples.zero_()
         return metrics
 
     def close(self) -> None:

@@ -30,7 +30,10 @@ VAL_COUNT = 8
 
 @dataclass
 class DataInfo:
-    """What the driver learned about the data; sent to every worker (Ray pickles it)."""
+    """What the driver learned about the data; sent to every worker (Ray pickles it).
+
+    Bucketed data (`t2v pack --buckets`): the geometry is the bucket with the most training
+    samples; the throughput counters are those of the held-out clips' shape."""
 
     frames: int
     height: int
@@ -42,6 +45,9 @@ class DataInfo:
     """Tokens the model sees per sample (DiT patches; VAE pixels), for throughput."""
     train_flops_per_sample: float
     """Forward + backward FLOPs of one sample, for MFU."""
+    buckets: dict[str, int] = field(default_factory=dict, kw_only=True)
+    """Training samples per bucket (FRAMESxHEIGHTxWIDTH) as the data's index records them; {}
+    when it records none. Two or more: batches are formed per bucket (t2v/data/buckets.py)."""
 
 
 @dataclass
@@ -137,10 +143,29 @@ class StageTask(ABC):
         if self.cfg.lora.rank:
             raise ValueError(f"lora.rank={self.cfg.lora.rank} needs stage dit and init_from="
                              f"PACKAGE (got stage {self.stage})")
+        if self.cfg.sequence_parallel > 1:
+            raise ValueError(f"sequence_parallel={self.cfg.sequence_parallel} needs stage dit "
+                             f"(got stage {self.stage})")
 
     @abstractmethod
-    def describe_data(self, val_uri: str) -> DataInfo:
-        """Read the held-out shard `val_uri`; geometry, FLOPs and validation data."""
+    def describe_data(self, val_uri: str, buckets: dict[str, int]) -> DataInfo:
+        """Read the held-out shard `val_uri`; geometry, FLOPs and validation data. `buckets`:
+        training samples per bucket (DataInfo.buckets)."""
+
+    def bucket_column(self, buckets: dict[str, int]) -> str | None:
+        """The stream column whose shape is a sample's bucket when training batches per bucket
+        (None: one shape, batched as the stream comes). This stage's readers crop raw clips to
+        `data.size`, or keep stored sizes; bucketed raw shards then need that size."""
+        if len(buckets) > 1 and self.cfg.data.size is None:
+            raise ValueError(f"{self.cfg.data.shards}: the clips come in {len(buckets)} buckets "
+                             f"({', '.join(buckets)}); stage {self.stage} reads raw clips at one "
+                             "size: set data.size (or train the DiT on latents from t2v encode, "
+                             "which batches per bucket)")
+        return None
+
+    def bucket_of(self, batch: object) -> str:
+        """The bucket name of a one-shape batch (for per-bucket counts)."""
+        raise NotImplementedError(f"stage {self.stage} batches clips of one size")
 
     @abstractmethod
     def dataset(self, train: list[str], shuffle_seed: int):  # noqa: ANN201 - (Dataset, collate)
@@ -155,6 +180,11 @@ class StageTask(ABC):
         At ZeRO-3 it is called inside `deepspeed.zero.Init`: parameters are partitioned as soon
         as their layer exists, and whatever touches a built parameter (init, loading weights)
         does so inside `whole(params)` (see `load_weights`)."""
+
+    def parallelize(self, model: nn.Module, group: object) -> nn.Module:
+        """Split each sample's tokens across the ranks of `group` (sequence parallelism), in
+        place; only stages whose `check` allows sequence_parallel > 1 implement it."""
+        raise NotImplementedError(f"stage {self.stage} has no sequence parallelism")
 
     def setup(self, info: DataInfo, device: torch.device, dtype: torch.dtype,
               rank: int) -> None:

@@ -22,9 +22,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from t2v import storage
 from t2v.config import TrainConfig
 from t2v.configfile import save_resolved
-from t2v.data.shards import shard_uris
+from t2v.data.shards import bucket_counts, shard_uris
 from t2v.runtime import check_output_uri, ensure_ray
 from t2v.train.memory import dry_run
+from t2v.train.parallel import GroupedData
 from t2v.train.stages import task_for
 from t2v.train.worker import train_loop_per_worker
 
@@ -67,26 +68,39 @@ def run_train(cfg: TrainConfig) -> dict:
     if not uris:
         raise storage.StorageError(f"{cfg.data.shards}: no shard-*.tar found")
     train, val_uri = split_held_out(uris)
-    info = task.describe_data(val_uri or uris[-1])
+    buckets = bucket_counts(cfg.data.shards, train)
+    column = task.bucket_column(buckets)  # refuses what this stage cannot batch
+    info = task.describe_data(val_uri or uris[-1], buckets)
     dataset, collate = task.dataset(train, cfg.data.shuffle_seed * 1_000_003 + resume_step)
     fs, storage_path = storage.pyarrow_filesystem(cfg.out)
     resources = {"CPU": cfg.cpus_per_worker}
+    sp = cfg.sequence_parallel
+    # One sequence-parallel group is one node; more groups: PACK fills nodes in rank order and
+    # the workers check that no group spans two (t2v/train/parallel.py).
+    placement = ("STRICT_PACK" if sp > 1 and sp == cfg.num_workers
+                 and cfg.placement_strategy == "PACK" else cfg.placement_strategy)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(), "data_info": info, "run_uri": run_uri,
-                           "collate": collate},
+                           "collate": collate, "bucket_column": column},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources,
-                                     placement_strategy=cfg.placement_strategy),
+                                     placement_strategy=placement),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": dataset},
+        # sequence parallelism: one stream split per group, read by its first rank
+        dataset_config=GroupedData(sp) if sp > 1 else None,
     )
     print(f"[t2v] training {cfg.stage} '{cfg.name}' -> {run_uri} ({len(train)} train shards, "
-          f"held-out {val_uri}, clips {info.frames}x{info.height}x{info.width}, resume from "
-          f"step {resume_step})", flush=True)
+          f"held-out {val_uri}, clips {info.frames}x{info.height}x{info.width}"
+          f"{f', sequence parallel {sp}' if sp > 1 else ''}, resume from step {resume_step})",
+          flush=True)
+    if column:
+        print(f"[t2v] batches per bucket, training samples: "
+              f"{', '.join(f'{k} {v}' for k, v in buckets.items())}", flush=True)
     result = trainer.fit()
     assert ray.is_initialized()
     if result.error is not None:

@@ -44,7 +44,7 @@ class VAETask(StageTask):
 
     info: VAEData
 
-    def describe_data(self, val_uri: str) -> VAEData:
+    def describe_data(self, val_uri: str, buckets: dict[str, int]) -> VAEData:
         cfg = self.cfg
         clips = read_clips(val_uri, cfg.data.frames, cfg.data.size, STATS_COUNT)
         video = np.stack([c.frames for c in clips])  # (N, T, H, W, 3) uint8
@@ -55,7 +55,8 @@ class VAETask(StageTask):
                 probe(torch.zeros(1, 3, t, h, w), sample_posterior=False)
         return VAEData(frames=t, height=h, width=w,
                        fps=clip_fps([c.meta for c in clips]), tokens_per_sample=t * h * w,
-                       train_flops_per_sample=train_flops(counter.get_total_flops()), video=video)
+                       train_flops_per_sample=train_flops(counter.get_total_flops()), video=video,
+                       buckets=buckets)
 
     def dataset(self, train: list[str], shuffle_seed: int):  # noqa: ANN201
         reader = ReaderConfig(shards=self.cfg.data.shards, frames=self.cfg.data.frames,

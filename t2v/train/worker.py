@@ -20,7 +20,8 @@ import torch
 
 from t2v import storage
 from t2v.config import TrainConfig
-from t2v.train import checkpoint, zero
+from t2v.data.buckets import batches_by_shape
+from t2v.train import checkpoint, parallel, zero
 from t2v.train.monitor import Monitor
 from t2v.train.schedule import EMA, lr_factor
 from t2v.train.stages import task_for
@@ -114,6 +115,23 @@ def ema_module(task, info, ema: EMA, shapes: dict, rank: int,
     return module.float().eval().requires_grad_(False).to(device)
 
 
+def batch_stream(shard, cfg: TrainConfig, collate, step: int, bucket_column: str | None):
+    """One pass over this worker's split as collated micro-batches: as Ray Data batches them,
+    or, with buckets, regrouped so that every batch holds one shape (t2v/data/buckets.py).
+
+    Buckets: Ray Data's blocks are taken whole (batch_size None) and the local shuffle is ours:
+    Ray 2.60 fails to concatenate blocks of ragged tensors into one batch when a block's tensors
+    share a shape ("could not broadcast input array from shape ... into shape (n,)")."""
+    buffer, seed = cfg.data.local_shuffle_buffer, cfg.seed + step
+    if bucket_column is None:
+        return shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
+                                        collate_fn=collate,
+                                        local_shuffle_buffer_size=buffer or None,
+                                        local_shuffle_seed=seed)
+    blocks = shard.iter_batches(batch_size=None, batch_format="numpy")
+    return map(collate, batches_by_shape(blocks, bucket_column, cfg.batch_size, buffer, seed))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -167,6 +185,10 @@ def train_loop_per_worker(config: dict) -> None:
     if not use_gpu:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     task = task_for(cfg)
+    # Sequence-parallel groups (a collective; sequence_parallel 1: the plain data-parallel run).
+    layout = parallel.make_layout(cfg.sequence_parallel, rank, world, ctx.get_local_rank(),
+                                  ctx.get_local_world_size())
+    dp = layout.data_parallel
 
     # The checkpoint is read where it lies (local disk or S3), by byte range: each rank reads
     # the pieces it owns now, never a whole checkpoint (checkpoint.Pieces).
@@ -175,12 +197,14 @@ def train_loop_per_worker(config: dict) -> None:
                      else (None, None))
     # Another worker count than the checkpoint's: keep its global batch (elastic resume).
     configured_accum = cfg.grad_accum
-    accum, elastic = checkpoint.elastic_accum(cfg.batch_size, cfg.grad_accum, saved, world)
+    accum, elastic = checkpoint.elastic_accum(cfg.batch_size, cfg.grad_accum, saved, world, dp)
     cfg = cfg.model_copy(update={"grad_accum": accum})
     ds_config = deepspeed_config(cfg, bf16)
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = zero.build_model(lambda whole: task.build_model(info, whole), cfg.zero_stage,
                              ds_config, device)
+    if layout.sp > 1:  # from outside the model: its attention core and forward are swapped
+        task.parallelize(model, layout.group)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay)
@@ -206,27 +230,29 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         count = sum(zero.numel(p) for p in model.parameters())
         print(f"[t2v] {cfg.stage} run {cfg.name}: {'resumed at' if step else 'starting at'} "
-              f"step {step}/{cfg.steps}, {world} workers, ZeRO-{cfg.zero_stage}, "
+              f"step {step}/{cfg.steps}, {world} workers"
+              f"{f' in {dp} sequence-parallel groups of {layout.sp}' if layout.sp > 1 else ''}"
+              f", ZeRO-{cfg.zero_stage}, "
               f"{'bf16' if bf16 else 'fp32'}, {count:,} params "
               f"({sum(s.numel() for s in shapes.values()):,} trainable"
               f"{f', LoRA rank {cfg.lora.rank}' if cfg.lora.rank else ''}); clips "
               f"{info.frames}x{info.height}x{info.width} at {info.fps:g} fps"
               f"{f'; {elastic}' if elastic else ''}", flush=True)
-    monitor = Monitor(cfg, info, run_uri, rank, world)
+    monitor = Monitor(cfg, info, run_uri, rank, world, dp)
     monitor.start(step, elastic)
 
     shard = ray.train.get_dataset_shard("train")
+    column = config.get("bucket_column")  # per-bucket batching (t2v/data/buckets.py)
     micro, module, gathered_at = 0, None, None
     while step < cfg.steps:
-        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
-                                           collate_fn=config["collate"],
-                                           local_shuffle_buffer_size=cfg.data.local_shuffle_buffer
-                                           or None, local_shuffle_seed=cfg.seed + step)
+        # Every rank of a sequence-parallel group trains on its leader's batches (layout.batches).
+        stream = batch_stream(shard, cfg, config["collate"], step, column)
         monitor.wait_start()
-        for batch in batches:
-            monitor.got_batch(len(batch.keys))
+        for batch in layout.batches(stream, device, agree=column is not None):
+            monitor.got_batch(len(batch.keys) if layout.is_leader else 0,  # once per group
+                              task.bucket_of(batch) if column else None)
             loss = task.loss(engine, batch, step)
-            engine.backward(loss)
+            engine.backward(loss * layout.loss_scale)  # see t2v/train/parallel.py
             engine.step()
             monitor.add_loss(loss.detach())
             micro += 1
@@ -234,7 +260,7 @@ def train_loop_per_worker(config: dict) -> None:
                 monitor.wait_start()
                 continue
             step += 1
-            samples += cfg.batch_size * world * cfg.grad_accum
+            samples += cfg.batch_size * dp * cfg.grad_accum
             ema.update(zero.local_fragments(engine.module, rank, world))
             metrics = monitor.step_done(step, engine)
             if step % cfg.val_every == 0 or step == cfg.steps:
@@ -250,7 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
                 module, gathered_at = (module, step) if step == cfg.steps else (None, None)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 state = checkpoint.trainer_state(engine, ema, shapes, step, samples, world,
-                                                 configured_accum)
+                                                 configured_accum, dp)
                 save_checkpoint(engine, ema, state, rank, world, metrics | {"step": step})
                 maybe_inject_fault(cfg, step, rank, run_uri)
             elif metrics.get("logged"):
