@@ -231,8 +231,10 @@ class TrainConfig(Section):
     """`t2v train`: one Ray Train + DeepSpeed run (stage vae or dit)."""
 
     stage: Literal["vae", "dit"] = "dit"
-    name: str = "run"
-    """Run name: RUNS/NAME holds checkpoints, config.yaml, tb/, samples/, package/."""
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    """Run name: RUNS/NAME holds checkpoints, config.yaml, tb/, samples/, package/. One path
+    segment of letters, digits, '.', '_', '-' (not starting with '.' or '-'), so a run never
+    writes outside RUNS."""
     out: str = "runs"
     """RUNS: the storage_path of the run (local path or s3:// URI)."""
     model: str = "debug"

@@ -100,6 +100,46 @@ def test_prompt_parsing_rules():
             parse_prompts(header + b"x,y\n", ".csv", rules, "p.csv")
 
 
+def test_hostile_lines_become_error_rows_with_their_line():
+    """Lines that used to stop a whole file (RecursionError, OverflowError, ValueError without a
+    line) or could never be written to the manifest (a lone surrogate) are error rows naming
+    their line; prompts with Unicode line separators are valid and survive the manifest."""
+    rules = PromptRules(frames=9, height=32, width=32)
+    separators = "a\u2028b\u2029c\u0085d\u000be"
+    lines = [
+        '{"prompt": "ok"}',
+        '{"prompt": "\\ud800 alone"}',  # a lone surrogate escape
+        '{"prompt": "x", "meta": ' + "[" * 5000 + "]" * 5000 + "}",
+        '{"prompt": "x", "cfg": 1' + "0" * 400 + "}",
+        '{"prompt": "x", "seed": ' + "7" * 5000 + "}",
+        '{"prompt": "x", "cfg": NaN}',
+        '{"prompt": "x", "meta": {"k": "[{\\"not nesting\\"}]"}}',
+        json.dumps({"prompt": separators}, ensure_ascii=False),
+        '{"prompt": "x", "meta": {"key\\udfff": 1}}',
+    ]
+    parsed = parse_prompts("\n".join(lines).encode(), ".jsonl", rules, "p.jsonl")
+    assert [r.line for r in parsed.rows] == [1, 7, 8]
+    assert parsed.rows[2].prompt == separators
+    errors = {e.line: e.error for e in parsed.errors}
+    assert errors == {
+        2: "lone surrogate \\ud800 in a string (not Unicode text)",
+        3: "JSON nested deeper than 32 levels",
+        4: "integer of 401 digits is out of range",
+        5: "integer of 5000 digits is out of range",
+        6: "NaN is not a number JSON allows",
+        9: "lone surrogate \\udfff in a string (not Unicode text)",
+    }
+    job = RenderJob(model="m", package_hash="h", sampler="euler", shift=1.0, fps=8.0, crf=18,
+                    run="r1", source="p.jsonl")
+    good = Sample(id="s", prompt=separators, seed=1, steps=2, cfg=3.0, frames=9, height=32,
+                  width=32, line=8)
+    rows = [mf.make_row(job, good, status="ok")] + [mf.prompt_error_row(job, e)
+                                                     for e in parsed.errors]
+    back = mf.parse_part(mf.to_jsonl(rows))  # every row writable, and read back whole
+    assert [r["line"] for r in back] == [8, 2, 3, 4, 5, 6, 9]
+    assert back[0]["prompt"] == separators and back[1]["prompt"] is None
+
+
 def test_batches_group_by_shape_steps_and_guidance():
     s = [Sample(id=str(i), prompt="p", seed=i, frames=f, height=32, width=32, steps=st, cfg=c)
          for i, (f, st, c) in enumerate([(9, 2, 3.0), (5, 2, 3.0), (9, 2, 4.0), (9, 3, 3.0),
@@ -312,15 +352,22 @@ def test_package_render_defaults_set_every_row_without_flags(ray_local, package,
 
 def test_dry_run_renders_and_writes_nothing(package, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "steps": 4}\n{"prompt": ""}\n')
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "steps": 4}\n{"prompt": ""}\n'
+                       '{"prompt": "c", "frames": 1025, "height": 4096, "width": 4096}\n')
     out = tmp_path / "out"
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     report = run_render_command(config(package, str(prompts), str(out), dry_run=True,
                                        num_per_prompt=2))
-    assert (report["valid_rows"], report["error_rows"], report["to_render"]) == (2, 1, 4)
-    assert report["eta_s"] > 0 and "timed" in report["eta_method"]
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert (report["valid_rows"], report["error_rows"], report["to_render"]) == (3, 1, 6)
+    # The largest size a row may ask for (~67M tokens) is costed from FLOPs, not run.
+    assert "(1 shape; 1 larger from FLOPs at the timed rate)" in report["eta_method"]
+    assert grew < 2**20 and report["eta_s"] > 1e4  # under 1 GiB more; days of work
     assert report["errors"] == [{"line": 3, "error": "empty prompt"}]
     assert not out.exists()
-    assert "dry run: 3 lines, 2 valid, 1 errors; 4 videos to render" in capsys.readouterr().out
+    assert "dry run: 4 lines, 3 valid, 1 errors; 6 videos to render" in capsys.readouterr().out
 
 
 def test_whole_job_errors_are_early_and_one_line(package, moto_s3, s3_bucket, tmp_path):

@@ -499,3 +499,26 @@ def test_sequence_parallel_refusals_are_one_line(tmp_path, capsys, monkeypatch):
         assert main([*base, *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].endswith(message), (args, err)
+
+
+def test_bad_run_inputs_fail_before_ray_and_write_nothing(tmp_path, capsys, monkeypatch):
+    """A run name that would leave RUNS, and a data folder without shards: one line each,
+    before Ray starts, and nothing written under RUNS (config.yaml used to be written first)."""
+    from t2v.cli import main
+    from t2v.train import trainer
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("started Ray")
+
+    monkeypatch.setattr(trainer, "ensure_ray", no_ray)
+    (tmp_path / "empty").mkdir()
+    runs = tmp_path / "runs"
+    base = ["train", f"out={runs}", f"data.shards={tmp_path}/empty", "vae=unused"]
+    for args, message in (
+            (["name=../../escaped"], "name: String should match pattern"),
+            (["name=.hidden"], "name: String should match pattern"),
+            (["name=ok"], f"{tmp_path}/empty: no shard-*.tar found")):
+        assert main([*base, *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+    assert not runs.exists() and not (tmp_path / "escaped").exists()

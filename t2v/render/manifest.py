@@ -120,7 +120,7 @@ def parse_part(text: str) -> list[dict]:
     """Rows of one part file; a line that is not a JSON object is ignored (parts are written
     atomically, so this is someone's hand edit, not a torn write)."""
     rows = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines: U+2028, U+0085 ... inside a prompt
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

@@ -46,6 +46,10 @@ FALLBACK_STEPS, FALLBACK_CFG, FALLBACK_SAMPLER = 30, 5.0, "euler"
 """Sampling settings when neither the job nor the package's render defaults give them. There is
 no fallback geometry: a video's size comes from the row, the job or the package."""
 MEASURE_MAX_PARAMS = 60_000_000
+MEASURE_MAX_TOKENS = 4096
+"""A dry run times one DiT step per shape up to this many tokens per video; larger shapes (a
+row may ask for 1025 x 4096 x 4096: ~70M tokens) are estimated from their FLOPs at the rate
+measured on the largest timed shape, so the dry run itself needs little memory and time."""
 """Dry-run ETA: DiTs up to this size are timed on the driver's CPU; larger ones are estimated
 from FLOPs (a CPU driver cannot time a 1B model at 480p in reasonable time)."""
 ASSUMED_FLOPS = {"gpu": 0.4 * 989e12, "cpu": 0.5 * 2.6e11}
@@ -269,17 +273,31 @@ def estimate_seconds(plan: RenderPlan) -> tuple[float, str]:
     dit = VideoDiT(meta.dit).eval() if measure and plan.todo else None  # random weights: timing
     step: dict[tuple, float] = {}
     total = 0.0
+    shapes, timed = [], []
     for batch in make_batches(plan.todo, cfg.batch_size):
         s = batch[0]
         x_shape = (len(batch) * (2 if s.batch_key.guided else 1), meta.dit.in_channels,
                    1 + (s.frames - 1) // meta.vae.temporal_down,
                    s.height // meta.vae.spatial_down, s.width // meta.vae.spatial_down)
+        shapes.append((x_shape, s.steps * (2 if cfg.sampler == "heun" else 1)))
+    if dit is not None:  # time what is small; the rest at the rate of the largest timed shape
+        small = sorted({x for x, _ in shapes if math.prod(shapes_only.grid((1, *x[1:])))
+                        <= MEASURE_MAX_TOKENS}, key=math.prod)
+        reference = small[-1] if small else (1, meta.dit.in_channels, 1, 8, 8)
+        timed = small or [reference]
+        for x in timed:
+            step[x] = _time_step(dit, x, text_len)
+        rate = shapes_only.flops(reference, text_len) / step[reference]
+    for x_shape, n_steps in shapes:
         if x_shape not in step:
-            step[x_shape] = (_time_step(dit, x_shape, text_len) if dit is not None
-                             else shapes_only.flops(x_shape, text_len) / rate)
-        total += step[x_shape] * s.steps * (2 if cfg.sampler == "heun" else 1)
-    how = (f"one DiT step per shape timed on this CPU ({len(step)} shapes)" if measure
-           else f"DiT FLOPs at an assumed {rate / 1e12:.2f} TFLOP/s") + "; VAE decode not counted"
+            step[x_shape] = shapes_only.flops(x_shape, text_len) / rate
+        total += step[x_shape] * n_steps
+    larger = len({x for x, _ in shapes} - set(timed))
+    how = (f"one DiT step per shape timed on this CPU ({len(timed)} "
+           f"shape{'s' if len(timed) != 1 else ''}"
+           + (f"; {larger} larger from FLOPs at the timed rate" if larger > 0 else "") + ")"
+           if dit is not None else f"DiT FLOPs at an assumed {rate / 1e12:.2f} TFLOP/s"
+           ) + "; VAE decode not counted"
     return total / cfg.concurrency[1], how
 
 

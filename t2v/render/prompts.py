@@ -134,15 +134,84 @@ def _lines(data: bytes) -> list[tuple[int, str | None, str | None]]:
     return out
 
 
+MAX_INT_DIGITS = 19
+"""Longer integers are out of every field's range (int64); refused before Python builds them."""
+MAX_DEPTH = 32
+"""JSON nesting a line may have (`meta` is free JSON, but not a stack overflow)."""
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise RowInvalid(f"integer of {len(text.lstrip('-'))} digits is out of range")
+    return int(text)
+
+
+def _json_constant(name: str) -> float:
+    raise RowInvalid(f"{name} is not a number JSON allows")
+
+
+def _depth_and_text(value: object, depth: int = 0) -> int:
+    """Nesting depth of a parsed JSON value; RowInvalid on a string that is not Unicode text (a
+    lone surrogate escape such as \\ud800 parses, but cannot be written as UTF-8)."""
+    if depth > MAX_DEPTH:
+        raise RowInvalid(f"JSON nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RowInvalid(f"lone surrogate \\u{ord(value[e.start]):04x} in a string (not "
+                             "Unicode text)") from None
+        return depth
+    if isinstance(value, dict):
+        items = [v for kv in value.items() for v in kv]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return depth
+    return max((_depth_and_text(v, depth + 1) for v in items), default=depth + 1)
+
+
 def _json_object(text: str, prefix: str = "") -> dict:
-    """A JSON object from `text`, else RowInvalid naming what is wrong (after `prefix`)."""
+    """A JSON object from `text`, else RowInvalid naming what is wrong (after `prefix`): bad
+    JSON, too deep, an integer beyond int64, NaN/Infinity, a lone surrogate, not an object."""
+    # Deeper than the interpreter's stack would raise RecursionError: refuse by a cheap count.
+    if text.count("[") + text.count("{") > MAX_DEPTH and _bracket_depth(text) > MAX_DEPTH:
+        raise RowInvalid(f"{prefix}JSON nested deeper than {MAX_DEPTH} levels")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_int=_json_int, parse_constant=_json_constant)
     except json.JSONDecodeError as e:
         raise RowInvalid(f"{prefix}invalid JSON: {e.msg} at column {e.colno}") from None
+    except RowInvalid as e:
+        raise RowInvalid(f"{prefix}{e}") from None
     if not isinstance(value, dict):
         raise RowInvalid(f"{prefix}expected a JSON object, got {_type_name(value)}")
+    try:
+        _depth_and_text(value)
+    except RowInvalid as e:
+        raise RowInvalid(f"{prefix}{e}") from None
     return value
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _type_name(value: object) -> str:

@@ -53,6 +53,10 @@ def run_train(cfg: TrainConfig) -> dict:
     task.check()
     if cfg.dry_run:
         return dry_run(cfg)
+    # What can be checked without Ray is checked before it starts and before anything is written.
+    uris = shard_uris(cfg.data.shards)
+    if not uris:
+        raise storage.StorageError(f"{cfg.data.shards}: no shard-*.tar found")
     ensure_ray(cfg.ray_address)
     t0 = time.time()
     run_uri = storage.join(cfg.out, cfg.name)
@@ -64,9 +68,6 @@ def run_train(cfg: TrainConfig) -> dict:
         return {"run": run_uri, "step": resume_step, "package": storage.join(run_uri, "package"),
                 "resumed": True}
     save_resolved(cfg, storage.join(run_uri, "config.yaml"))
-    uris = shard_uris(cfg.data.shards)
-    if not uris:
-        raise storage.StorageError(f"{cfg.data.shards}: no shard-*.tar found")
     train, val_uri = split_held_out(uris)
     buckets = bucket_counts(cfg.data.shards, train)
     column = task.bucket_column(buckets)  # refuses what this stage cannot batch
