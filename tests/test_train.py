@@ -242,3 +242,49 @@ def test_buckets_pack_encode_and_train_one_shape_per_batch(ray_local, debug_vae_
     assert meta["render"]["buckets"] == ["17x32x48", "9x48x32"]
     assert (meta["render"]["frames"], meta["render"]["height"], meta["render"]["width"]) == (
         17, 32, 48)  # 4 samples each: the tie goes to the larger bucket
+
+
+def test_resubmitted_run_resumes_from_a_checkpoint_ray_never_registered(reference,
+                                                                          train_latents,
+                                                                          debug_vae_package,
+                                                                          tmp_path):
+    """What a driver killed at the wrong moment leaves: the step-4 checkpoint uploaded by every
+    rank but missing from Ray's snapshot (killed before registering it; Ray would resume at
+    step 2 and redo 3-4), and a checkpoint cut mid-upload (one rank's state, no trainer.json).
+    Resubmitting continues from step 4, says so, logs no step twice, removes the incomplete
+    checkpoint at once and the unregistered one once a newer one is registered."""
+    import shutil
+
+    from t2v.train.checkpoint import run_checkpoints
+
+    _, ref = reference
+    runs = tmp_path / "runs"
+    shutil.copytree(ref, runs / "debug")
+    shutil.rmtree(runs / "debug" / "package")  # the kill came before the export
+    run = str(runs / "debug")
+    found = run_checkpoints(run)
+    assert [(c.step, c.registered, c.complete) for c in found] == [(2, True, True),
+                                                                   (4, True, True)]
+    snap_path = runs / "debug" / "checkpoint_manager_snapshot.json"
+    snap = json.loads(snap_path.read_text())
+    keep = [r["checkpoint_dir_name"] == found[0].name for r in snap["checkpoint_results"]]
+    snap["checkpoint_results"] = [r for r, k in zip(snap["checkpoint_results"], keep) if k]
+    snap["checkpoint_report_indices"] = [i for i, k in zip(snap["checkpoint_report_indices"],
+                                                           keep) if k]
+    snap["latest_checkpoint_result"] = snap["checkpoint_results"][0]
+    snap["current_report_index"] = snap["checkpoint_report_indices"][0] + 1
+    snap_path.write_text(json.dumps(snap))
+    partial = runs / "debug" / "checkpoint_2099-01-01_00-00-00.000000"
+    shutil.copytree(runs / "debug" / found[1].name / "state", partial / "state")
+    (partial / "state" / "rank-00001.safetensors").unlink()
+    result = run_train(config(str(runs), "debug", train_latents, debug_vae_package, steps=6))
+    assert result["resumed_from"] == 4 and result["step"] == 6
+    rows = [json.loads(x) for x in (runs / "debug" / "metrics.jsonl").read_text().splitlines()]
+    starts = [r["step"] for r in rows if r.get("event") == "start"]
+    assert starts == [0, 4]
+    logged = [r["step"] for r in rows if "loss" in r]
+    assert logged == [1, 2, 3, 4, 5, 6]  # nothing redone, nothing logged twice
+    assert_same_losses(run, ref, range(1, STEPS + 1))  # the history is the reference's
+    left = run_checkpoints(run)
+    assert all(c.registered and c.complete for c in left) and max(c.step for c in left) == 6
+    assert not partial.exists() and not (runs / "debug" / found[1].name).exists()

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from t2v import storage
 from t2v.train.schedule import EMA
 from t2v.train.zero import is_partitioned, piece
 
@@ -166,6 +167,64 @@ def open_checkpoint(fs, path: str) -> tuple[dict, Pieces]:
         raise FileNotFoundError(f"{path}: no {STATE_DIR}/rank-*.safetensors (a checkpoint of an "
                                 f"older t2v: finish it with that version or start afresh)")
     return saved, Pieces(fs, files)
+
+
+def open_uri(uri: str) -> tuple[dict, Pieces]:
+    """`open_checkpoint` of a checkpoint directory given by URI (local path or s3://)."""
+    import pyarrow.fs as pafs  # noqa: PLC0415 - heavy; only checkpoint readers need it
+
+    fs, path = storage.pyarrow_filesystem(uri)
+    return open_checkpoint(fs or pafs.LocalFileSystem(), path)
+
+
+@dataclass
+class RunCheckpoint:
+    """A `checkpoint_*` directory of a run, as found in storage."""
+
+    name: str
+    uri: str
+    step: int | None
+    """From its trainer.json; None when rank 0 never wrote it."""
+    world: int | None
+    ranks: int
+    """state/rank-*.safetensors present."""
+    registered: bool
+    """Listed in Ray Train's checkpoint_manager_snapshot.json (Ray restores only these)."""
+
+    @property
+    def complete(self) -> bool:
+        return self.step is not None and self.ranks == self.world
+
+
+def run_checkpoints(run_uri: str) -> list[RunCheckpoint]:
+    """Every checkpoint directory of the run at `run_uri`, complete or not, by step.
+
+    A driver killed after the workers uploaded a checkpoint but before Ray registered it leaves
+    a complete checkpoint Ray does not know (it would resume from the one before); a kill during
+    the upload leaves an incomplete one. Both are found here by listing, not from Ray's snapshot.
+    """
+    files: dict[str, list[str]] = {}
+    for uri in storage.list_prefix(run_uri):
+        rel = uri[len(run_uri.rstrip("/")) + 1:]
+        head, _, rest = rel.partition("/")
+        if head.startswith("checkpoint_") and rest:
+            files.setdefault(head, []).append(rest)
+    snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
+    registered = set()
+    if storage.exists(snapshot):
+        results = json.loads(storage.read_text(snapshot)).get("checkpoint_results") or []
+        registered = {r.get("checkpoint_dir_name") for r in results}
+    out = []
+    for name, rels in files.items():
+        uri = storage.join(run_uri, name)
+        step = world = None
+        if "trainer.json" in rels:
+            saved = json.loads(storage.read_text(storage.join(uri, "trainer.json")))
+            step, world = int(saved["step"]), int(saved["world"])
+        ranks = sum(1 for r in rels if r.startswith(f"{STATE_DIR}/rank-")
+                    and r.endswith(".safetensors"))
+        out.append(RunCheckpoint(name, uri, step, world, ranks, name in registered))
+    return sorted(out, key=lambda c: (c.step is None, c.step or 0, c.name))
 
 
 def open_local(directory: str | Path) -> tuple[dict, Pieces]:

@@ -12,7 +12,7 @@ worker group (FailureConfig) keeps the same dataset and its next pass reshuffles
 
 from __future__ import annotations
 
-import json
+import shutil
 import time
 
 import ray
@@ -24,18 +24,57 @@ from t2v.config import TrainConfig
 from t2v.configfile import save_resolved
 from t2v.data.shards import bucket_counts, shard_uris
 from t2v.runtime import check_output_uri, ensure_ray
+from t2v.train import checkpoint
 from t2v.train.memory import dry_run
 from t2v.train.parallel import GroupedData
 from t2v.train.stages import task_for
 from t2v.train.worker import train_loop_per_worker
 
 
-def latest_checkpoint_step(run_uri: str) -> int:
-    steps = [0]
-    for uri in storage.list_prefix(run_uri, suffix="trainer.json"):
-        if "/checkpoint_" in uri:
-            steps.append(int(json.loads(storage.read_text(uri))["step"]))
-    return max(steps)
+def remove_dir(uri: str) -> None:
+    """Every object under `uri`, and a local directory itself."""
+    for f in storage.list_prefix(uri):
+        storage.delete(f)
+    if not storage.is_s3(uri):
+        shutil.rmtree(storage.local_path(uri), ignore_errors=True)
+
+
+def resume_point(run_uri: str) -> tuple[int, str | None]:
+    """(the step a resubmitted run resumes at, the checkpoint URI workers must read when Ray
+    would pick an older one). Removes what a killed driver left half written.
+
+    The newest complete checkpoint wins: Ray restores the newest one in its snapshot, which
+    misses a checkpoint whose upload finished after the driver died. Incomplete ones (a rank's
+    state or trainer.json missing: the kill came mid-upload) are deleted, so nothing can try
+    to load them."""
+    found = checkpoint.run_checkpoints(run_uri)
+    for c in found:
+        if not c.complete and not c.registered:
+            remove_dir(c.uri)
+            print(f"[t2v] removed incomplete checkpoint {c.name} ({c.ranks} of "
+                  f"{c.world or '?'} ranks' state, trainer.json "
+                  f"{'present' if c.step is not None else 'missing'})", flush=True)
+    complete = [c for c in found if c.complete]
+    if not complete:
+        return 0, None
+    newest, known = complete[-1], [c for c in complete if c.registered]
+    if known and known[-1].step >= newest.step:
+        return newest.step, None
+    print(f"[t2v] {newest.name} (step {newest.step}) is complete but unknown to Ray Train "
+          f"(its driver stopped before registering it; Ray's newest is step "
+          f"{known[-1].step if known else 'none'}): resuming from it", flush=True)
+    return newest.step, newest.uri
+
+
+def remove_superseded(run_uri: str) -> None:
+    """After a run: checkpoints Ray never registered, older than its newest, go (Ray's
+    keep_checkpoints only prunes the ones it knows)."""
+    found = checkpoint.run_checkpoints(run_uri)
+    newest = max((c.step for c in found if c.registered and c.step is not None), default=None)
+    for c in found:
+        if not c.registered and newest is not None and (c.step or 0) < newest:
+            remove_dir(c.uri)
+            print(f"[t2v] removed {c.name}: superseded, not registered by Ray", flush=True)
 
 
 def split_held_out(uris: list[str]) -> tuple[list[str], str | None]:
@@ -60,7 +99,7 @@ def run_train(cfg: TrainConfig) -> dict:
     ensure_ray(cfg.ray_address)
     t0 = time.time()
     run_uri = storage.join(cfg.out, cfg.name)
-    resume_step = latest_checkpoint_step(run_uri)
+    resume_step, resume_from = resume_point(run_uri)
     if resume_step >= cfg.steps and storage.exists(storage.join(run_uri, "package",
                                                                 "model.json")):
         # Before reading any data: resubmitting a finished run costs nothing.
@@ -83,7 +122,8 @@ def run_train(cfg: TrainConfig) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(), "data_info": info, "run_uri": run_uri,
-                           "collate": collate, "bucket_column": column},
+                           "collate": collate, "bucket_column": column,
+                           "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=placement),
@@ -104,6 +144,7 @@ def run_train(cfg: TrainConfig) -> dict:
               f"{', '.join(f'{k} {v}' for k, v in buckets.items())}", flush=True)
     result = trainer.fit()
     assert ray.is_initialized()
+    remove_superseded(run_uri)
     if result.error is not None:
         raise RuntimeError(f"training run {run_uri} failed: {result.error}")
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}

@@ -195,6 +195,15 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     saved, pieces = (checkpoint.open_checkpoint(ckpt.filesystem, ckpt.path) if ckpt
                      else (None, None))
+    where = ckpt.path if ckpt else None
+    if config.get("resume_from"):  # newer than Ray's (the driver saw it: trainer.resume_point)
+        other, other_pieces = checkpoint.open_uri(config["resume_from"])
+        if saved is None or other["step"] > saved["step"]:
+            if pieces is not None:
+                pieces.close()
+            saved, pieces, where = other, other_pieces, config["resume_from"]
+        else:  # a worker-group restart: Ray's own is newer by now
+            other_pieces.close()
     # Another worker count than the checkpoint's: keep its global batch (elastic resume).
     configured_accum = cfg.grad_accum
     accum, elastic = checkpoint.elastic_accum(cfg.batch_size, cfg.grad_accum, saved, world, dp)
@@ -220,7 +229,7 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.time()
         checkpoint.restore_state(engine, ema, saved, pieces, rank, world, sched)
         if rank == 0:
-            print(f"[t2v] restored step {saved['step']} from {ckpt.path}: read "
+            print(f"[t2v] restored step {saved['step']} from {where}: read "
                   f"{pieces.bytes_read / 2**20:.1f} MiB of its "
                   f"{pieces.total_bytes / 2**20:.1f} MiB in {time.time() - t0:.1f} s", flush=True)
         pieces.close()
