@@ -268,9 +268,10 @@ def test_resubmitted_run_resumes_from_a_checkpoint_ray_never_registered(referenc
     snap_path = runs / "debug" / "checkpoint_manager_snapshot.json"
     snap = json.loads(snap_path.read_text())
     keep = [r["checkpoint_dir_name"] == found[0].name for r in snap["checkpoint_results"]]
-    snap["checkpoint_results"] = [r for r, k in zip(snap["checkpoint_results"], keep) if k]
+    snap["checkpoint_results"] = [r for r, k in zip(snap["checkpoint_results"], keep,
+                                                    strict=True) if k]
     snap["checkpoint_report_indices"] = [i for i, k in zip(snap["checkpoint_report_indices"],
-                                                           keep) if k]
+                                                           keep, strict=True) if k]
     snap["latest_checkpoint_result"] = snap["checkpoint_results"][0]
     snap["current_report_index"] = snap["checkpoint_report_indices"][0] + 1
     snap_path.write_text(json.dumps(snap))
