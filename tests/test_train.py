@@ -289,3 +289,27 @@ def test_resubmitted_run_resumes_from_a_checkpoint_ray_never_registered(referenc
     left = run_checkpoints(run)
     assert all(c.registered and c.complete for c in left) and max(c.step for c in left) == 6
     assert not partial.exists() and not (runs / "debug" / found[1].name).exists()
+
+
+def test_a_damaged_shard_ends_silently_and_the_index_says_so(ray_local, train_latents,
+                                                             tmp_path):
+    """A tar whose second sample has a damaged header: Ray Data's reader ends the shard there
+    without a word (what training used to do too). The index still lists every sample, and that
+    is what each pass is checked against (t2v/train/monitor.py pass_done)."""
+    import shutil
+    import tarfile
+
+    from t2v.data.latents import latent_stream
+    from t2v.data.shards import index_samples, shard_uris
+
+    data = tmp_path / "latents"
+    shutil.copytree(train_latents, data)
+    uris = shard_uris(str(data))[:-1]  # the training shards
+    with tarfile.open(uris[0]) as tar:
+        members = tar.getmembers()
+    second = next(m for m in members if m.name.split(".")[0] != members[0].name.split(".")[0])
+    with open(uris[0], "r+b") as f:
+        f.seek(second.offset)
+        f.write(b"\x07" * 512)  # the header of the second sample's first member
+    rows = latent_stream(uris).count()
+    assert index_samples(str(data), uris) == 4 and rows == 3

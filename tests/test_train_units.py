@@ -522,3 +522,32 @@ def test_bad_run_inputs_fail_before_ray_and_write_nothing(tmp_path, capsys, monk
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (args, err)
     assert not runs.exists() and not (tmp_path / "escaped").exists()
+
+
+def test_a_pass_is_checked_against_the_index(tmp_path, capsys):
+    """The rows of a pass are counted (a short last batch too, then dropped as drop_last
+    would) and compared with what the index lists: more missing than Ray's equal splits drop is
+    recorded and said."""
+    import json
+    from types import SimpleNamespace
+
+    from t2v.config import TrainConfig
+    from t2v.train.monitor import Monitor
+    from t2v.train.task import DataInfo
+    from t2v.train.worker import CountedBatches
+
+    batches = [SimpleNamespace(keys=["a"] * n) for n in (2, 2, 1)]
+    counted = CountedBatches(batches, 2)
+    assert [len(b.keys) for b in counted] == [2, 2] and counted.rows == 5
+    info = DataInfo(frames=9, height=32, width=32, fps=8.0, tokens_per_sample=1,
+                    train_flops_per_sample=1.0, train_samples=10)
+    monitor = Monitor(TrainConfig(), info, str(tmp_path), rank=0, world=1)
+    monitor.pass_done(3, 10)
+    monitor.pass_done(6, 7)
+    monitor.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"event": "pass", "step": 3, "rows": 10, "index_rows": 10, "missing": 0},
+                    {"event": "pass", "step": 6, "rows": 7, "index_rows": 10, "missing": 3}]
+    out = capsys.readouterr().out
+    assert "the pass ending at step 6 read 7 of the 10 training samples the index lists: " \
+           "3 missing" in out and "step 3" not in out

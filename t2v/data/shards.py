@@ -112,6 +112,15 @@ def read_index(root: str) -> dict:
     return json.loads(storage.read_text(storage.join(root, INDEX_NAME)))
 
 
+def index_samples(root: str, uris: list[str]) -> int | None:
+    """Samples the data set's index lists for the shards `uris`; None without an index."""
+    if not storage.exists(storage.join(root, INDEX_NAME)):
+        return None
+    wanted = {u.rsplit("/", 1)[-1] for u in uris}
+    return sum(int(s.get("samples", 0)) for s in read_index(root).get("shards", [])
+               if s.get("name") in wanted)
+
+
 def bucket_counts(root: str, uris: list[str]) -> dict[str, int]:
     """Samples per bucket (FRAMESxHEIGHTxWIDTH) in the shards `uris` of the data set at `root`,
     from its index (pack --buckets and encode record them per shard); {} when it records none."""

@@ -65,6 +65,7 @@ class Monitor:
         """Replicas reading different samples (world / sequence_parallel)."""
         self.flops_per_sample = float(info.train_flops_per_sample)
         self.tokens_per_sample = int(info.tokens_per_sample)
+        self.info_samples = info.train_samples
         self.peak = cfg.peak_flops or (GPU_PEAK if cfg.use_gpu else CPU_PEAK)
         self.tb = TensorBoard(run_uri) if rank == 0 else None
         self.history_uri = storage.join(run_uri, "metrics.jsonl")
@@ -162,6 +163,26 @@ class Monitor:
         self.samples, self.wait, self.t_log = 0, 0.0, time.perf_counter()
         self.bucket_samples.zero_()
         return metrics
+
+    def pass_done(self, step: int, rows: int) -> None:
+        """A full pass over the training stream read `rows` on this rank: compared, summed over
+        ranks, with what the index lists. Ray's equal splits drop fewer than one row per
+        data-parallel reader; more missing means shards that ended early (a damaged tar ends
+        silently at its bad header) or clips that failed to decode. Collective."""
+        total = torch.tensor([rows], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        expected = self.info_samples
+        if self.rank != 0 or expected is None:
+            return
+        read = int(total.item())
+        missing = expected - read
+        self.record({"event": "pass", "step": step, "rows": read, "index_rows": expected,
+                     "missing": missing})
+        if missing >= self.data_parallel:
+            print(f"[t2v] the pass ending at step {step} read {read} of the {expected} "
+                  f"training samples the index lists: {missing} missing (a damaged shard ends "
+                  "at its bad header; undecodable clips are skipped)", flush=True)
 
     def close(self) -> None:
         if self.tb is not None:

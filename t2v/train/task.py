@@ -45,6 +45,9 @@ class DataInfo:
     """Tokens the model sees per sample (DiT patches; VAE pixels), for throughput."""
     train_flops_per_sample: float
     """Forward + backward FLOPs of one sample, for MFU."""
+    train_samples: int | None = field(default=None, kw_only=True)
+    """Samples the index lists for the training shards (None: no index): each full pass over
+    the stream is checked against it (t2v/train/monitor.py `pass_done`)."""
     buckets: dict[str, int] = field(default_factory=dict, kw_only=True)
     """Training samples per bucket (FRAMESxHEIGHTxWIDTH) as the data's index records them; {}
     when it records none. Two or more: batches are formed per bucket (t2v/data/buckets.py)."""

@@ -115,6 +115,20 @@ def ema_module(task, info, ema: EMA, shapes: dict, rank: int,
     return module.float().eval().requires_grad_(False).to(device)
 
 
+class CountedBatches:
+    """A pass's batches with the rows they held counted, the short last one included (then
+    dropped, as drop_last would), so a pass can be checked against the index."""
+
+    def __init__(self, batches, batch_size: int) -> None:
+        self.batches, self.batch_size, self.rows = batches, batch_size, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.rows += len(batch.keys)
+            if len(batch.keys) == self.batch_size:
+                yield batch
+
+
 def batch_stream(shard, cfg: TrainConfig, collate, step: int, bucket_column: str | None):
     """One pass over this worker's split as collated micro-batches: as Ray Data batches them,
     or, with buckets, regrouped so that every batch holds one shape (t2v/data/buckets.py).
@@ -124,10 +138,9 @@ def batch_stream(shard, cfg: TrainConfig, collate, step: int, bucket_column: str
     share a shape ("could not broadcast input array from shape ... into shape (n,)")."""
     buffer, seed = cfg.data.local_shuffle_buffer, cfg.seed + step
     if bucket_column is None:
-        return shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
-                                        collate_fn=collate,
-                                        local_shuffle_buffer_size=buffer or None,
-                                        local_shuffle_seed=seed)
+        return CountedBatches(shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=False, collate_fn=collate,
+            local_shuffle_buffer_size=buffer or None, local_shuffle_seed=seed), cfg.batch_size)
     blocks = shard.iter_batches(batch_size=None, batch_format="numpy")
     return map(collate, batches_by_shape(blocks, bucket_column, cfg.batch_size, buffer, seed))
 
@@ -257,6 +270,7 @@ def train_loop_per_worker(config: dict) -> None:
         # Every rank of a sequence-parallel group trains on its leader's batches (layout.batches).
         stream = batch_stream(shard, cfg, config["collate"], step, column)
         monitor.wait_start()
+        passed = micro
         for batch in layout.batches(stream, device, agree=column is not None):
             monitor.got_batch(len(batch.keys) if layout.is_leader else 0,  # once per group
                               task.bucket_of(batch) if column else None)
@@ -293,6 +307,14 @@ def train_loop_per_worker(config: dict) -> None:
             if step >= cfg.steps:
                 break
             monitor.wait_start()
+        else:  # the pass ran to its end on every rank (a break happens on all at one step)
+            if isinstance(stream, CountedBatches):  # bucketed passes end at the first rank's
+                monitor.pass_done(step, stream.rows if layout.is_leader else 0)
+            if micro == passed:  # the same on every rank: equal splits, or agreed pass ends
+                raise RuntimeError(
+                    f"a whole pass over {cfg.data.shards} gave no batch of {cfg.batch_size} "
+                    f"(rank {rank}): fewer samples than batch_size x {dp} readers, or every "
+                    "bucket short of a batch")
     if gathered_at != step:  # e.g. resumed at the last step: no validation ran here
         module = ema_module(task, info, ema, shapes, rank, device)  # every rank
     if module is not None:
