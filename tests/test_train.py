@@ -300,7 +300,7 @@ def test_a_damaged_shard_ends_silently_and_the_index_says_so(ray_local, train_la
     import tarfile
 
     from t2v.data.latents import latent_stream
-    from t2v.data.shards import index_samples, shard_uris
+    from t2v.data.shards import index_samples, indexed_shards, shard_uris
 
     data = tmp_path / "latents"
     shutil.copytree(train_latents, data)
@@ -312,4 +312,4 @@ def test_a_damaged_shard_ends_silently_and_the_index_says_so(ray_local, train_la
         f.seek(second.offset)
         f.write(b"\x07" * 512)  # the header of the second sample's first member
     rows = latent_stream(uris).count()
-    assert index_samples(str(data), uris) == 4 and rows == 3
+    assert index_samples(indexed_shards(str(data), uris)) == 4 and rows == 3

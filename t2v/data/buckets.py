@@ -2,7 +2,7 @@
 
 A bucket is frames x height x width. `t2v pack --buckets` puts every clip in one (trimming its end
 and cropping its borders the least), records it in the sample's json, and `t2v encode` keeps the
-clip's size; training batches only same-shape samples (t2v/train/buckets.py), so a landscape,
+clip's size; training batches only same-shape samples (`batches_by_shape`), so a landscape,
 a portrait and a square clip each keep their framing instead of being centre-cropped to one size.
 
 Choosing a bucket for a clip of T frames at H x W (only buckets of at most T frames qualify: a

@@ -366,7 +366,7 @@ def _finish(cfg: EncodeConfig, settings: dict, records: list[dict], fresh: list[
     clips = sum(r["samples"] for r in fresh)
     skips = sorted((s for r in records for s in r["skipped"]),
                    key=lambda s: (s["shard"], s["key"]))
-    # Samples per bucket of each shard: training sums its own shards' (t2v/train/buckets.py).
+    # Samples per bucket of each shard: training sums its own shards' (shards.bucket_counts).
     shards = [{"name": r["name"], "samples": r["samples"], "buckets": r.get("buckets", {})}
               for r in records if r["samples"]]
     shapes = sorted({s for r in records for s in r["latent_shapes"]})

@@ -112,26 +112,27 @@ def read_index(root: str) -> dict:
     return json.loads(storage.read_text(storage.join(root, INDEX_NAME)))
 
 
-def index_samples(root: str, uris: list[str]) -> int | None:
-    """Samples the data set's index lists for the shards `uris`; None without an index."""
+def indexed_shards(root: str, uris: list[str]) -> list[dict] | None:
+    """The index entries (name, samples, buckets) of the shards `uris` of the data set at
+    `root`; None when it has no index."""
     if not storage.exists(storage.join(root, INDEX_NAME)):
         return None
     wanted = {u.rsplit("/", 1)[-1] for u in uris}
-    return sum(int(s.get("samples", 0)) for s in read_index(root).get("shards", [])
-               if s.get("name") in wanted)
+    return [s for s in read_index(root).get("shards", []) if s.get("name") in wanted]
 
 
-def bucket_counts(root: str, uris: list[str]) -> dict[str, int]:
-    """Samples per bucket (FRAMESxHEIGHTxWIDTH) in the shards `uris` of the data set at `root`,
-    from its index (pack --buckets and encode record them per shard); {} when it records none."""
-    if not storage.exists(storage.join(root, INDEX_NAME)):
-        return {}
-    wanted = {u.rsplit("/", 1)[-1] for u in uris}
+def index_samples(shards: list[dict] | None) -> int | None:
+    """Samples the index lists for these entries (`indexed_shards`); None without an index."""
+    return None if shards is None else sum(int(s.get("samples", 0)) for s in shards)
+
+
+def bucket_counts(shards: list[dict] | None) -> dict[str, int]:
+    """Samples per bucket (FRAMESxHEIGHTxWIDTH) in these index entries (`indexed_shards`; pack
+    --buckets and encode record them per shard); {} when they record none."""
     counts: dict[str, int] = {}
-    for shard in read_index(root).get("shards", []):
-        if shard.get("name") in wanted:
-            for name, n in (shard.get("buckets") or {}).items():
-                counts[name] = counts.get(name, 0) + int(n)
+    for shard in shards or []:
+        for name, n in (shard.get("buckets") or {}).items():
+            counts[name] = counts.get(name, 0) + int(n)
     return dict(sorted(counts.items()))
 
 

@@ -46,12 +46,12 @@ FALLBACK_STEPS, FALLBACK_CFG, FALLBACK_SAMPLER = 30, 5.0, "euler"
 """Sampling settings when neither the job nor the package's render defaults give them. There is
 no fallback geometry: a video's size comes from the row, the job or the package."""
 MEASURE_MAX_PARAMS = 60_000_000
+"""Dry-run ETA: DiTs up to this size are timed on the driver's CPU; larger ones are estimated
+from FLOPs (a CPU driver cannot time a 1B model at 480p in reasonable time)."""
 MEASURE_MAX_TOKENS = 4096
 """A dry run times one DiT step per shape up to this many tokens per video; larger shapes (a
 row may ask for 1025 x 4096 x 4096: ~70M tokens) are estimated from their FLOPs at the rate
 measured on the largest timed shape, so the dry run itself needs little memory and time."""
-"""Dry-run ETA: DiTs up to this size are timed on the driver's CPU; larger ones are estimated
-from FLOPs (a CPU driver cannot time a 1B model at 480p in reasonable time)."""
 ASSUMED_FLOPS = {"gpu": 0.4 * 989e12, "cpu": 0.5 * 2.6e11}
 """Sustained FLOP/s for the FLOPs estimate: 40% of H100 bf16 dense peak, half of this project's
 2-core reference CPU (see TrainConfig.peak_flops)."""

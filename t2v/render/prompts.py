@@ -150,25 +150,23 @@ def _json_constant(name: str) -> float:
     raise RowInvalid(f"{name} is not a number JSON allows")
 
 
-def _depth_and_text(value: object, depth: int = 0) -> int:
-    """Nesting depth of a parsed JSON value; RowInvalid on a string that is not Unicode text (a
-    lone surrogate escape such as \\ud800 parses, but cannot be written as UTF-8)."""
-    if depth > MAX_DEPTH:
-        raise RowInvalid(f"JSON nested deeper than {MAX_DEPTH} levels")
+def _check_text(value: object) -> None:
+    """RowInvalid on a string (key or value, at any depth: `_json_object` bounds it) that is not
+    Unicode text: a lone surrogate escape such as \\ud800 parses, but cannot be written as
+    UTF-8."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
             raise RowInvalid(f"lone surrogate \\u{ord(value[e.start]):04x} in a string (not "
                              "Unicode text)") from None
-        return depth
-    if isinstance(value, dict):
-        items = [v for kv in value.items() for v in kv]
+    elif isinstance(value, dict):
+        for kv in value.items():
+            for v in kv:
+                _check_text(v)
     elif isinstance(value, list):
-        items = value
-    else:
-        return depth
-    return max((_depth_and_text(v, depth + 1) for v in items), default=depth + 1)
+        for v in value:
+            _check_text(v)
 
 
 def _json_object(text: str, prefix: str = "") -> dict:
@@ -186,7 +184,7 @@ def _json_object(text: str, prefix: str = "") -> dict:
     if not isinstance(value, dict):
         raise RowInvalid(f"{prefix}expected a JSON object, got {_type_name(value)}")
     try:
-        _depth_and_text(value)
+        _check_text(value)
     except RowInvalid as e:
         raise RowInvalid(f"{prefix}{e}") from None
     return value

@@ -69,6 +69,12 @@ class DiTData(DataInfo):
     val_captions: list[str]
 
 
+def pixel_geometry(vae, t: int, h: int, w: int) -> tuple[int, int, int]:
+    """(frames, height, width) of the clip a (T', H', W') latent of `vae` (its config) encodes:
+    1 + k latent frames are 1 + k * temporal_down frames."""
+    return 1 + (t - 1) * vae.temporal_down, h * vae.spatial_down, w * vae.spatial_down
+
+
 def dit_geometry(cfg: TrainConfig, latent_channels: int, text_dim: int) -> DiTConfig:
     """The DiT config of a run: `init_from`'s own (an imported Wan model keeps its geometry and
     text convention; model/model_overrides are ignored) or the preset with overrides."""
@@ -122,14 +128,14 @@ class DiTTask(StageTask):
             raise ValueError(f"lora.rank={self.cfg.lora.rank} needs stage dit and init_from="
                              "PACKAGE (got init_from None)")
         sp = self.cfg.sequence_parallel
-        if sp > 1 and self.init_meta and self.init_meta.dit and self.init_meta.dit.heads % sp:
-            raise ValueError(f"sequence_parallel={sp} must divide the {self.init_meta.dit.heads} "
-                             f"attention heads of init_from={self.cfg.init_from}")
-        if sp > 1 and not self.cfg.init_from:
-            heads = dit_config(self.cfg.model, **self.cfg.model_overrides).heads
-            if heads % sp:
-                raise ValueError(f"sequence_parallel={sp} must divide the {heads} attention "
-                                 f"heads of model {self.cfg.model}")
+        if sp > 1 and not (self.init_meta and self.init_meta.dit is None):  # that: dit_geometry
+            dit, source = ((self.init_meta.dit, f"init_from={self.cfg.init_from}")
+                           if self.init_meta else
+                           (dit_config(self.cfg.model, **self.cfg.model_overrides),
+                            f"model {self.cfg.model}"))
+            if dit.heads % sp:
+                raise ValueError(f"sequence_parallel={sp} must divide the {dit.heads} attention "
+                                 f"heads of {source}")
 
     def _text_config(self) -> TextEncoderConfig:
         data = self.cfg.data
@@ -183,10 +189,9 @@ class DiTTask(StageTask):
             target_layers(probe, cfg.lora.target_modules)
         init_render = self.init_meta.render if self.init_meta else None
         shift = cfg.shift or (init_render.shift if init_render else 1.0)
-        # The latents fix the geometry: 1 + k latent frames are 1 + k * temporal_down frames;
-        # bucketed data: the bucket with the most training samples (its render default).
-        frames, height, width = 1 + (t - 1) * vae.temporal_down, h * vae.spatial_down, (
-            w * vae.spatial_down)
+        # The latents fix the geometry; bucketed data: the bucket with the most training samples
+        # (its render default).
+        frames, height, width = pixel_geometry(vae, t, h, w)
         if len(buckets) > 1:
             top = max(map(Bucket.parse, buckets), key=lambda b: (  # ties: the larger one
                 buckets[b.name], b.frames * b.height * b.width))
@@ -205,9 +210,7 @@ class DiTTask(StageTask):
         return "latent" if len(buckets) > 1 else None
 
     def bucket_of(self, batch: LatentBatch) -> str:
-        t, h, w = batch.latent.shape[-3:]
-        vae = self.vae_config
-        return f"{1 + (t - 1) * vae.temporal_down}x{h * vae.spatial_down}x{w * vae.spatial_down}"
+        return "x".join(map(str, pixel_geometry(self.vae_config, *batch.latent.shape[-3:])))
 
     def dataset(self, train: list[str], shuffle_seed: int):  # noqa: ANN201
         data = self.cfg.data

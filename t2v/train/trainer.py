@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from t2v import storage
 from t2v.config import TrainConfig
 from t2v.configfile import save_resolved
-from t2v.data.shards import bucket_counts, index_samples, shard_uris
+from t2v.data.shards import bucket_counts, index_samples, indexed_shards, shard_uris
 from t2v.runtime import check_output_uri, ensure_ray
 from t2v.train import checkpoint
 from t2v.train.memory import dry_run
@@ -108,10 +108,11 @@ def run_train(cfg: TrainConfig) -> dict:
                 "resumed": True}
     save_resolved(cfg, storage.join(run_uri, "config.yaml"))
     train, val_uri = split_held_out(uris)
-    buckets = bucket_counts(cfg.data.shards, train)
+    indexed = indexed_shards(cfg.data.shards, train)
+    buckets = bucket_counts(indexed)
     column = task.bucket_column(buckets)  # refuses what this stage cannot batch
     info = task.describe_data(val_uri or uris[-1], buckets)
-    info.train_samples = index_samples(cfg.data.shards, train)
+    info.train_samples = index_samples(indexed)
     dataset, collate = task.dataset(train, cfg.data.shuffle_seed * 1_000_003 + resume_step)
     fs, storage_path = storage.pyarrow_filesystem(cfg.out)
     resources = {"CPU": cfg.cpus_per_worker}
