@@ -97,6 +97,11 @@ def stop_processes(temp: str, gcs: str | None = None) -> list:
     return own_processes(temp, gcs)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--chaos", action="store_true", default=False,
+                     help="also run the long chaos scenarios (tests/chaos, marked chaos_full)")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(moto_s3):  # noqa: F811 - moto first: Ray's processes inherit the S3 endpoint
     """ONE real Ray cluster for the whole session, started as a user starts one.
@@ -187,6 +192,29 @@ def debug_vae_package(tmp_path_factory):
     vae.set_latent_stats(shift=shift, scale=scale)
     uri = str(tmp_path_factory.mktemp("vae-pkg"))
     save_package(uri, vae=vae, text=TextEncoderConfig(max_length=16), run={"stage": "test"})
+    return uri
+
+
+@pytest.fixture(scope="session")
+def render_package(tmp_path_factory) -> str:
+    """A render package: debug DiT + VAE + MiniLM (text length 16), the DiT's zero-init output
+    layers randomised so seeds matter, render geometry 9x32x32 (the render and chaos tests)."""
+    import torch
+
+    from t2v.models.dit import VideoDiT, dit_config
+    from t2v.models.package import RenderDefaults, save_package
+    from t2v.models.text import TextEncoderConfig
+    from t2v.models.vae import CausalVideoVAE, vae_config
+
+    torch.manual_seed(0)
+    dit = VideoDiT(dit_config("debug", in_channels=4))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0.0, 0.02)
+    uri = str(tmp_path_factory.mktemp("render-pkg"))
+    save_package(uri, vae=CausalVideoVAE(vae_config("debug")), dit=dit,
+                 text=TextEncoderConfig(max_length=16), run={"stage": "test"},
+                 render=RenderDefaults(frames=9, height=32, width=32, fps=8.0))
     return uri
 
 

@@ -18,6 +18,7 @@ import boto3
 import pytest
 
 from t2v import storage
+from tests.chaos.proxy import FaultProxy
 
 
 def free_port() -> int:
@@ -29,6 +30,9 @@ def free_port() -> int:
 @dataclass
 class MotoS3:
     endpoint: str
+    """The fault proxy's endpoint: what every client of the session uses."""
+    proxy: FaultProxy
+    """Passes everything through until a chaos test asks it for faults."""
 
     def client(self) -> Any:
         return boto3.client(
@@ -64,7 +68,9 @@ def start_moto_server():
 
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[MotoS3]:
-    server, endpoint = start_moto_server()
+    server, upstream = start_moto_server()
+    proxy = FaultProxy(upstream).start()
+    endpoint = proxy.endpoint
     with pytest.MonkeyPatch.context() as mp:
         for var in _UNSET:
             mp.delenv(var, raising=False)
@@ -75,8 +81,9 @@ def moto_s3() -> Iterator[MotoS3]:
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
         storage.clear_client_cache()
         try:
-            yield MotoS3(endpoint)
+            yield MotoS3(endpoint, proxy)
         finally:
+            proxy.stop()
             server.stop()
             storage.clear_client_cache()
 

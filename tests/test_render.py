@@ -31,28 +31,13 @@ from t2v.render.prompts import PromptRules, RowError, derive_id, derive_seed, pa
 from t2v.render.rows import SAMPLES, RenderJob, Sample
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_LENGTH = 16
+MAX_LENGTH = 16  # the render_package fixture's text length
 LONG = "a very long prompt " * 12  # > 16 MiniLM tokens
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory) -> str:
-    """DiT + VAE + MiniLM package; the DiT's zero-init output layers are randomised."""
-    from t2v.models.dit import VideoDiT, dit_config
-    from t2v.models.package import RenderDefaults, save_package
-    from t2v.models.text import TextEncoderConfig
-    from t2v.models.vae import CausalVideoVAE, vae_config
-
-    torch.manual_seed(0)
-    dit = VideoDiT(dit_config("debug", in_channels=4))
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.normal_(0.0, 0.02)
-    uri = str(tmp_path_factory.mktemp("render-pkg"))
-    save_package(uri, vae=CausalVideoVAE(vae_config("debug")), dit=dit,
-                 text=TextEncoderConfig(max_length=MAX_LENGTH), run={"stage": "test"},
-                 render=RenderDefaults(frames=9, height=32, width=32, fps=8.0))
-    return uri
+def package(render_package) -> str:
+    return render_package
 
 
 def config(package: str, prompts: str, out: str, **kw) -> RenderConfig:

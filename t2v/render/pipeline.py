@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -128,11 +129,13 @@ class Renderer:
                 png = to_png(video[video.shape[0] // 2])  # the middle frame
                 vuri = mf.video_uri(self.cfg.out, sample.id)
                 puri = mf.poster_uri(self.cfg.out, sample.id)
-                storage.write_bytes(vuri, mp4)  # atomic: all of it or nothing at the final path
-                storage.write_bytes(puri, png)
-            except (ValueError, storage.StorageError) as e:
+            except ValueError as e:  # this video cannot be encoded: its row says so
                 error = _line(e)
             else:
+                # A storage error (after the client's retries) is the job's, not the video's:
+                # it ends the job with one line; a rerun renders what is missing.
+                storage.write_bytes(vuri, mp4)  # atomic: all of it or nothing at the final path
+                storage.write_bytes(puri, png)
                 self.written += 1
                 return mf.make_row(self.job, sample, status="ok", video=vuri, poster=puri,
                                    seconds=seconds + time.time() - t0)
@@ -344,17 +347,56 @@ def render_plan(plan: RenderPlan, t0: float | None = None) -> dict:
           f"{counts['videos']} videos; {plan.done} already done"
           + (f" ({plan.changed} with other settings: kept, --overwrite redoes them)"
              if plan.changed else "") + f"; run {job.run}", flush=True)
-    rendered = _execute(plan) if plan.todo else Counter()
+    rendered: Counter = Counter()
+    stopped = None
+    try:
+        if plan.todo:
+            _execute(plan, rendered)
+    except Exception as e:  # noqa: BLE001 - a storage failure inside Ray is unwrapped
+        stopped = storage_failure(e)
+        if stopped is None:
+            raise
     summary = mf.summarize(rendered=rendered["ok"], skipped=plan.done,
                            failed=len(errors) + rendered["error"], wall_s=time.time() - t0,
                            out=cfg.out, run=job.run, model=cfg.model,
-                           package_hash=job.package_hash, **counts)
-    mf.write_outputs(cfg.out, summary, title=f"t2v render: {Path(cfg.prompts).name}")
+                           package_hash=job.package_hash, **counts,
+                           **({"stopped": str(stopped)} if stopped else {}))
+    try:
+        mf.write_outputs(cfg.out, summary, title=f"t2v render: {Path(cfg.prompts).name}")
+    except storage.StorageError as e:
+        if stopped is None:
+            raise
+        print(f"[render] summary.json not written: {e}", flush=True)
     print(mf.summary_line(summary), flush=True)
+    if stopped is not None:  # what was written is complete; a rerun renders the rest
+        raise stopped
     return summary
 
 
-def _execute(plan: RenderPlan) -> Counter:
+def storage_failure(e: BaseException) -> storage.StorageError | None:
+    """The StorageError that ended a Ray Data job, however Ray wrapped it (task error,
+    UserCodeException, a cause chain), as a fresh one-line error; None if it was not one."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, storage.StorageError):
+            return storage.StorageError(str(x).strip().splitlines()[0])
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+    # A task error from another process carries the remote chain as text only.
+    found = _REMOTE_STORAGE_ERROR.findall(str(e))
+    return storage.StorageError(found[-1].strip()) if found else None
+
+
+_REMOTE_STORAGE_ERROR = re.compile(rf"^{re.escape(storage.StorageError.__module__)}\."
+                                   rf"{storage.StorageError.__name__}: (.+)$", re.MULTILINE)
+
+
+def _execute(plan: RenderPlan, counts: Counter) -> None:
+    """Render `plan.todo`; `counts` (by status) grows as rows come back."""
     cfg, t0 = plan.cfg, time.time()
     batches = make_batches(plan.todo, cfg.batch_size)
     items = [{"index": i, "samples": SAMPLES.dump_json(b)} for i, b in enumerate(batches)]
@@ -368,7 +410,6 @@ def _execute(plan: RenderPlan) -> Counter:
     ds = ds.map_batches(Renderer, batch_size=1, fn_constructor_kwargs={"cfg": cfg, "job": plan.job},
                         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None)
-    counts: Counter = Counter()
     total = len(plan.todo)
     for row in ds.iter_rows():
         counts[row["status"]] += 1
@@ -376,7 +417,6 @@ def _execute(plan: RenderPlan) -> Counter:
         rate = done / max(elapsed, 1e-9)  # actor start-up included: a pessimistic ETA early on
         print(f"[render] {done}/{total} videos ({counts['error']} failed) | {rate:.2f} videos/s "
               f"| ETA {(total - done) / max(rate, 1e-9):.0f} s | {elapsed:.0f} s", flush=True)
-    return counts
 
 
 def run_render_command(cfg: RenderConfig) -> dict:

@@ -1,0 +1,142 @@
+"""Object storage faults, caused by the S3 endpoint itself: every S3 request of the session goes
+through tests/chaos/proxy.py, which here throttles (503 SlowDown), resets connections and stalls,
+or goes down for good. Transient faults must cost nothing but time; a permanent outage must end
+the job with one line naming the URI and leave nothing half-written at a final key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from t2v import storage
+from t2v.render import manifest as mf
+from t2v.render.pipeline import run_render_command
+from tests.chaos.proxy import Request
+from tests.conftest import ROOT
+from tests.test_render import check_video, config, ok_rows
+
+TRANSIENT = {"kinds": ("503", "reset", "stall"), "every": 4, "stall_s": 0.3}
+"""Every 4th request fails or stalls: a store far worse than S3 on a bad day."""
+
+
+def upstream(moto_s3):
+    """A client straight to moto, past the proxy: what really is in the bucket."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=moto_s3.proxy.upstream, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def leftovers(moto_s3, bucket_uri: str) -> tuple[list[str], list[str]]:
+    """(temporary or partial objects, unfinished multipart uploads) in the bucket."""
+    client, bucket = upstream(moto_s3), bucket_uri[5:]
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    return ([k for k in keys if storage.TMP_PREFIX in k.rsplit("/", 1)[-1]],
+            [u["Key"] for u in uploads])
+
+
+def injected_during(proxy, before: Counter) -> dict:
+    return {k: proxy.injected[k] - before[k] for k in proxy.injected}
+
+
+def write_prompts(bucket: str, n: int) -> str:
+    uri = f"{bucket}/in/prompts.txt"
+    storage.write_bytes(uri, "".join(f"chaos shape {i}\n" for i in range(n)).encode())
+    return uri
+
+
+def test_render_to_s3_through_throttling_resets_and_stalls(ray_local, render_package, moto_s3,
+                                                           s3_bucket, ledger):
+    """Package, prompts and output in reach of a store that fails every 4th request: every
+    video is rendered and recorded exactly once, nothing temporary is left."""
+    n = 6
+    prompts = write_prompts(s3_bucket, n)
+    out = f"{s3_bucket}/out"
+    before = Counter(moto_s3.proxy.injected)
+    with moto_s3.proxy.faults(**TRANSIENT):
+        summary = run_render_command(config(render_package, prompts, out))
+    hit = injected_during(moto_s3.proxy, before)
+    assert all(hit.get(k, 0) > 0 for k in TRANSIENT["kinds"]), hit
+    assert (summary["rendered"], summary["failed"], summary["total_ok"]) == (n, 0, n)
+    ids = [r["id"] for r in ok_rows(out)]
+    assert len(ids) == len(set(ids)) == n
+    for row in ok_rows(out):
+        check_video(row)
+    assert leftovers(moto_s3, s3_bucket) == ([], [])
+    ledger(fault="S3 503/reset/stall every 4th request (render)", injected=sum(hit.values()),
+           survived=sum(hit.values()), lost=0)
+
+
+def test_multipart_upload_that_cannot_finish_is_aborted(moto_s3, s3_bucket, tmp_path,
+                                                        monkeypatch, ledger):
+    """Parts refused until the client gives up: one line naming the URI, no object at the
+    final key, no multipart upload left behind (it would be billed storage); then the store
+    recovers and the same upload goes through."""
+    monkeypatch.setenv(storage.PART_MIB_ENV, "5")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # give up quickly
+    storage.clear_client_cache()
+    data = os.urandom(12 * 2**20)  # 3 parts
+    (tmp_path / "big").write_bytes(data)
+    uri = f"{s3_bucket}/models/big.safetensors"
+    before = Counter(moto_s3.proxy.injected)
+    try:
+        with moto_s3.proxy.faults(kinds=("503",), every=1, match=Request.is_upload_part.fget):
+            with pytest.raises(storage.StorageError) as e:
+                storage.upload_file(tmp_path / "big", uri)
+        assert str(e.value).startswith(uri) and "\n" not in str(e.value), e.value
+        assert not storage.exists(uri)
+        assert leftovers(moto_s3, s3_bucket) == ([], [])
+        storage.upload_file(tmp_path / "big", uri)
+        assert storage.read_bytes(uri) == data
+    finally:
+        storage.clear_client_cache()
+    hit = injected_during(moto_s3.proxy, before)
+    ledger(fault="S3 refuses every upload part (permanent)", injected=sum(hit.values()),
+           survived=1, lost=0, note="one-line error, upload aborted, retried later: complete")
+
+
+@pytest.mark.chaos_full
+def test_s3_gone_mid_render_ends_in_one_line_and_a_rerun_finishes(
+        ray_cluster, render_package, moto_s3, s3_bucket, ledger):
+    """`t2v render` (the CLI, on the session cluster) loses its store for good after 3 videos:
+    it stops with a summary line and one error line naming the URI (no Ray traceback), exit 2.
+    The store comes back; the same command renders the rest: every prompt exactly once."""
+    n = 10
+    prompts = write_prompts(s3_bucket, n)
+    out = f"{s3_bucket}/out"
+    cmd = [sys.executable, "-m", "t2v.cli", "render", f"model={render_package}",
+           f"prompts={prompts}", f"out={out}", "steps=2", "batch_size=1"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(ROOT)}
+    video_put = lambda r: r.method == "PUT" and "/out/videos/" in r.path  # noqa: E731
+    moto_s3.proxy.outage("reset", after=3, trigger=video_put)
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    finally:
+        moto_s3.proxy.restore()
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert err[-1].startswith(f"t2v render: error: {out}/"), err[-5:]
+    assert "Traceback" not in r.stderr and "UDF failed" not in r.stderr, r.stderr[-3000:]
+    assert "[render] done:" in r.stdout and "summary.json not written" in r.stdout, r.stdout
+    written = {k.rsplit("/", 1)[1] for k in storage.list_prefix(f"{out}/videos")}
+    assert 3 <= len(written) < n  # what was written is whole (atomic puts)
+    assert leftovers(moto_s3, s3_bucket) == ([], [])
+
+    summary = run_render_command(config(render_package, prompts, out, batch_size=1))
+    assert summary["total_ok"] == n and summary["failed"] == 0
+    ids = [row["id"] for row in ok_rows(out)]
+    assert len(ids) == len(set(ids)) == n
+    for row in ok_rows(out):
+        check_video(row)
+    assert json.loads(storage.read_text(f"{out}/{mf.SUMMARY_NAME}"))["total_ok"] == n
+    assert leftovers(moto_s3, s3_bucket) == ([], [])
+    ledger(fault="S3 gone for good mid-render (connection resets)", injected=1, survived=1,
+           lost=0, note=f"exit 2, {len(err)} stderr lines, last names the URI; rerun completes")
