@@ -8,9 +8,12 @@ standard places (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ``~/.aws/config``): any 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -289,7 +292,7 @@ def _replace_local(target: Path, suffix: str = "") -> Iterator[Path]:
     """A temp file beside ``target`` (same filesystem: the rename is atomic); on clean exit
     fsync + os.replace onto it, so after a crash ``target`` is the old file or the new one."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{TMP_PREFIX}{target.name}.",
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{_tmp_owner()}.{target.name}.",
                                 suffix=suffix)
     os.close(fd)
     tmp = Path(name)
@@ -302,6 +305,48 @@ def _replace_local(target: Path, suffix: str = "") -> Iterator[Path]:
         _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _tmp_owner() -> str:
+    """A temp file's name starts with its writer: TMP_PREFIX + host + "_" + pid."""
+    return f"{TMP_PREFIX}{socket.gethostname().replace('.', '-')}_{os.getpid()}"
+
+
+_TMP_OWNER = re.compile(rf"^{re.escape(TMP_PREFIX)}(?P<host>[^.]*)_(?P<pid>\d+)\.")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(uri: str, max_age_s: float = 86400.0) -> int:
+    """Delete the temp files a killed writer left under a local directory (recursively): those
+    whose writer on this host is gone, and on a shared filesystem any older than `max_age_s`.
+    A live writer's temp file is kept. S3 has none: objects appear whole or not at all.
+    Returns how many were removed."""
+    if is_s3(uri):
+        return 0
+    host, now, removed = socket.gethostname().replace(".", "-"), time.time(), 0
+    for dirpath, _dirs, files in os.walk(local_path(uri)):
+        for f in files:
+            if not f.startswith(TMP_PREFIX):
+                continue
+            path = Path(dirpath, f)
+            m = _TMP_OWNER.match(f)
+            try:
+                dead = m is not None and m["host"] == host and not _pid_alive(int(m["pid"]))
+                if dead or now - path.stat().st_mtime > max_age_s:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer finished meanwhile
+                continue
+    return removed
 
 
 def write_bytes(uri: str, data: bytes) -> None:

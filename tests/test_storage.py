@@ -117,6 +117,37 @@ def test_atomic_local_file(root: str) -> None:
         assert not path.exists()  # the temporary download is gone
 
 
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    """A SIGKILLed writer leaves its temp file; the next job removes it, never a live writer's
+    (this process's, or another host's on a shared filesystem until it is a day old)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    host = socket.gethostname().replace(".", "-")
+    (tmp_path / "videos").mkdir()
+    killed = tmp_path / "videos" / f"{storage.TMP_PREFIX}{host}_{pid}.a.mp4.x1.mp4"
+    live = tmp_path / "videos" / f"{storage.TMP_PREFIX}{host}_{os.getpid()}.b.mp4.x2.mp4"
+    remote_new = tmp_path / f"{storage.TMP_PREFIX}otherhost_1.c.json.x3"
+    remote_old = tmp_path / f"{storage.TMP_PREFIX}otherhost_1.d.json.x4"
+    keep = tmp_path / "videos" / "done.mp4"
+    for f in (killed, live, remote_new, remote_old, keep):
+        f.write_bytes(b"x")
+    old = time.time() - 2 * 86400
+    os.utime(remote_old, (old, old))
+    with storage.atomic_local_file(str(tmp_path / "e.bin")) as tmp:  # the name says who writes
+        assert tmp.name.startswith(f"{storage.TMP_PREFIX}{host}_{os.getpid()}.e.bin.")
+        assert storage.remove_stale_temps(str(tmp_path)) == 2  # the dead pid's, the old one
+        assert tmp.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        [live.name, remote_new.name, keep.name, "e.bin"])
+    assert storage.remove_stale_temps("s3://bucket/out") == 0
+
+
 def test_large_transfer_is_multipart(root: str, tmp_path: Path, moto_s3: MotoS3) -> None:
     src = tmp_path / "big.bin"
     data = os.urandom(17 * storage.MiB)

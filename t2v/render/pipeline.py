@@ -223,7 +223,7 @@ SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "frames", "heig
 
 def plan_render(cfg: RenderConfig) -> RenderPlan:
     """Every whole-job check, the parsed prompt file and what is left to do; writes nothing but
-    the preflight object (and that not in a dry run)."""
+    the preflight object, and removes temp files a killed render left (not in a dry run)."""
     for name in ("model", "prompts", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"render needs {name}=URI (--{name})")
@@ -234,6 +234,9 @@ def plan_render(cfg: RenderConfig) -> RenderPlan:
     data = storage.read_bytes(cfg.prompts)
     if not cfg.dry_run:
         preflight(cfg.out)
+        if stale := storage.remove_stale_temps(cfg.out):
+            print(f"[render] removed {stale} temp files a killed render left in {cfg.out}",
+                  flush=True)
     counter = None
     if not cfg.truncate:
         tokenizer = load_tokenizer(meta.text)
