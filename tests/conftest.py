@@ -102,6 +102,11 @@ def pytest_addoption(parser):
                      help="also run the long chaos scenarios (tests/chaos, marked chaos_full)")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `last` run after all others (the secrets scan reads what they wrote)."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(moto_s3):  # noqa: F811 - moto first: Ray's processes inherit the S3 endpoint
     """ONE real Ray cluster for the whole session, started as a user starts one.

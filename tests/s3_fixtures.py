@@ -37,7 +37,9 @@ class MotoS3:
     def client(self) -> Any:
         return boto3.client(
             "s3", endpoint_url=self.endpoint, region_name="us-east-1",
-            aws_access_key_id="testing", aws_secret_access_key="testing",
+            aws_access_key_id=SECRETS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"],
+            aws_session_token=SECRETS["AWS_SESSION_TOKEN"],
         )
 
     def make_bucket(self, name: str) -> str:
@@ -46,13 +48,16 @@ class MotoS3:
 
 
 # Set for the whole session, so that subprocesses (Ray workers, jobs) see the same endpoint.
-_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
+# Distinct per session (moto takes any), so that tests/chaos/test_secrets.py can prove that none
+# of them appears in anything the session wrote.
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": f"AKIAT2V{uuid.uuid4().hex[:13].upper()}",
+    "AWS_SECRET_ACCESS_KEY": f"t2vSecret{uuid.uuid4().hex}",
+    "AWS_SESSION_TOKEN": f"t2vToken{uuid.uuid4().hex}{uuid.uuid4().hex}",
 }
+_ENV = {**SECRETS, "AWS_DEFAULT_REGION": "us-east-1"}
 # Removed so that a developer's own AWS set-up cannot leak into (or be used by) the tests.
-_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS")
+_UNSET = ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS")
 
 
 def start_moto_server():

@@ -29,8 +29,12 @@ def upstream(moto_s3):
     """A client straight to moto, past the proxy: what really is in the bucket."""
     import boto3
 
+    from tests.s3_fixtures import SECRETS
+
     return boto3.client("s3", endpoint_url=moto_s3.proxy.upstream, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+                        aws_access_key_id=SECRETS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"],
+                        aws_session_token=SECRETS["AWS_SESSION_TOKEN"])
 
 
 def leftovers(moto_s3, bucket_uri: str) -> tuple[list[str], list[str]]:
