@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test chaos lint bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,17 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# Every chaos scenario (tests/chaos), the long ones too, ROUNDS times with a fresh random seed
+# each; then the ledger as the table of RELIABILITY.md.
+ROUNDS ?= 1
+chaos: $(STAMP)
+	mkdir -p runs && rm -f runs/chaos-ledger.jsonl
+	for i in $$(seq $(ROUNDS)); do \
+	  T2V_CHAOS_SEED=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ') \
+	  T2V_CHAOS_LEDGER=$(CURDIR)/runs/chaos-ledger.jsonl \
+	  $(BIN)/python -m pytest tests/chaos --chaos $(PYTEST_ARGS) || exit 1; done
+	$(BIN)/python -m tests.chaos.ledger runs/chaos-ledger.jsonl
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_data.py $(ARGS)

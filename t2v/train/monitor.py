@@ -29,14 +29,16 @@ CPU_PEAK = 2.6e11
 class TensorBoard:
     """A SummaryWriter on local disk, mirrored to RUN/tb/ when the run lives in object storage."""
 
-    def __init__(self, run_uri: str) -> None:
+    def __init__(self, run_uri: str, purge_step: int | None = None) -> None:
+        """`purge_step`: the first step a resumed run logs; TensorBoard hides what an earlier
+        attempt logged from there on (its events are in older files): no step shown twice."""
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - heavy: rank 0 only
 
         self.remote = storage.join(run_uri, "tb") if storage.is_s3(run_uri) else None
         local = (tempfile.mkdtemp(prefix="t2v-tb-") if self.remote
                  else str(storage.local_path(storage.join(run_uri, "tb"))))
         self.local = local
-        self.writer = SummaryWriter(local)
+        self.writer = SummaryWriter(local, purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
@@ -67,7 +69,8 @@ class Monitor:
         self.tokens_per_sample = int(info.tokens_per_sample)
         self.info_samples = info.train_samples
         self.peak = cfg.peak_flops or (GPU_PEAK if cfg.use_gpu else CPU_PEAK)
-        self.tb = TensorBoard(run_uri) if rank == 0 else None
+        self.run_uri = run_uri
+        self.tb: TensorBoard | None = None  # rank 0, from start()
         self.history_uri = storage.join(run_uri, "metrics.jsonl")
         self.history: list[dict] = []
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum, count) since last log
@@ -85,6 +88,8 @@ class Monitor:
         workers, batch settings and what an elastic resume changed."""
         if self.rank != 0:
             return
+        # Steps after the restored one were logged by the attempt that died: hidden from here.
+        self.tb = TensorBoard(self.run_uri, purge_step=step + 1 if step else None)
         if storage.exists(self.history_uri):
             rows = [json.loads(x) for x in storage.read_text(self.history_uri).splitlines() if x]
             self.history = [r for r in rows if r.get("step", 0) <= step]

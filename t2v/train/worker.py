@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -202,6 +203,8 @@ def train_loop_per_worker(config: dict) -> None:
     layout = parallel.make_layout(cfg.sequence_parallel, rank, world, ctx.get_local_rank(),
                                   ctx.get_local_world_size())
     dp = layout.data_parallel
+    # Which process is which rank (py-spy, a stuck rank, a chaos test): Ray prefixes the actor.
+    print(f"[t2v] rank {rank}/{world}: pid {os.getpid()} on {socket.gethostname()}", flush=True)
 
     # The checkpoint is read where it lies (local disk or S3), by byte range: each rank reads
     # the pieces it owns now, never a whole checkpoint (checkpoint.Pieces).

@@ -61,6 +61,9 @@ class FaultProxy:
     upstream: str
     requests: int = 0
     injected: Counter = field(default_factory=Counter)
+    watch: Callable[[Request], None] | None = None
+    """Called with every request before it is answered (a test acts at an exact moment: the
+    first part of a checkpoint upload, say)."""
     _plan: Plan = field(default_factory=Plan)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
@@ -116,6 +119,8 @@ class FaultProxy:
             self.restore()
 
     def decide(self, request: Request) -> tuple[str | None, float]:
+        if self.watch is not None:
+            self.watch(request)
         with self._lock:
             self.requests += 1
             p = self._plan

@@ -19,6 +19,7 @@ from t2v.render import manifest as mf
 from t2v.render.pipeline import run_render_command
 from tests.chaos.proxy import Request
 from tests.conftest import ROOT
+from tests.test_pack import video_folder  # noqa: F401 - a fixture
 from tests.test_render import check_video, config, ok_rows
 
 TRANSIENT = {"kinds": ("503", "reset", "stall"), "every": 4, "stall_s": 0.3}
@@ -144,3 +145,70 @@ def test_s3_gone_mid_render_ends_in_one_line_and_a_rerun_finishes(
     assert leftovers(moto_s3, s3_bucket) == ([], [])
     ledger(fault="S3 gone for good mid-render (connection resets)", injected=1, survived=1,
            lost=0, note=f"exit 2, {len(err)} stderr lines, last names the URI; rerun completes")
+
+
+def copy_tree(src: str, dst: str) -> str:
+    for uri in storage.list_prefix(src):
+        storage.write_bytes(storage.join(dst, uri[len(src.rstrip("/")) + 1:]),
+                            storage.read_bytes(uri))
+    return dst
+
+
+@pytest.mark.chaos_full
+def test_pack_and_encode_through_a_faulty_store(
+        ray_local, moto_s3, s3_bucket, train_raw, train_latents, debug_vae_package, ledger,
+        video_folder):  # noqa: F811 - the fixture imported above
+    """Source videos, raw shards and latent shards in S3, every 4th request failing or
+    stalling (Ray Data's reads through Arrow, our writes through boto3): the same clips are
+    packed and encoded as without faults, and no temporary object is left."""
+    from t2v.config import EncodeConfig, PackConfig
+    from t2v.data.encode import run_encode
+    from t2v.data.pack import run_pack
+    from t2v.data.shards import read_index
+
+    src = storage.join(s3_bucket, "videos")
+    for path in sorted(video_folder.rglob("*")):
+        if path.is_file():
+            storage.upload_file(path, storage.join(src, str(path.relative_to(video_folder))))
+    raw = copy_tree(train_raw, f"{s3_bucket}/raw")
+    before = Counter(moto_s3.proxy.injected)
+    with moto_s3.proxy.faults(**TRANSIENT):
+        packed = run_pack(PackConfig(src=src, out=f"{s3_bucket}/shards", shard_size=4,
+                                     frames=8, size=[32, 32]))
+        encoded = run_encode(EncodeConfig(src=raw, out=f"{s3_bucket}/latents",
+                                          vae=debug_vae_package, batch_size=4))
+    hit = injected_during(moto_s3.proxy, before)
+    assert all(hit.get(k, 0) > 0 for k in TRANSIENT["kinds"]), hit
+    assert (packed["packed"], packed["skipped"]) == (6, 4), packed  # as without faults
+    want = read_index(train_latents)
+    got = read_index(f"{s3_bucket}/latents")
+    assert [s["samples"] for s in got["shards"]] == [s["samples"] for s in want["shards"]]
+    assert encoded.get("skipped", 0) == 0, encoded
+    assert leftovers(moto_s3, s3_bucket) == ([], [])
+    ledger(fault="S3 503/reset/stall every 4th request (pack + encode)",
+           injected=sum(hit.values()), survived=sum(hit.values()), lost=0)
+
+
+@pytest.mark.chaos_full
+def test_training_streams_and_checkpoints_through_a_faulty_store(
+        debug_run, train_latents, debug_vae_package, moto_s3, s3_bucket, ledger):
+    """Latents, checkpoints, metrics, TensorBoard and the package in S3, every 4th request
+    failing or stalling: the run's losses are the fault-free reference's, step for step."""
+    from t2v.train.trainer import run_train
+    from tests.test_train import STEPS, assert_same_losses
+    from tests.test_train import config as train_config
+
+    shards = copy_tree(train_latents, f"{s3_bucket}/latents")
+    runs = f"{s3_bucket}/runs"
+    before = Counter(moto_s3.proxy.injected)
+    with moto_s3.proxy.faults(**TRANSIENT):
+        result = run_train(train_config(runs, "faulty", shards, debug_vae_package))
+    hit = injected_during(moto_s3.proxy, before)
+    assert all(hit.get(k, 0) > 0 for k in TRANSIENT["kinds"]), hit
+    assert result["step"] == STEPS
+    assert_same_losses(f"{runs}/faulty", storage.join(debug_run.out, "debug"),
+                       range(1, STEPS + 1))
+    assert storage.exists(f"{runs}/faulty/package/model.json")
+    assert leftovers(moto_s3, s3_bucket) == ([], [])
+    ledger(fault="S3 503/reset/stall every 4th request (training: data, checkpoints, package)",
+           injected=sum(hit.values()), survived=sum(hit.values()), lost=0)
