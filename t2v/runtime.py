@@ -61,3 +61,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
              include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": env} if env else None, **kwargs)
     log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
+
+
+def job_rows(ds):  # noqa: ANN001, ANN201 - a ray.data.Dataset -> its rows
+    """The rows of a Ray Data job as they come; a storage failure inside one of its tasks (Ray
+    wraps it in a task error and a traceback) ends the job as that one-line StorageError."""
+    try:
+        yield from ds.iter_rows()
+    except Exception as e:  # noqa: BLE001 - unwrapped below, or re-raised as it was
+        failure = storage.failure_in(e)
+        if failure is None:
+            raise
+        raise failure from None

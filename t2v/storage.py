@@ -55,6 +55,10 @@ class StorageError(Exception):
     """A storage operation failed; the message is one line: ``<uri>: <cause>``."""
 
 
+class NotFound(StorageError):
+    """The object or file does not exist (the store itself answered: it is not failing)."""
+
+
 def is_s3(uri: str) -> bool:
     return os.fspath(uri).lower().startswith("s3://")
 
@@ -136,7 +140,7 @@ def storage_error(uri: str, exc: BaseException) -> StorageError:
     if code == "NoSuchBucket":
         cause = "bucket does not exist"
     elif code in _NOT_FOUND:
-        cause = "no such object"
+        return NotFound(f"{uri}: no such object")
     elif code in _DENIED:
         cause = f"access denied ({code}); check credentials, profile and bucket policy"
     elif code is not None:
@@ -149,13 +153,34 @@ def storage_error(uri: str, exc: BaseException) -> StorageError:
     elif _find_cause(exc, (bx.NoCredentialsError,)) is not None:
         cause = "no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID/...)"
     elif isinstance(exc, FileNotFoundError):
-        cause = "no such file or directory"
+        return NotFound(f"{uri}: no such file or directory")
     elif isinstance(exc, PermissionError):
         cause = "permission denied"
     else:
         cause = _scrub(exc.strerror if isinstance(exc, OSError) and exc.strerror
                        else f"{type(exc).__name__}: {exc}")
     return StorageError(f"{uri}: {cause}")
+
+
+_REMOTE = re.compile(rf"^{re.escape(__name__)}\.(?:StorageError|NotFound): (.+)$", re.MULTILINE)
+
+
+def failure_in(e: BaseException) -> StorageError | None:
+    """The StorageError that ended a Ray job, however Ray wrapped it (a task error, Ray Data's
+    UserCodeException, a cause chain, or only the remote traceback's text), as a fresh one-line
+    error; None if it was not one."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, StorageError):
+            return StorageError(str(x).strip().splitlines()[0])
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+    found = _REMOTE.findall(str(e))
+    return StorageError(found[-1].strip()) if found else None
 
 
 def _check_bucket(uri: str) -> None:

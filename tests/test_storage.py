@@ -117,6 +117,26 @@ def test_atomic_local_file(root: str) -> None:
         assert not path.exists()  # the temporary download is gone
 
 
+def test_a_storage_failure_is_found_however_ray_wrapped_it() -> None:
+    """Ray hands a task's exception back as a task error whose cause may be lost on the way
+    (only the remote traceback's text is left): the one-line StorageError is found either way,
+    and NotFound (a vanished object) is a StorageError too."""
+    err = storage.NotFound("s3://b/k: no such object")
+    assert isinstance(err, StorageError)
+    try:
+        try:
+            raise err
+        except StorageError as inner:
+            raise RuntimeError("UDF failed to process a data block") from inner
+    except RuntimeError as outer:
+        assert str(storage.failure_in(outer)) == "s3://b/k: no such object"
+    text = RuntimeError("ray::MapWorker(...)\n  File x\nt2v.storage.StorageError: s3://b/v/1.mp4: "
+                        "cannot reach the S3 endpoint http://127.0.0.1:9\n\nUserCodeException")
+    assert str(storage.failure_in(text)) == ("s3://b/v/1.mp4: cannot reach the S3 endpoint "
+                                             "http://127.0.0.1:9")
+    assert storage.failure_in(RuntimeError("ValueError: something else")) is None
+
+
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
     """A SIGKILLed writer leaves its temp file; the next job removes it, never a live writer's
     (this process's, or another host's on a shared filesystem until it is a day old)."""

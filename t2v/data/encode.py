@@ -33,7 +33,7 @@ from t2v.data.shards import iter_tar_samples, shard_uris, write_index, write_sha
 from t2v.data.video import VideoDecodeError, decode_video, to_model_range
 from t2v.models.package import PackageError, PackageMeta, load_package, package_hash, read_meta
 from t2v.models.text import PromptTooLongError, TextEncoder, TextEncoderConfig
-from t2v.runtime import check_output_uri, ensure_ray
+from t2v.runtime import check_output_uri, ensure_ray, job_rows
 
 log = logging.getLogger("t2v.encode")
 
@@ -350,7 +350,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
                     compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi,
                                                        max_tasks_in_flight_per_actor=2),
                     num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None)
-        for row in ds.iter_rows():
+        for row in job_rows(ds):
             rec = json.loads(row["record"])
             fresh.append(rec)
             clips = sum(r["samples"] for r in fresh)

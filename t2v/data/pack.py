@@ -25,7 +25,7 @@ from t2v.configfile import save_resolved
 from t2v.data.buckets import choose_bucket, parse_buckets
 from t2v.data.shards import safe_key, shard_name, write_index, write_shard
 from t2v.data.video import VideoDecodeError, decode_video, encode_mp4, probe_video
-from t2v.runtime import check_output_uri, ensure_ray
+from t2v.runtime import check_output_uri, ensure_ray, job_rows
 
 log = logging.getLogger("t2v.pack")
 
@@ -161,7 +161,9 @@ class PackShard:
         for item in json.loads(plan["items"]):
             try:
                 sample = self._sample(item)
-            except (VideoDecodeError, ValueError, storage.StorageError) as e:
+            except (VideoDecodeError, ValueError, storage.NotFound) as e:
+                # A bad or vanished video is this clip's problem; any other storage error is
+                # the store's: it fails the shard (nothing is written), and a rerun redoes it.
                 skipped.append({"path": item["uri"], "reason": str(e).splitlines()[0]})
                 continue
             samples.append(sample)
@@ -188,7 +190,7 @@ def run_pack(cfg: PackConfig) -> dict:
     if plans:
         ds = ray.data.from_items(plans, override_num_blocks=len(plans))
         ds = ds.map(PackShard(cfg), concurrency=cfg.concurrency)
-        for row in ds.iter_rows():
+        for row in job_rows(ds):
             rec = json.loads(row["record"])
             records.append(rec)
             print(f"[pack] {rec['name']}: {rec['samples']} ok, {len(rec['skipped'])} skipped"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -356,7 +355,7 @@ def render_plan(plan: RenderPlan, t0: float | None = None) -> dict:
         if plan.todo:
             _execute(plan, rendered)
     except Exception as e:  # noqa: BLE001 - a storage failure inside Ray is unwrapped
-        stopped = storage_failure(e)
+        stopped = storage.failure_in(e)
         if stopped is None:
             raise
     summary = mf.summarize(rendered=rendered["ok"], skipped=plan.done,
@@ -374,28 +373,6 @@ def render_plan(plan: RenderPlan, t0: float | None = None) -> dict:
     if stopped is not None:  # what was written is complete; a rerun renders the rest
         raise stopped
     return summary
-
-
-def storage_failure(e: BaseException) -> storage.StorageError | None:
-    """The StorageError that ended a Ray Data job, however Ray wrapped it (task error,
-    UserCodeException, a cause chain), as a fresh one-line error; None if it was not one."""
-    seen: set[int] = set()
-    todo = [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, storage.StorageError):
-            return storage.StorageError(str(x).strip().splitlines()[0])
-        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
-    # A task error from another process carries the remote chain as text only.
-    found = _REMOTE_STORAGE_ERROR.findall(str(e))
-    return storage.StorageError(found[-1].strip()) if found else None
-
-
-_REMOTE_STORAGE_ERROR = re.compile(rf"^{re.escape(storage.StorageError.__module__)}\."
-                                   rf"{storage.StorageError.__name__}: (.+)$", re.MULTILINE)
 
 
 def _execute(plan: RenderPlan, counts: Counter) -> None:

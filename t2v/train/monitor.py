@@ -88,8 +88,9 @@ class Monitor:
         workers, batch settings and what an elastic resume changed."""
         if self.rank != 0:
             return
-        # Steps after the restored one were logged by the attempt that died: hidden from here.
-        self.tb = TensorBoard(self.run_uri, purge_step=step + 1 if step else None)
+        # Steps after the restored one (after 0 too: a restart before the first checkpoint)
+        # were logged by an attempt that died: hidden from here.
+        self.tb = TensorBoard(self.run_uri, purge_step=step + 1)
         if storage.exists(self.history_uri):
             rows = [json.loads(x) for x in storage.read_text(self.history_uri).splitlines() if x]
             self.history = [r for r in rows if r.get("step", 0) <= step]

@@ -212,3 +212,34 @@ def test_training_streams_and_checkpoints_through_a_faulty_store(
     assert leftovers(moto_s3, s3_bucket) == ([], [])
     ledger(fault="S3 503/reset/stall every 4th request (training: data, checkpoints, package)",
            injected=sum(hit.values()), survived=sum(hit.values()), lost=0)
+
+
+@pytest.mark.chaos_full
+def test_pack_with_the_store_gone_ends_in_one_line_and_a_rerun_completes(
+        ray_local, moto_s3, s3_bucket, ledger,
+        video_folder):  # noqa: F811 - the fixture imported above
+    """The store goes away (connections reset) once a few source videos were read: pack stops
+    with one line naming a URI (a vanished store is not a skipped clip), writes no index; the
+    store comes back and the same command packs what a fault-free run packs."""
+    from t2v.config import PackConfig
+    from t2v.data.pack import run_pack
+
+    src = storage.join(s3_bucket, "videos")
+    for path in sorted(video_folder.rglob("*")):
+        if path.is_file():
+            storage.upload_file(path, storage.join(src, str(path.relative_to(video_folder))))
+    cfg = PackConfig(src=src, out=f"{s3_bucket}/shards", shard_size=4, frames=8, size=[32, 32])
+    get_video = lambda r: r.method == "GET" and "/videos/" in r.path  # noqa: E731
+    moto_s3.proxy.outage("reset", after=3, trigger=get_video)
+    try:
+        with pytest.raises(storage.StorageError) as e:
+            run_pack(cfg)
+    finally:
+        moto_s3.proxy.restore()
+    assert str(e.value).startswith(f"{s3_bucket}/") and "\n" not in str(e.value), e.value
+    assert not storage.exists(f"{s3_bucket}/shards/_index.json")
+    report = run_pack(cfg)
+    assert (report["packed"], report["skipped"]) == (6, 4), report
+    assert leftovers(moto_s3, s3_bucket) == ([], [])
+    ledger(fault="S3 gone for good mid-pack (connection resets)", injected=1, survived=1,
+           lost=0, note="one line naming the URI, no index; rerun packs all 6 (4 bad skipped)")
