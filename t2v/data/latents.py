@@ -7,6 +7,7 @@ but `.npy` members (np.load without pickle), so reading is cheap next to the raw
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ LATENT_FORMAT = "t2v-latents-v1"
 # Shard member suffix -> row column. The json member stays in the tar (provenance), unread here.
 COLUMNS = {"latent.npy": "latent", "text.npy": "text", "mask.npy": "mask", "txt": "caption",
            "__key__": "key"}
+"""The members read; `decode_latent_row` names the columns."""
 
 
 def latent_stream(uri: str | list[str], shuffle_seed: int | None = None) -> ray.data.Dataset:
@@ -46,9 +48,51 @@ def latent_stream(uri: str | list[str], shuffle_seed: int | None = None) -> ray.
     shuffle = None
     if shuffle_seed is not None:
         shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    ds = ray.data.read_webdataset(paths, filesystem=fs, shuffle=shuffle,
+    # Members are decoded by us (decode_latent_row), not by the reader: a damaged .npy is one
+    # skipped sample naming its shard, not a failed read task that ends the run.
+    ds = ray.data.read_webdataset(paths, filesystem=fs, shuffle=shuffle, decoder=None,
                                   suffixes=[s for s in COLUMNS if not s.startswith("__")])
-    return ds.select_columns(list(COLUMNS)).rename_columns(COLUMNS)
+    return ds.flat_map(decode_latent_row)
+
+
+NDIM = {"latent": 4, "text": 2, "mask": 1}
+"""Dimensions of each array member: latent (C, T', H', W'), text (L, D), mask (L,)."""
+
+
+def _array(data: object, column: str) -> np.ndarray:
+    if not isinstance(data, bytes | bytearray) or not data:
+        raise ValueError(f"{column}: missing member")
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.ndim != NDIM[column]:
+        raise ValueError(f"{column}: {array.ndim}-D array, expected {NDIM[column]}-D")
+    if column != "mask" and not np.isfinite(array).all():
+        raise ValueError(f"{column}: non-finite values")
+    return array
+
+
+def decode_latent_row(row: dict) -> list[dict]:
+    """A row of raw tar members -> [the training row], or [] for a damaged sample, reported
+    with its shard and key on the log (the pass check counts it as missing). Runs inside Ray
+    Data's read tasks."""
+    key = _text(row.get("__key__"))
+    try:
+        out = {column: _array(row.get(f"{column}.npy"), column) for column in NDIM}
+        caption = row.get("txt")
+        out["caption"] = (bytes(caption).decode("utf-8") if isinstance(caption, bytes | bytearray)
+                          else _text(caption))
+    except (ValueError, OSError, EOFError, UnicodeDecodeError) as e:  # np.load's failures
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"[t2v] skipped a damaged latent sample {_text(row.get('__url__'))}:{key}: "
+              f"{reason}", flush=True)
+        return []
+    out["key"] = key
+    return [out]
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    return "" if value is None else str(value)
 
 
 @dataclass
