@@ -20,10 +20,8 @@ from t2v import storage
 from t2v.data.shards import INDEX_NAME, read_index, shard_uris
 
 LATENT_FORMAT = "t2v-latents-v1"
-# Shard member suffix -> row column. The json member stays in the tar (provenance), unread here.
-COLUMNS = {"latent.npy": "latent", "text.npy": "text", "mask.npy": "mask", "txt": "caption",
-           "__key__": "key"}
-"""The members read; `decode_latent_row` names the columns."""
+MEMBERS = ("latent.npy", "text.npy", "mask.npy", "txt")
+"""The members of a sample read for training; the json member stays in the tar (provenance)."""
 
 
 def latent_stream(uri: str | list[str], shuffle_seed: int | None = None) -> ray.data.Dataset:
@@ -51,7 +49,7 @@ def latent_stream(uri: str | list[str], shuffle_seed: int | None = None) -> ray.
     # Members are decoded by us (decode_latent_row), not by the reader: a damaged .npy is one
     # skipped sample naming its shard, not a failed read task that ends the run.
     ds = ray.data.read_webdataset(paths, filesystem=fs, shuffle=shuffle, decoder=None,
-                                  suffixes=[s for s in COLUMNS if not s.startswith("__")])
+                                  suffixes=list(MEMBERS))
     return ds.flat_map(decode_latent_row)
 
 
