@@ -332,9 +332,13 @@ def _replace_local(target: Path, suffix: str = "") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "-")  # no "." in a temp file's owner part
+
+
 def _tmp_owner() -> str:
     """A temp file's name starts with its writer: TMP_PREFIX + host + "_" + pid."""
-    return f"{TMP_PREFIX}{socket.gethostname().replace('.', '-')}_{os.getpid()}"
+    return f"{TMP_PREFIX}{_host()}_{os.getpid()}"
 
 
 _TMP_OWNER = re.compile(rf"^{re.escape(TMP_PREFIX)}(?P<host>[^.]*)_(?P<pid>\d+)\.")
@@ -357,7 +361,7 @@ def remove_stale_temps(uri: str, max_age_s: float = 86400.0) -> int:
     Returns how many were removed."""
     if is_s3(uri):
         return 0
-    host, now, removed = socket.gethostname().replace(".", "-"), time.time(), 0
+    host, now, removed = _host(), time.time(), 0
     for dirpath, _dirs, files in os.walk(local_path(uri)):
         for f in files:
             if not f.startswith(TMP_PREFIX):

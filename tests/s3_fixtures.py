@@ -27,6 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def copy_tree(src: str, dst: str) -> str:
+    """Copy every file under `src` (a local folder or s3:// prefix) to `dst`; returns `dst`."""
+    for uri in storage.list_prefix(src):
+        storage.write_bytes(storage.join(dst, uri[len(src.rstrip("/")) + 1:]),
+                            storage.read_bytes(uri))
+    return dst
+
+
 @dataclass
 class MotoS3:
     endpoint: str

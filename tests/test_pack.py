@@ -14,6 +14,7 @@ from t2v.data.shards import iter_shard_samples, read_index, shard_uris
 from t2v.data.streaming import video_stream
 from t2v.data.synthetic import Combo, clip_spec, render_clip
 from t2v.data.video import decode_video, encode_mp4, encode_video
+from tests.s3_fixtures import copy_tree
 
 
 def clip(i: int, frames: int = 12, size: int = 40) -> np.ndarray:
@@ -95,10 +96,7 @@ def test_pack_resumes_finished_shards(ray_local, video_folder, tmp_path, capsys)
 
 
 def test_pack_to_and_from_s3(ray_local, moto_s3, s3_bucket, video_folder):
-    src = storage.join(s3_bucket, "raw")
-    for path in sorted(video_folder.rglob("*")):
-        if path.is_file():
-            storage.upload_file(path, storage.join(src, str(path.relative_to(video_folder))))
+    src = copy_tree(str(video_folder), storage.join(s3_bucket, "raw"))
     out = storage.join(s3_bucket, "shards")
     report = run_pack(PackConfig(src=src, out=out, shard_size=4, frames=8, size=[32, 32]))
     assert report["packed"] == 6 and report["skipped"] == 4  # short.mp4 passes min_frames=1

@@ -19,6 +19,7 @@ from t2v.config import TrainConfig
 from t2v.configfile import load_config
 from t2v.train.trainer import run_train
 from tests.conftest import DEBUG_CONFIG, RUN_OVERRIDES
+from tests.s3_fixtures import copy_tree
 
 STEPS = 4
 
@@ -116,10 +117,7 @@ def test_zero3_sequence_parallel_run_resumes_without_it_on_s3_exactly(
     exactly on another layout, through S3. (2 -> 1 -> 2 workers at ZeRO-0/2/3, bit for bit, and
     accumulation that keeps the global batch: tests/test_train_units.py.)"""
     _, ref = reference
-    shards = storage.join(s3_bucket, "latents")
-    for uri in storage.list_prefix(train_latents):
-        storage.write_bytes(storage.join(shards, uri[len(train_latents) + 1:]),
-                            storage.read_bytes(uri))
+    shards = copy_tree(train_latents, storage.join(s3_bucket, "latents"))
     runs = storage.join(s3_bucket, "runs")
     zero3 = dict(zero_stage=3, batch_size=1, grad_accum=4, activation_checkpointing=True)
     first = run_train(config(runs, "s3run", shards, debug_vae_package, steps=2,

@@ -19,6 +19,7 @@ from t2v.render import manifest as mf
 from t2v.render.pipeline import run_render_command
 from tests.chaos.proxy import Request
 from tests.conftest import ROOT
+from tests.s3_fixtures import copy_tree
 from tests.test_pack import video_folder  # noqa: F401 - a fixture
 from tests.test_render import check_video, config, ok_rows
 
@@ -147,13 +148,6 @@ def test_s3_gone_mid_render_ends_in_one_line_and_a_rerun_finishes(
            lost=0, note=f"exit 2, {len(err)} stderr lines, last names the URI; rerun completes")
 
 
-def copy_tree(src: str, dst: str) -> str:
-    for uri in storage.list_prefix(src):
-        storage.write_bytes(storage.join(dst, uri[len(src.rstrip("/")) + 1:]),
-                            storage.read_bytes(uri))
-    return dst
-
-
 @pytest.mark.chaos_full
 def test_pack_and_encode_through_a_faulty_store(
         ray_local, moto_s3, s3_bucket, train_raw, train_latents, debug_vae_package, ledger,
@@ -166,10 +160,7 @@ def test_pack_and_encode_through_a_faulty_store(
     from t2v.data.pack import run_pack
     from t2v.data.shards import read_index
 
-    src = storage.join(s3_bucket, "videos")
-    for path in sorted(video_folder.rglob("*")):
-        if path.is_file():
-            storage.upload_file(path, storage.join(src, str(path.relative_to(video_folder))))
+    src = copy_tree(str(video_folder), storage.join(s3_bucket, "videos"))
     raw = copy_tree(train_raw, f"{s3_bucket}/raw")
     before = Counter(moto_s3.proxy.injected)
     with moto_s3.proxy.faults(**TRANSIENT):
@@ -224,10 +215,7 @@ def test_pack_with_the_store_gone_ends_in_one_line_and_a_rerun_completes(
     from t2v.config import PackConfig
     from t2v.data.pack import run_pack
 
-    src = storage.join(s3_bucket, "videos")
-    for path in sorted(video_folder.rglob("*")):
-        if path.is_file():
-            storage.upload_file(path, storage.join(src, str(path.relative_to(video_folder))))
+    src = copy_tree(str(video_folder), storage.join(s3_bucket, "videos"))
     cfg = PackConfig(src=src, out=f"{s3_bucket}/shards", shard_size=4, frames=8, size=[32, 32])
     get_video = lambda r: r.method == "GET" and "/videos/" in r.path  # noqa: E731
     moto_s3.proxy.outage("reset", after=3, trigger=get_video)

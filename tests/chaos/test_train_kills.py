@@ -34,6 +34,7 @@ from t2v.train import checkpoint
 from t2v.train.trainer import run_train
 from tests.chaos.test_kills import SEED, cluster_processes, wait_for
 from tests.conftest import DEBUG_CONFIG, ROOT, RUN_OVERRIDES
+from tests.s3_fixtures import copy_tree
 from tests.test_train import config, losses
 
 STEPS, EVERY = 12, 3
@@ -160,12 +161,6 @@ def check_run(run: str, reference: str | None, restored: list[int], killed_at: i
     assert shown == list(range(1, STEPS + 1)), (SEED, shown)  # no step twice in TensorBoard
 
 
-def s3_copy(src: str, dst: str) -> str:
-    for uri in storage.list_prefix(src):
-        storage.write_bytes(storage.join(dst, uri[len(src) + 1:]), storage.read_bytes(uri))
-    return dst
-
-
 @pytest.mark.chaos_full
 @pytest.mark.parametrize("rank,zero,where,kind", [
     (1, 2, "local", "epochs"), (0, 3, "s3", "exact"), (1, 3, "local", "exact"),
@@ -176,7 +171,7 @@ def test_worker_killed_at_a_random_step_restarts_and_matches(
     rng = random.Random(f"{SEED}/{rank}/{zero}/{where}/{kind}")
     shards, out = data[kind], str(tmp_path / "runs")
     if where == "s3":
-        shards, out = s3_copy(shards, f"{s3_bucket}/latents"), f"{s3_bucket}/runs"
+        shards, out = copy_tree(shards, f"{s3_bucket}/latents"), f"{s3_bucket}/runs"
     run = storage.join(out, "killed")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(ROOT)}
     d = Driver([sys.executable, *train_args(out, "killed", shards, debug_vae_package, zero)],
@@ -209,7 +204,7 @@ def test_rank_killed_mid_checkpoint_upload_restarts_from_the_one_before(
     """The S3 proxy sees the checkpoint's objects arrive; on the n-th checkpoint's j-th object
     it SIGKILLs a rank before the object is stored: that checkpoint stays incomplete."""
     rng = random.Random(f"{SEED}/upload/{zero}")
-    shards = s3_copy(data[kind], f"{s3_bucket}/latents")
+    shards = copy_tree(data[kind], f"{s3_bucket}/latents")
     out = f"{s3_bucket}/runs"
     run = storage.join(out, "upload")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(ROOT)}
