@@ -177,9 +177,15 @@ class TrainDataConfig(Section):
     size: int | None = Field(None, ge=2)
     """Square side for raw shards (None keeps the stored size)."""
     shuffle_seed: int = 0
-    """File-level shuffle per epoch = f(shuffle_seed, epoch); see t2v/train/trainer.py."""
+    """Shard order of pass p = a permutation drawn from (shuffle_seed, p); see
+    t2v/data/tarsource.py."""
     local_shuffle_buffer: int = Field(0, ge=0)
-    """Rows in each worker's shuffle buffer (0 = off)."""
+    """Rows in each worker's shuffle buffer (0 = off), seeded by (seed, pass)."""
+    ordered: bool = True
+    """Deterministic batches: Ray Data keeps block order (`preserve_order`), so every worker
+    gets the same batches in every run, and a resumed run trains on exactly the batches an
+    uninterrupted one would. False lets blocks arrive as reads finish (a slow read no longer
+    holds the ones behind it up), and a resumed pass is then only approximately the same."""
     encode_on_the_fly: bool = False
     """Stage dit: read RAW shards and encode each batch in the worker with `vae` and the text
     encoder, instead of precomputed latent shards (`t2v encode`)."""

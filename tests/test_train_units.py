@@ -551,3 +551,17 @@ def test_a_pass_is_checked_against_the_index(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "the pass ending at step 6 read 7 of the 10 training samples the index lists: " \
            "3 missing" in out and "step 3" not in out
+
+
+def test_data_position_is_exact_with_the_same_split_and_counts_samples_with_another():
+    from t2v.train import checkpoint
+
+    saved = {"step": 6, "world": 2, "data_parallel": 2, "batch_size": 2,
+             "data": {"pass": 1, "batches": 3}}  # 3 micro-batches of 2 on each of 2 replicas
+    assert checkpoint.data_position(saved, 2, 2) == (1, 3, None)
+    pass_index, skip, note = checkpoint.data_position(saved, 2, 1)  # 12 samples, 1 replica
+    assert (pass_index, skip) == (1, 6) and "not the same ones" in note
+    assert checkpoint.data_position(saved, 4, 2)[:2] == (1, 1)  # 12 samples // 8 a micro-batch
+    assert checkpoint.data_position(None, 2, 2) == (0, 0, None)
+    before = {k: v for k, v in saved.items() if k != "data"}  # a checkpoint from before
+    assert checkpoint.data_position(before, 2, 2)[:2] == (0, 0)

@@ -18,18 +18,20 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from t2v import storage
 from t2v.data.shards import INDEX_NAME, read_index, shard_uris
+from t2v.data.tarsource import tar_dataset
 
 LATENT_FORMAT = "t2v-latents-v1"
 MEMBERS = ("latent.npy", "text.npy", "mask.npy", "txt")
 """The members of a sample read for training; the json member stays in the tar (provenance)."""
 
 
-def latent_stream(uri: str | list[str], shuffle_seed: int | None = None) -> ray.data.Dataset:
+def latent_stream(uri: str | list[str], shuffle_seed: int | None = None,
+                  clock=None) -> ray.data.Dataset:  # noqa: ANN001 - a PassClock handle
     """Rows {latent (C,T',H',W') f16, text (L,D) f16, mask (L,) u8, caption, key}; lazy.
 
     `uri` is a latent data set's root, or a list of its shard URIs (training keeps its held-out
-    shard out this way). With a `shuffle_seed`, each pass (epoch) reads the shard files in a new
-    order derived from it; None keeps the order.
+    shard out this way). With a `shuffle_seed`, each pass reads the shard files in the order
+    `pass_order(seed, pass)`, the pass being `clock`'s (training's) or 0; None keeps the order.
     """
     if isinstance(uri, str):
         if storage.exists(storage.join(uri, INDEX_NAME)):
@@ -42,14 +44,10 @@ def latent_stream(uri: str | list[str], shuffle_seed: int | None = None) -> ray.
         uris = list(uri)
     if not uris:
         raise storage.StorageError(f"{uri}: no latent shard-*.tar found")
-    fs, paths = storage.pyarrow_paths(uris)
-    shuffle = None
-    if shuffle_seed is not None:
-        shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
     # Members are decoded by us (decode_latent_row), not by the reader: a damaged .npy is one
-    # skipped sample naming its shard, not a failed read task that ends the run.
-    ds = ray.data.read_webdataset(paths, filesystem=fs, shuffle=shuffle, decoder=None,
-                                  suffixes=list(MEMBERS))
+    # skipped sample naming its shard, not a failed read task that ends the run; a damaged
+    # shard is one line naming it (t2v/data/tarsource.py).
+    ds = tar_dataset(uris, MEMBERS, seed=shuffle_seed, clock=clock)
     return ds.flat_map(decode_latent_row)
 
 

@@ -143,24 +143,94 @@ def shard_uris(root: str) -> list[str]:
     return storage.list_prefix(root, suffix=".tar")
 
 
-def iter_tar_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group a local tar's members into samples by key (members of a key are contiguous)."""
+class DamagedShard(tarfile.TarError):
+    """A tar that ends inside a member, before its end-of-archive blocks, or at a header that is
+    not one. The samples before the damage were yielded; the message names the shard, the byte
+    and how many samples came out of it."""
+
+
+class _Tail:
+    """A read-only file object that counts what it hands out and keeps the last `keep` bytes,
+    so that where tarfile stopped reading can be looked at afterwards."""
+
+    def __init__(self, raw, keep: int = 1 << 16) -> None:
+        self.raw, self.keep, self.pos, self.tail = raw, keep, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read() if n is None or n < 0 else self.raw.read(n)
+        data = bytes(data)
+        self.pos += len(data)
+        self.tail = (self.tail + data)[-self.keep:]
+        return data
+
+    def rest_after(self, since: int) -> tuple[bool, bool, int]:
+        """(the 512 bytes from offset `since` are a zero block, every byte from `since` to the
+        end of the file is zero, the file's size); reads the file to its end."""
+        back = self.pos - since
+        if back > len(self.tail):  # cannot happen with tarfile's 10 KiB read-ahead
+            return False, False, self.pos
+        after = self.tail[len(self.tail) - back:] if back > 0 else b""
+        while len(after) < tarfile.BLOCKSIZE and (chunk := self.read(tarfile.BLOCKSIZE)):
+            after += chunk
+        ended = len(after) >= tarfile.BLOCKSIZE and not after[:tarfile.BLOCKSIZE].strip(b"\0")
+        clean = not after.strip(b"\0")
+        while chunk := self.raw.read(1 << 20):
+            self.pos += len(chunk)
+            clean = clean and not bytes(chunk).strip(b"\0")
+        return ended, clean, self.pos
+
+
+def read_tar_samples(fileobj, source: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of a tar read front to back (`fileobj` needs only `read`: a local file or an S3
+    stream), members grouped by key (the members of a key are contiguous).
+
+    Python's tarfile ends a stream quietly at a header that is not one, or at a cut between
+    members; here either is a `DamagedShard` (after the samples before it): a well-formed tar
+    ends with zero blocks and nothing else. A sample whose members the damage cuts off is not
+    yielded."""
+    stream = _Tail(fileobj)
     key: str | None = None
     fields: dict[str, bytes] = {}
-    with tarfile.open(tar_path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            k, _, ext = base.partition(".")
-            if k != key and key is not None:
-                yield key, fields
-                fields = {}
-            key = k
-            f = tar.extractfile(member)
-            fields[ext] = f.read() if f else b""
-    if key is not None:
+    count, name = 0, None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                name = member.name
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                k, _, ext = base.partition(".")
+                if k != key and key is not None:
+                    yield key, fields
+                    count, fields = count + 1, {}
+                key = k
+                f = tar.extractfile(member)
+                data = f.read() if f else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                fields[ext] = data
+            end = tar.offset
+    except tarfile.ReadError as e:  # a cut inside a member's data
+        raise DamagedShard(f"{source}: damaged inside member {name} ({e}) after {count} "
+                           "complete samples") from None
+    ended, clean, size = stream.rest_after(end)
+    if ended and key is not None:  # the tar ended properly: its last sample is whole
         yield key, fields
+        count += 1
+    if size - end < tarfile.BLOCKSIZE:
+        raise DamagedShard(f"{source}: cut at byte {size}, before the end-of-archive blocks, "
+                           f"after {count} complete samples")
+    if not clean:
+        raise DamagedShard(
+            f"{source}: " + (f"data after the end-of-archive blocks at byte {end} (not read)"
+                             if ended else f"a damaged tar header at byte {end}")
+            + f" after {count} complete samples")
+
+
+def iter_tar_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of a local tar (`read_tar_samples`: damage is a `DamagedShard`)."""
+    with open(tar_path, "rb") as f:
+        yield from read_tar_samples(f, str(tar_path))
 
 
 def iter_shard_samples(uris: Iterable[str]) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -1,6 +1,7 @@
 """Ray Data streaming of raw shards into torch batches (the Ray side of t2v/data).
 
-Shards are read straight from their URI (local or s3://) by `read_webdataset`; clips are decoded
+Shards are read straight from their URI (local or s3://) by our tar datasource (t2v/data/
+tarsource.py: a pass order training can resume, damaged shards named); clips are decoded
 by Ray Data tasks into uint8 arrays (4x smaller in the object store than float32), and turned
 into float tensors in [-1, 1] only at the consumer, in the collate function. A clip that fails to
 decode is dropped and recorded in a `SkipLog` actor, so the job goes on and the count is exact.
@@ -8,6 +9,7 @@ decode is dropped and recorded in a `SkipLog` actor, so the job goes on and the 
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 import warnings
@@ -23,6 +25,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from t2v import storage
 from t2v.config import ReaderConfig
 from t2v.data.shards import shard_uris
+from t2v.data.tarsource import tar_dataset
 from t2v.data.video import VideoDecodeError, decode_video, to_model_range
 
 
@@ -38,6 +41,11 @@ class SkipLog:
 
     def get(self) -> list[dict]:
         return list(self.skips)
+
+
+def log_damaged_shard(skip_log, uri: str, message: str) -> None:  # noqa: ANN001 - a SkipLog
+    """A shard that ended early (tarsource.read_shard's one line), recorded with the skips."""
+    ray.get(skip_log.add.remote("*", uri, message))
 
 
 def _as_text(value: object) -> str:
@@ -120,22 +128,20 @@ class VideoStream:
         return Counter(s["reason"].split(":")[0] for s in self.skipped())
 
 
-def video_stream(cfg: ReaderConfig, uris: list[str] | None = None) -> VideoStream:
+def video_stream(cfg: ReaderConfig, uris: list[str] | None = None,
+                 clock=None) -> VideoStream:  # noqa: ANN001 - a PassClock handle
     """Build (lazily: nothing is read until iteration) the decoded-clip stream of `cfg.shards`.
 
     `uris` restricts it to these shards (training keeps its held-out shard out this way). With
-    a `shuffle_seed`, each pass (epoch) reads the shard files in a new order derived from it.
+    a `shuffle_seed`, each pass reads the shard files in the order `pass_order(seed, pass)`,
+    the pass being `clock`'s (training's) or 0.
     """
     uris = uris if uris is not None else shard_uris(cfg.shards)
     if not uris:
         raise storage.StorageError(f"{cfg.shards}: no shard-*.tar found")
-    fs, paths = storage.pyarrow_paths(uris)
-    shuffle = None
-    if cfg.shuffle_seed is not None:
-        shuffle = ray.data.FileShuffleConfig(seed=cfg.shuffle_seed, reseed_after_execution=True)
-    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=shuffle,
-                                  suffixes=["mp4", "txt", "json"])
     skip_log = SkipLog.options(name=f"t2v-skiplog-{uuid.uuid4().hex[:8]}").remote()
+    ds = tar_dataset(uris, ("mp4", "txt", "json"), seed=cfg.shuffle_seed, clock=clock,
+                     on_damage=functools.partial(log_damaged_shard, skip_log))
     ds = ds.flat_map(DecodeClip(cfg.frames, cfg.size, cfg.fps, skip_log))
     # A shard decodes to hundreds of MB; smaller blocks keep the in-flight window (and so the
     # object store and the consumer's memory) small without changing what is read.

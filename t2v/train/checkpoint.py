@@ -323,16 +323,43 @@ def save_state(engine, ema: EMA, directory: str, rank: int, world: int) -> None:
 
 
 def trainer_state(engine, ema: EMA, shapes: dict[str, torch.Size], step: int, samples: int,
-                  world: int, configured_accum: int, data_parallel: int | None = None) -> dict:
+                  world: int, configured_accum: int, data_parallel: int | None = None,
+                  data: dict | None = None) -> dict:
     """The trainer.json of a checkpoint. `data_parallel`: the replicas reading different samples
-    (world / sequence_parallel; default world)."""
+    (world / sequence_parallel; default world); `data`: where in the data the run is,
+    {"pass": the pass over the data (0-based), "batches": micro-batches each replica took of
+    it} (`data_position` reads it back)."""
     batch, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     dp = data_parallel or world
     return {"step": step, "samples": samples, "optimizer_step": optimizer_step(engine),
             "ema_updates": ema.updates, "world": world, "data_parallel": dp, "batch_size": batch,
             "grad_accum": accum, "configured_grad_accum": configured_accum,
-            "global_batch": batch * accum * dp,
+            "global_batch": batch * accum * dp, "data": data or {"pass": 0, "batches": 0},
             "shapes": {name: list(shape) for name, shape in shapes.items()}}
+
+
+def data_position(saved: dict | None, batch_size: int,
+                  data_parallel: int) -> tuple[int, int, str | None]:
+    """(the pass a resumed run reads, how many of its micro-batches each replica skips, a note
+    when that is only approximate) for resuming `saved` with `data_parallel` replicas of
+    `batch_size`. With the split the checkpoint's, the skip is exact: the pass is read again
+    in the same order and the batches taken before are passed over. Another split deals the
+    pass differently: the skip then passes over as many samples as were taken, not the same
+    ones."""
+    if not saved:
+        return 0, 0, None
+    if "data" not in saved:  # checkpoints from before positions were recorded
+        return 0, 0, "the checkpoint records no data position: a new pass starts"
+    pass_index, taken = int(saved["data"]["pass"]), int(saved["data"]["batches"])
+    saved_dp = int(saved.get("data_parallel", saved["world"]))
+    if (int(saved["batch_size"]), saved_dp) == (batch_size, data_parallel) or not taken:
+        return pass_index, taken, None
+    rows = taken * int(saved["batch_size"]) * saved_dp
+    skip = rows // (batch_size * data_parallel)
+    return pass_index, skip, (
+        f"micro-batches of {saved_dp}x{saved['batch_size']} -> {data_parallel}x{batch_size} "
+        f"samples: pass {pass_index} resumes after {skip * batch_size * data_parallel} of "
+        f"the {rows} samples taken, not the same ones")
 
 
 def elastic_accum(batch_size: int, grad_accum: int, saved: dict | None,

@@ -212,13 +212,13 @@ class DiTTask(StageTask):
     def bucket_of(self, batch: LatentBatch) -> str:
         return "x".join(map(str, pixel_geometry(self.vae_config, *batch.latent.shape[-3:])))
 
-    def dataset(self, train: list[str], shuffle_seed: int):  # noqa: ANN201
+    def dataset(self, train: list[str], clock):  # noqa: ANN001, ANN201
         data = self.cfg.data
         if data.encode_on_the_fly:
             reader = ReaderConfig(shards=data.shards, frames=data.frames, size=data.size,
-                                  shuffle_seed=shuffle_seed)
-            return video_stream(reader, uris=train).dataset, VideoCollate()
-        return latent_stream(train, shuffle_seed=shuffle_seed), LatentCollate()
+                                  shuffle_seed=data.shuffle_seed)
+            return video_stream(reader, uris=train, clock=clock).dataset, VideoCollate()
+        return latent_stream(train, shuffle_seed=data.shuffle_seed, clock=clock), LatentCollate()
 
     # ------------------------------------------------------------------------- workers
 

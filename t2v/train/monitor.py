@@ -173,8 +173,8 @@ class Monitor:
     def pass_done(self, step: int, rows: int) -> None:
         """A full pass over the training stream read `rows` on this rank: compared, summed over
         ranks, with what the index lists. Ray's equal splits drop fewer than one row per
-        data-parallel reader; more missing means shards that ended early (a damaged tar ends
-        silently at its bad header) or clips that failed to decode. Collective."""
+        data-parallel reader; more missing means damaged shards (each named on the log as it
+        is read: t2v/data/tarsource.py) or samples that failed to decode. Collective."""
         total = torch.tensor([rows], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
@@ -187,8 +187,8 @@ class Monitor:
                      "missing": missing})
         if missing >= self.data_parallel:
             print(f"[t2v] the pass ending at step {step} read {read} of the {expected} "
-                  f"training samples the index lists: {missing} missing (a damaged shard ends "
-                  "at its bad header; undecodable clips are skipped)", flush=True)
+                  f"training samples the index lists: {missing} missing (damaged shards and "
+                  "undecodable samples are named above)", flush=True)
 
     def close(self) -> None:
         if self.tb is not None:

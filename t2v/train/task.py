@@ -171,8 +171,9 @@ class StageTask(ABC):
         raise NotImplementedError(f"stage {self.stage} batches clips of one size")
 
     @abstractmethod
-    def dataset(self, train: list[str], shuffle_seed: int):  # noqa: ANN201 - (Dataset, collate)
-        """The Ray Data stream of the training shards and its collate function."""
+    def dataset(self, train: list[str], clock):  # noqa: ANN001, ANN201 - (Dataset, collate)
+        """The Ray Data stream of the training shards and its collate function; each pass
+        reads the shards in `pass_order(data.shuffle_seed, clock's pass)`."""
 
     # ------------------------------------------------------------------------- workers
 

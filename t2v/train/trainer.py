@@ -4,10 +4,13 @@ Run directory (DESIGN.md "Contracts"): RUNS/NAME/checkpoint_* (Ray's), config.ya
 tb/, samples/, and package/ at the end. Submitting the same name again resumes the run from its
 latest checkpoint (Ray Train restores its checkpoint manager from RUNS/NAME).
 
-Data order on resume: Ray Data has no iterator checkpoint, so the shard-file order of each pass is
-drawn from a seed derived from (data.shuffle_seed, the step the run resumes at); the model,
-optimizer, LR schedule, EMA and step counter resume exactly. Within one submission, a restarted
-worker group (FailureConfig) keeps the same dataset and its next pass reshuffles.
+Data order on resume: a checkpoint records the pass over the data and how many micro-batches of
+it the workers had taken (trainer.json `data`). Pass p reads the shards in an order drawn from
+(data.shuffle_seed, p) (t2v/data/tarsource.py: the workers tell the reader the pass through a
+`PassClock` actor), Ray Data keeps block order (`data.ordered`, preserve_order), and the local
+shuffle is seeded by (seed, p); so a restarted worker group or a resubmitted run re-reads its pass,
+skips what it had consumed, and trains on exactly the batches an uninterrupted run would. The
+model, optimizer, LR schedule, EMA and step counter resume exactly as well.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import shutil
 import time
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from t2v import storage
 from t2v.config import TrainConfig
 from t2v.configfile import save_resolved
 from t2v.data.shards import bucket_counts, index_samples, indexed_shards, shard_uris
+from t2v.data.tarsource import PassClock
 from t2v.runtime import check_output_uri, ensure_ray
 from t2v.train import checkpoint
 from t2v.train.memory import dry_run
@@ -84,6 +88,15 @@ def split_held_out(uris: list[str]) -> tuple[list[str], str | None]:
     return uris, None
 
 
+def ingest_options(ordered: bool):  # noqa: ANN201 - ray.data.ExecutionOptions
+    """Ray Train's ingest options, with blocks kept in order when `ordered`: Ray's split then
+    gives each worker the blocks it gave it before (it deals a block to the worker that has
+    received the fewest rows, and ignores locality hints when order is kept)."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = ordered
+    return options
+
+
 def run_train(cfg: TrainConfig) -> dict:
     check_output_uri(cfg.out)
     if not cfg.data.shards:
@@ -113,7 +126,8 @@ def run_train(cfg: TrainConfig) -> dict:
     column = task.bucket_column(buckets)  # refuses what this stage cannot batch
     info = task.describe_data(val_uri or uris[-1], buckets)
     info.train_samples = index_samples(indexed)
-    dataset, collate = task.dataset(train, cfg.data.shuffle_seed * 1_000_003 + resume_step)
+    clock = PassClock.remote()  # the workers say which pass the stream reads (the module doc)
+    dataset, collate = task.dataset(train, clock)
     fs, storage_path = storage.pyarrow_filesystem(cfg.out)
     resources = {"CPU": cfg.cpus_per_worker}
     sp = cfg.sequence_parallel
@@ -125,7 +139,7 @@ def run_train(cfg: TrainConfig) -> dict:
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(), "data_info": info, "run_uri": run_uri,
                            "collate": collate, "bucket_column": column,
-                           "resume_from": resume_from},
+                           "resume_from": resume_from, "clock": clock},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=placement),
@@ -135,7 +149,9 @@ def run_train(cfg: TrainConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": dataset},
         # sequence parallelism: one stream split per group, read by its first rank
-        dataset_config=GroupedData(sp) if sp > 1 else None,
+        dataset_config=(GroupedData(sp, execution_options=ingest_options(cfg.data.ordered))
+                        if sp > 1 else DataConfig(
+                            execution_options=ingest_options(cfg.data.ordered))),
     )
     print(f"[t2v] training {cfg.stage} '{cfg.name}' -> {run_uri} ({len(train)} train shards, "
           f"held-out {val_uri}, clips {info.frames}x{info.height}x{info.width}"

@@ -17,7 +17,7 @@ from t2v.models.dit import Whole
 from t2v.models.latent import fit_latent_stats
 from t2v.models.package import load_package, save_package
 from t2v.models.vae import CausalVideoVAE, vae_config
-from t2v.train.schedule import train_flops
+from t2v.train.schedule import sample_seed, train_flops
 from t2v.train.task import (
     VAL_COUNT,
     DataInfo,
@@ -58,10 +58,10 @@ class VAETask(StageTask):
                        train_flops_per_sample=train_flops(counter.get_total_flops()), video=video,
                        buckets=buckets)
 
-    def dataset(self, train: list[str], shuffle_seed: int):  # noqa: ANN201
+    def dataset(self, train: list[str], clock):  # noqa: ANN001, ANN201
         reader = ReaderConfig(shards=self.cfg.data.shards, frames=self.cfg.data.frames,
-                              size=self.cfg.data.size, shuffle_seed=shuffle_seed)
-        return video_stream(reader, uris=train).dataset, VideoCollate()
+                              size=self.cfg.data.size, shuffle_seed=self.cfg.data.shuffle_seed)
+        return video_stream(reader, uris=train, clock=clock).dataset, VideoCollate()
 
     def build_model(self, info: DataInfo, whole: Whole | None = None) -> nn.Module:
         cfg = self.cfg
@@ -75,7 +75,11 @@ class VAETask(StageTask):
 
     def loss(self, engine: nn.Module, batch: VideoBatch, step: int) -> Tensor:
         x = batch.video.to(self.device, self.dtype)  # (B, 3, T, H, W)
-        recon, posterior = engine(x)
+        # The posterior's noise from (seed, step, the batch's samples), not from the process's
+        # RNG: a resumed run draws what an uninterrupted one would.
+        seed = sample_seed(self.cfg.seed, step, ",".join(batch.keys), "vae-posterior")
+        generator = torch.Generator(self.device).manual_seed(seed)
+        recon, posterior = engine(x, generator=generator)
         return engine.module.loss(x, recon, posterior, kl_weight=self.cfg.kl_weight)["total"]
 
     def _held_out(self, count: int | None = None) -> torch.Tensor:

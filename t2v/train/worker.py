@@ -8,6 +8,7 @@ distribution: DeepSpeed wraps the model here, from outside.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import ray.train
 import torch
 
@@ -130,14 +132,15 @@ class CountedBatches:
                 yield batch
 
 
-def batch_stream(shard, cfg: TrainConfig, collate, step: int, bucket_column: str | None):
-    """One pass over this worker's split as collated micro-batches: as Ray Data batches them,
-    or, with buckets, regrouped so that every batch holds one shape (t2v/data/buckets.py).
+def batch_stream(shard, cfg: TrainConfig, collate, pass_index: int, bucket_column: str | None):
+    """Pass `pass_index` over this worker's split as collated micro-batches: as Ray Data batches
+    them, or, with buckets, regrouped so that every batch holds one shape (t2v/data/buckets.py).
+    The local shuffle is seeded by (seed, pass): a pass read again shuffles the same way.
 
     Buckets: Ray Data's blocks are taken whole (batch_size None) and the local shuffle is ours:
     Ray 2.60 fails to concatenate blocks of ragged tensors into one batch when a block's tensors
     share a shape ("could not broadcast input array from shape ... into shape (n,)")."""
-    buffer, seed = cfg.data.local_shuffle_buffer, cfg.seed + step
+    buffer, seed = cfg.data.local_shuffle_buffer, (cfg.seed * 1_000_003 + pass_index) % 2**32
     if bucket_column is None:
         return CountedBatches(shard.iter_torch_batches(
             batch_size=cfg.batch_size, drop_last=False, collate_fn=collate,
@@ -252,6 +255,8 @@ def train_loop_per_worker(config: dict) -> None:
     task.setup(info, device, torch.bfloat16 if bf16 else torch.float32, rank)
 
     step, samples = (int(saved["step"]), int(saved["samples"])) if saved else (0, 0)
+    # Where in the data: the pass is read again in its order and what was taken is skipped.
+    pass_index, skip, position_note = checkpoint.data_position(saved, cfg.batch_size, dp)
     if rank == 0:
         count = sum(zero.numel(p) for p in model.parameters())
         print(f"[t2v] {cfg.stage} run {cfg.name}: {'resumed at' if step else 'starting at'} "
@@ -263,25 +268,38 @@ def train_loop_per_worker(config: dict) -> None:
               f"{f', LoRA rank {cfg.lora.rank}' if cfg.lora.rank else ''}); clips "
               f"{info.frames}x{info.height}x{info.width} at {info.fps:g} fps"
               f"{f'; {elastic}' if elastic else ''}", flush=True)
+        if position_note:
+            print(f"[t2v] data position: {position_note}", flush=True)
     monitor = Monitor(cfg, info, run_uri, rank, world, dp)
     monitor.start(step, elastic)
 
     shard = ray.train.get_dataset_shard("train")
     column = config.get("bucket_column")  # per-bucket batching (t2v/data/buckets.py)
+    clock = config["clock"]  # tells the reader which pass it reads (t2v/data/tarsource.py)
     micro, module, gathered_at = 0, None, None
     while step < cfg.steps:
+        ray.get(clock.set.remote(pass_index))  # before this rank asks for the pass's first block
+        stream = batch_stream(shard, cfg, config["collate"], pass_index, column)
         # Every rank of a sequence-parallel group trains on its leader's batches (layout.batches).
-        stream = batch_stream(shard, cfg, config["collate"], step, column)
+        batches = iter(layout.batches(stream, device, agree=column is not None))
+        taken = 0  # micro-batches of this pass, skipped ones included
+        if skip:  # resumed inside this pass: what the checkpoint had taken is passed over
+            t0 = time.time()
+            taken = sum(1 for _ in itertools.islice(batches, skip))
+            if rank == 0:
+                print(f"[t2v] pass {pass_index}: passed over the {taken} micro-batches a "
+                      f"replica had taken before step {step}, in {time.time() - t0:.1f} s",
+                      flush=True)
+            skip = 0
         monitor.wait_start()
-        passed = micro
-        for batch in layout.batches(stream, device, agree=column is not None):
+        for batch in batches:
             monitor.got_batch(len(batch.keys) if layout.is_leader else 0,  # once per group
                               task.bucket_of(batch) if column else None)
             loss = task.loss(engine, batch, step)
             engine.backward(loss * layout.loss_scale)  # see t2v/train/parallel.py
             engine.step()
             monitor.add_loss(loss.detach())
-            micro += 1
+            micro, taken = micro + 1, taken + 1
             if micro % cfg.grad_accum:
                 monitor.wait_start()
                 continue
@@ -302,7 +320,8 @@ def train_loop_per_worker(config: dict) -> None:
                 module, gathered_at = (module, step) if step == cfg.steps else (None, None)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 state = checkpoint.trainer_state(engine, ema, shapes, step, samples, world,
-                                                 configured_accum, dp)
+                                                 configured_accum, dp,
+                                                 {"pass": pass_index, "batches": taken})
                 save_checkpoint(engine, ema, state, rank, world, metrics | {"step": step})
                 maybe_inject_fault(cfg, step, rank, run_uri)
             elif metrics.get("logged"):
@@ -313,11 +332,12 @@ def train_loop_per_worker(config: dict) -> None:
         else:  # the pass ran to its end on every rank (a break happens on all at one step)
             if isinstance(stream, CountedBatches):  # bucketed passes end at the first rank's
                 monitor.pass_done(step, stream.rows if layout.is_leader else 0)
-            if micro == passed:  # the same on every rank: equal splits, or agreed pass ends
+            if taken == 0:  # the same on every rank: equal splits, or agreed pass ends
                 raise RuntimeError(
                     f"a whole pass over {cfg.data.shards} gave no batch of {cfg.batch_size} "
                     f"(rank {rank}): fewer samples than batch_size x {dp} readers, or every "
                     "bucket short of a batch")
+            pass_index += 1
     if gathered_at != step:  # e.g. resumed at the last step: no validation ran here
         module = ema_module(task, info, ema, shapes, rank, device)  # every rank
     if module is not None:

@@ -42,3 +42,18 @@ def ledger(request):
                         + "\n")
 
     return record
+
+
+@pytest.fixture(scope="session")
+def chaos_latents(ray_local, debug_vae_package, tmp_path_factory) -> str:
+    """20 clips in 5 latent shards of 4; the last is held out: 16 training samples, 4 steps a
+    pass at a global batch of 4 (checkpoints and resumes land mid-pass)."""
+    from t2v.config import EncodeConfig, SynthConfig
+    from t2v.data.encode import run_encode
+    from t2v.data.synthetic import run_synth
+
+    raw = str(tmp_path_factory.mktemp("chaos-raw"))
+    run_synth(SynthConfig(out=raw, num=20, frames=9, size=32, shard_size=4, seed=31))
+    out = str(tmp_path_factory.mktemp("chaos-latents"))
+    run_encode(EncodeConfig(src=raw, out=out, vae=debug_vae_package, batch_size=4))
+    return out

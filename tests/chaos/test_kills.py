@@ -54,25 +54,26 @@ def sigkill(procs: list[psutil.Process]) -> int:
 
 
 @pytest.mark.chaos_full
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_render_driver_and_actors_killed_three_times_then_every_prompt_once(
-        ray_cluster, render_package, tmp_path, ledger):
+        where, ray_cluster, render_package, s3_bucket, tmp_path, ledger):
     """`t2v render` on the session cluster, three rounds: after k videos SIGKILL a renderer
     actor (Ray Data restarts it and resends its batch), after k more SIGKILL the driver (its
     actors go with it). The same command then finishes: one ok row per prompt in the whole
-    manifest, every video whole, no temp file anywhere under --out."""
-    rng = random.Random(SEED)
+    manifest, every video whole, no temp file (S3: no object, no pending multipart upload)
+    anywhere under --out."""
+    rng = random.Random(f"{SEED}/{where}")
     n = 40  # a round renders ~8 (actor restarts included): some are left for each
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"killed shape {i}\n" for i in range(n)))
-    out = tmp_path / "out"
+    out = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/render-kill"
     cmd = [sys.executable, "-m", "t2v.cli", "render", f"model={render_package}",
            f"prompts={prompts}", f"out={out}", "steps=2", "batch_size=2", "concurrency=1,2"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(ROOT)}
     actor = "MapBatches(Renderer)"
 
     def videos() -> int:
-        d = out / "videos"
-        return len([f for f in os.listdir(d) if f.endswith(".mp4")]) if d.exists() else 0
+        return len(storage.list_prefix(storage.join(out, "videos"), suffix=".mp4"))
 
     kills = {"actor": 0, "driver": 0}
     for round_ in range(3):
@@ -105,16 +106,24 @@ def test_render_driver_and_actors_killed_three_times_then_every_prompt_once(
 
     final = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
-    rows = ok_rows(str(out))
+    rows = ok_rows(out)
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)) == n, (SEED, len(ids), len(set(ids)))  # raw rows: no dup
     for row in rows:
         check_video(row)
-    temps = [str(p) for p in Path(out).rglob(f"{storage.TMP_PREFIX}*")]
+    everything = storage.list_prefix(out)
+    temps = [u for u in everything if storage.TMP_PREFIX in u.rsplit("/", 1)[1]]
+    if where == "local":  # list_prefix lists files; a temp directory would show here
+        temps += [str(p) for p in Path(out).rglob(f"{storage.TMP_PREFIX}*")]
     assert temps == [], (SEED, temps)
-    assert sorted(os.listdir(out / "videos")) == sorted(f"{i}.mp4" for i in ids)
-    ok, errors = mf.latest_rows(mf.read_manifest(str(out)))
+    assert sorted(u.rsplit("/", 1)[1] for u in storage.list_prefix(
+        storage.join(out, "videos"))) == sorted(f"{i}.mp4" for i in ids)
+    if where == "s3":
+        bucket, prefix = storage.split_s3(out)
+        pending = storage.s3_client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+        assert not pending.get("Uploads"), (SEED, pending.get("Uploads"))
+    ok, errors = mf.latest_rows(mf.read_manifest(out))
     assert len(ok) == n and not errors
-    ledger(fault="SIGKILL render actor, then driver, 3 rounds (local out)",
+    ledger(fault=f"SIGKILL render actor, then driver, 3 rounds ({where} out)",
            injected=sum(kills.values()), survived=sum(kills.values()), lost=0,
            note=f"seed {SEED}; {done_before}/{n} done before the clean rerun")

@@ -4,13 +4,11 @@ upload's n-th request), and the driver of a `ray job submit` job.
 
 After Ray Train's automatic restart (a worker lost) or the same command submitted again (the
 driver lost), the run must finish with each step once in metrics.jsonl and in TensorBoard, at
-most one checkpoint interval of work lost, and every checkpoint directory left loadable. Two
-data sets: `epochs` (16 samples, 4 steps an epoch: checkpoints and resumes land mid-epoch) and
-`exact` (4 samples, one global batch: every step sees the same samples whichever worker reads
-which), where every step's loss must also equal an uninterrupted run's. Not on `epochs`: Ray
-Data's streaming split hands blocks to workers in the order reads finish, so two uninterrupted
-runs already differ from step 1 (see the note on issue [4/7]). The seed is in every failure
-message; T2V_CHAOS_SEED replays one.
+most one checkpoint interval of work lost, every checkpoint directory left loadable, and every
+step's loss equal to an uninterrupted run's on the same data. Two data sets: `epochs` (16
+samples, 4 steps an epoch: checkpoints and resumes land mid-pass, so the resumed run must read
+its pass again in the same order and pass over what it had taken) and `exact` (4 samples, one
+global batch). The seed is in every failure message; T2V_CHAOS_SEED replays one.
 """
 
 from __future__ import annotations
@@ -44,34 +42,27 @@ RUN = {"steps": STEPS, "ckpt_every": EVERY, "keep_checkpoints": 2, "val_samples"
 
 
 @pytest.fixture(scope="module")
-def chaos_latents(ray_local, debug_vae_package, tmp_path_factory) -> str:
-    """20 clips in 5 latent shards of 4; the last is held out: 16 training samples."""
-    from t2v.config import EncodeConfig, SynthConfig
-    from t2v.data.encode import run_encode
-    from t2v.data.synthetic import run_synth
-
-    raw = str(tmp_path_factory.mktemp("chaos-raw"))
-    run_synth(SynthConfig(out=raw, num=20, frames=9, size=32, shard_size=4, seed=31))
-    out = str(tmp_path_factory.mktemp("chaos-latents"))
-    run_encode(EncodeConfig(src=raw, out=out, vae=debug_vae_package, batch_size=4))
-    return out
-
-
-@pytest.fixture(scope="module")
 def data(chaos_latents, train_latents) -> dict[str, str]:
     return {"epochs": chaos_latents, "exact": train_latents}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(train_latents, debug_vae_package, tmp_path_factory) -> str:
-    """The run every killed `exact` run is compared with: ZeRO-2, local, never interrupted."""
-    out = str(tmp_path_factory.mktemp("chaos-ref"))
-    result = run_train(config(out, "ref", train_latents, debug_vae_package, max_failures=0,
-                              **RUN))
-    assert result["step"] == STEPS
-    run = storage.join(out, "ref")
-    assert len(losses(run)) == STEPS
-    return run
+def uninterrupted(data, debug_vae_package, tmp_path_factory):
+    """kind -> the run every killed run on that data set is compared with: ZeRO-2, local,
+    never interrupted (made on first use)."""
+    runs: dict[str, str] = {}
+
+    def reference(kind: str) -> str:
+        if kind not in runs:
+            out = str(tmp_path_factory.mktemp(f"chaos-ref-{kind}"))
+            result = run_train(config(out, "ref", data[kind], debug_vae_package,
+                                      max_failures=0, **RUN))
+            assert result["step"] == STEPS
+            runs[kind] = storage.join(out, "ref")
+            assert len(losses(runs[kind])) == STEPS
+        return runs[kind]
+
+    return reference
 
 
 class Driver:
@@ -128,9 +119,9 @@ def train_args(out: str, name: str, shards: str, vae: str, zero: int) -> list[st
             f"zero_stage={zero}", *(f"{k}={v}" for k, v in RUN.items())]
 
 
-def check_run(run: str, reference: str | None, restored: list[int], killed_at: int,
+def check_run(run: str, reference: str, restored: list[int], killed_at: int,
               tmp_path: Path) -> None:
-    """The properties every killed run must have once finished (losses: with a reference)."""
+    """The properties every killed run must have once finished."""
     rows = [json.loads(x) for x in storage.read_text(storage.join(run, "metrics.jsonl"))
             .splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
@@ -138,10 +129,9 @@ def check_run(run: str, reference: str | None, restored: list[int], killed_at: i
         SEED, [(r.get("event") or ("loss" if "loss" in r else "val"), r["step"]) for r in rows])
     got = losses(run)
     assert all(math.isfinite(v) for v in got.values()), (SEED, got)
-    if reference is not None:
-        want = losses(reference)
-        for s in range(1, STEPS + 1):
-            assert got[s] == pytest.approx(want[s], rel=1e-5), (SEED, s, got[s], want[s])
+    want = losses(reference)
+    for s in range(1, STEPS + 1):
+        assert got[s] == pytest.approx(want[s], rel=1e-5), (SEED, s, got[s], want[s])
     starts = [r["step"] for r in rows if r.get("event") == "start"]
     assert starts == [0, *restored], (SEED, starts, restored)
     assert all(killed_at - r <= EVERY for r in restored), (SEED, killed_at, restored)
@@ -189,7 +179,7 @@ def test_worker_killed_at_a_random_step_restarts_and_matches(
         d.proc.kill()
     restored = d.steps(r"restored step (\d+)") or [0]  # killed before the first checkpoint
     assert len(restored) == 1, (SEED, restored, d.tail())
-    check_run(run, uninterrupted if kind == "exact" else None, restored, killed_at, tmp_path)
+    check_run(run, uninterrupted(kind), restored, killed_at, tmp_path)
     ledger(fault=f"SIGKILL rank {rank} at a random step (ZeRO-{zero}, {where}, {kind})",
            injected=1,
            survived=1, lost=0, note=f"seed {SEED}: killed at step ~{killed_at}, restored "
@@ -234,7 +224,7 @@ def test_rank_killed_mid_checkpoint_upload_restarts_from_the_one_before(
         d.proc.kill()
     restored = d.steps(r"restored step (\d+)")
     assert restored == [(nth - 1) * EVERY], (SEED, nth, restored, d.tail())
-    check_run(run, uninterrupted if kind == "exact" else None, restored, fired[0], tmp_path)
+    check_run(run, uninterrupted(kind), restored, fired[0], tmp_path)
     ledger(fault=f"SIGKILL rank {rank} mid checkpoint upload (ZeRO-{zero}, S3, {kind})",
            injected=1,
            survived=1, lost=0, note=f"seed {SEED}: checkpoint {nth}, object {jth}; restored "
@@ -253,7 +243,7 @@ def test_job_driver_killed_then_resubmitted_resumes_and_matches(
     run = storage.join(out, "driver")
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
            ray_cluster.dashboard, "--working-dir", str(ROOT), "--", sys.executable,
-           *train_args(out, "driver", data["exact"], debug_vae_package, 2)]
+           *train_args(out, "driver", data["epochs"], debug_vae_package, 2)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     first = Driver(cmd, env)
     try:
@@ -276,7 +266,7 @@ def test_job_driver_killed_then_resubmitted_resumes_and_matches(
     restored = sorted({int(m[1]) for m in re.finditer(r"resumed at step (\d+)", again.stdout)}
                       ) or [0]  # killed before the first checkpoint: starts again
     assert len(restored) == 1, (SEED, again.stdout[-3000:])
-    check_run(run, uninterrupted, restored, killed_at, tmp_path)
-    ledger(fault="SIGKILL the driver of a `ray job submit` job, resubmit (exact)", injected=1,
+    check_run(run, uninterrupted("epochs"), restored, killed_at, tmp_path)
+    ledger(fault="SIGKILL the driver of a `ray job submit` job, resubmit (epochs)", injected=1,
            survived=1, lost=0, note=f"seed {SEED}: killed at step ~{killed_at}, resumed at "
                                      f"{restored[0]}")

@@ -1,0 +1,137 @@
+"""Our tar reader and Ray datasource: damage named, pass order chosen by the training workers,
+and the same pass dealt to the same split in every execution (the basis of exact resumes)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+import threading
+
+import pytest
+
+from t2v.data.shards import DamagedShard, read_tar_samples, shard_uris
+from t2v.data.tarsource import PassClock, pass_order, tar_dataset
+
+SIZE = 3000
+RECORD = tarfile.BLOCKSIZE + 3072  # one member: its header and 3000 bytes padded to 512s
+
+
+def _tar(samples: int = 4) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(samples):
+            for ext in ("a.npy", "txt"):
+                info = tarfile.TarInfo(f"k{i}.{ext}")
+                info.size = SIZE
+                tar.addfile(info, io.BytesIO(bytes([i + 1]) * SIZE))
+    return buf.getvalue()
+
+
+def _read(data: bytes) -> tuple[list[str], str | None]:
+    keys: list[str] = []
+    try:
+        for key, fields in read_tar_samples(io.BytesIO(data), "s/shard-000001.tar"):
+            assert set(fields) == {"a.npy", "txt"} and len(fields["txt"]) == SIZE
+            keys.append(key)
+    except DamagedShard as e:
+        return keys, str(e)
+    return keys, None
+
+
+def _bad_header(data: bytes, at: int) -> bytes:
+    out = bytearray(data)
+    out[at + 148: at + 156] = b"garbage!"  # the header's checksum field
+    return bytes(out)
+
+
+@pytest.mark.parametrize("cut,keys,says", [
+    pytest.param(lambda d: d, 4, None, id="whole"),
+    pytest.param(lambda d: d[: 8 * RECORD + 512], 4, None, id="one-end-block"),
+    pytest.param(lambda d: d[: 8 * RECORD], 3, "cut at byte 28672", id="no-end-blocks"),
+    pytest.param(lambda d: d[: 5 * RECORD + 100], 2, "cut at byte", id="mid-header"),
+    pytest.param(lambda d: d[: 5 * RECORD + 700], 2, "inside member k2.txt", id="mid-data"),
+    pytest.param(lambda d: _bad_header(d, 5 * RECORD), 2, "damaged tar header at byte 17920",
+                 id="bad-header"),
+    pytest.param(lambda d: d + b"\0" * 512 + b"trailing junk", 4, "after the end-of-archive",
+                 id="trailing-junk"),
+])
+def test_a_damaged_tar_ends_with_a_line_naming_it_after_the_samples_before(cut, keys, says):
+    got, error = _read(cut(_tar()))
+    assert got == [f"k{i}" for i in range(keys)]  # a sample cut in half is not yielded
+    if says is None:
+        assert error is None
+    else:
+        assert error is not None and says in error and "s/shard-000001.tar" in error
+        assert f"after {keys} complete samples" in error
+
+
+def test_pass_order_is_a_permutation_drawn_from_seed_and_pass():
+    orders = {p: pass_order(50, 7, p) for p in range(4)}
+    assert all(sorted(o) == list(range(50)) for o in orders.values())
+    assert len({tuple(o) for o in orders.values()}) == 4  # every pass its own order
+    assert pass_order(50, 7, 2) == orders[2]  # and the same one again, anywhere
+    assert pass_order(50, 8, 2) != orders[2]
+    assert pass_order(5, None, 3) == [0, 1, 2, 3, 4]
+    assert len(pass_order(5, -1, 0)) == 5  # negative seeds are seeds too
+
+
+def _split_keys(ds, n: int = 2) -> list[list[str]]:
+    """One execution of `ds` through Ray's streaming split, each split read by its own thread
+    (as by its own training worker): the keys each got, in order."""
+    splits = ds.streaming_split(n, equal=True)
+    got: list[list[str]] = [[] for _ in range(n)]
+
+    def read(i: int) -> None:
+        for batch in splits[i].iter_batches(batch_size=2, batch_format="numpy"):
+            got[i] += [str(k) for k in batch["__key__"]]
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return got
+
+
+def test_the_same_pass_deals_each_split_the_same_rows_and_the_clock_names_the_pass(
+        ray_local, shapes_shards):
+    import ray
+
+    uris = shard_uris(shapes_shards)  # 24 clips in shards of 10, 10, 4
+    clock = PassClock.remote()
+    ds = tar_dataset(uris, ("txt",), seed=3, clock=clock)
+    ds.context.execution_options.preserve_order = True
+    ray.get(clock.set.remote(1))
+    first, again = _split_keys(ds), _split_keys(ds)
+    assert first == again  # every split, every row, in order
+    assert sum(map(len, first)) == 24 and len(first[0]) == len(first[1])
+    ray.get(clock.set.remote(2))
+    other = _split_keys(ds)
+    assert sorted(sum(other, [])) == sorted(sum(first, []))
+    assert other != first  # pass 2 reads the shards in another order
+    ray.get(clock.set.remote(1))
+    assert _split_keys(ds) == first  # pass 1 again: a resumed run reads what it read
+
+
+def test_a_truncated_shard_mid_data_set_is_named_and_counted(ray_local, shapes_shards,
+                                                            tmp_path):
+    from t2v.config import ReaderConfig
+    from t2v.data.streaming import video_stream
+
+    root = tmp_path / "shards"
+    shutil.copytree(shapes_shards, root)
+    uris = shard_uris(str(root))  # 24 clips in shards of 10, 10, 4
+    whole = {r["__key__"] for r in tar_dataset(uris, ("txt",)).iter_rows()}
+    middle = uris[1]
+    data = (root / middle.rsplit("/", 1)[1]).read_bytes()
+    (root / middle.rsplit("/", 1)[1]).write_bytes(data[: len(data) // 2])  # cut mid data set
+    stream = video_stream(ReaderConfig(shards=str(root), frames=9), uris)
+    keys = {r["key"] for r in stream.dataset.iter_rows()}
+    lost = whole - keys
+    assert 0 < len(lost) < 10 and keys < whole  # the shards before and after still flow
+    (skip,) = stream.skipped()
+    assert skip["url"] == middle and skip["key"] == "*"
+    assert skip["reason"].startswith(f"damaged shard {middle}: ")
+    assert f"; {len(lost)} of its 10 samples lost" in skip["reason"], skip
+    assert stream.skip_counts() == {"damaged shard " + middle: 1}
