@@ -77,7 +77,7 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(DemoConfig, "t2v.demo:run_demo",
                     "synthetic data -> VAE -> latents -> DiT -> render held-out prompts -> eval",
                     {"out": "out", "ray-address": "ray_address", "quick": "quick",
-                     "long": "long"}),
+                     "long": "long", "verbose": "verbose"}),
 }
 
 

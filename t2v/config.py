@@ -450,10 +450,16 @@ class DemoConfig(Section):
     """CI-sized run (a few minutes): checks the whole pipeline, not the quality bar."""
     long: bool = False
     """64x64 clips of 17 frames and longer training (<= 45 min on a 2-core laptop)."""
+    verbose: bool = False
+    """Show Ray's, DeepSpeed's and torch's own output too. Without it the terminal shows only
+    our progress lines; everything else goes to OUT/logs/demo.log."""
     heldout_combos: int = Field(12, ge=1, le=60)
     """Colour x shape x motion combinations kept out of training and rendered for eval."""
     seeds_per_combo: int = Field(8, ge=1)
     """Videos rendered per held-out combination (one prompt row each, its own seed)."""
+    train_combos: int = Field(6, ge=0, le=60)
+    """Combinations seen in training also rendered (seeds_per_combo each) and scored apart:
+    memorisation beside composition in the report."""
     heldout_clips: int = Field(32, ge=1)
     """Generator clips of the held-out combinations, for the VAE PSNR and flow-loss numbers."""
     synth: SynthConfig = Field(default_factory=SynthConfig)

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from pydantic import BaseModel
 
 from t2v import storage
 from t2v.config import (
     DemoConfig,
     EncodeConfig,
+    EvalConfig,
     OptimConfig,
     RenderConfig,
     SynthConfig,
@@ -31,11 +35,13 @@ from t2v.config import (
     TrainDataConfig,
 )
 from t2v.configfile import save_resolved
+from t2v.console import quiet
 from t2v.data.encode import run_encode_command
 from t2v.data.synthetic import (
     MOVING_TEMPLATES,
     STILL_TEMPLATES,
     Combo,
+    all_combos,
     heldout_combos,
     run_synth,
 )
@@ -118,19 +124,29 @@ def apply_profile(cfg: DemoConfig, profile: Callable[[], DemoConfig]) -> DemoCon
     return overlay(profile(), cfg)
 
 
-def heldout_prompt_rows(combos: list[Combo], seeds: int) -> list[dict]:
-    """The eval prompt file: `seeds` rows per held-out combination, ground truth in `meta`."""
+def heldout_prompt_rows(combos: list[Combo], seeds: int, split: str | None = None) -> list[dict]:
+    """The eval prompt file: `seeds` rows per combination, ground truth in `meta` (with
+    `split` "train" for combinations seen in training, which the report scores apart)."""
     rows = []
     for combo in combos:
         for k in range(seeds):
             pool = STILL_TEMPLATES if combo.motion == "still" else MOVING_TEMPLATES
             prompt = pool[k % len(pool)].format(colour=combo.colour, shape=combo.shape,
                                                 motion=combo.motion)
-            rows.append({"id": f"{combo.colour}-{combo.shape}-{combo.motion}-{k}",
-                         "prompt": prompt, "seed": 1000 + k,
-                         "meta": {"colour": combo.colour, "shape": combo.shape,
-                                  "motion": combo.motion, "count": 1}})
+            meta = {"colour": combo.colour, "shape": combo.shape, "motion": combo.motion,
+                    "count": 1} | ({"split": split} if split else {})
+            rows.append({"id": f"{'train-' if split == 'train' else ''}{combo.colour}-"
+                               f"{combo.shape}-{combo.motion}-{k}",
+                         "prompt": prompt, "seed": 1000 + k, "meta": meta})
     return rows
+
+
+def training_combos(n: int, held: list[Combo], seed: int = 4321) -> list[Combo]:
+    """`n` combinations the training data has (not held out), drawn once from `seed`."""
+    names = {str(c) for c in held}
+    seen = [c for c in all_combos() if str(c) not in names]
+    order = np.random.default_rng(seed).permutation(len(seen))
+    return sorted((seen[i] for i in order[:n]), key=str)
 
 
 class Stages:
@@ -201,13 +217,71 @@ def run_demo(cfg: DemoConfig) -> dict:
                                          "eval": evaluate}),
                   storage.join(out, "config.yaml"))
 
+    log_path = (storage.local_path(storage.join(out, "logs", "demo.log")) if storage.is_local(out)
+                else Path(tempfile.gettempdir()) / f"t2v-demo-{os.getpid()}.log")
+    if not cfg.verbose:
+        print(f"[demo] Ray's, DeepSpeed's and torch's own output: {log_path} (--verbose shows "
+              "it here)", flush=True)
+    with quiet(log_path, cfg.verbose) as console:
+        report = _run_stages(cfg, stages, held, rows_path=path["prompts/heldout.jsonl"],
+                             train_synth=train_synth, held_synth=held_synth, vae=vae,
+                             encode=encode, dit=dit, render=render, evaluate=evaluate)
+        stages.start("report", "results")
+        times = stages.done()
+        console.say(f"\n{results_table(report)}\n\n{what_this_shows(report, held, cfg)}\n\n"
+                    f"stage seconds: {json.dumps(times)}\nreport: "
+                    f"{storage.join(path['eval'], 'report.json')}\ncontact sheet: "
+                    f"{storage.join(path['eval'], 'contact_sheet.png')}")
+    summary = {"out": out, "profile": profile, "heldout": [str(c) for c in held],
+               "seconds": times,
+               "accuracy": {a: round(v["accuracy"], 4) for a, v in report["attributes"].items()},
+               "splits": {k: {a: round(v["accuracy"], 4) for a, v in split.items()}
+                          for k, split in report.get("splits", {}).items()},
+               "shuffled": {a: round(v["accuracy"], 4) for a, v in
+                            report.get("controls", {}).get("shuffled", {}).items()},
+               "model": report.get("model", {}), "render": report.get("render", {})}
+    storage.write_text(storage.join(out, "demo_summary.json"), json.dumps(summary, indent=1))
+    return {k: summary[k] for k in ("out", "profile", "accuracy")} | {
+        "seconds": times["total"], "summary": storage.join(out, "demo_summary.json")}
+
+
+def what_this_shows(report: dict, held: list[Combo], cfg: DemoConfig) -> str:
+    """A few lines that say what the table means, for someone who has never seen it."""
+    shuffled = report.get("controls", {}).get("shuffled", {})
+    followed = [a for a in ("colour", "shape", "motion") if a in report["attributes"]
+                and a in shuffled and report["attributes"][a]["wilson95"][0]
+                > shuffled[a]["accuracy"]]
+    lines = [
+        f"What this shows: the DiT never saw these {len(held)} colour x shape x motion "
+        f"combinations in training (each colour, shape and motion it did see, with other "
+        f"partners): {', '.join(str(c) for c in held)}.",
+        f"- held-out: {cfg.seeds_per_combo} videos per combination, judged by a detector that "
+        "reads only the pixels; 95% CI is the Wilson interval.",
+        f"- train: {cfg.train_combos} combinations it did see, rendered the same way "
+        "(memorisation; held-out close to train means it composes).",
+        "- shuffled: the same held-out videos judged against other prompts' attributes; an "
+        "attribute the model follows falls to chance there. Followed beyond chance: "
+        f"{', '.join(followed) or 'none yet'}.",
+        "- VAE rec. / clips: the detector on held-out clips after the VAE and on the clips "
+        "themselves, the most a render can score.",
+    ]
+    return "\n".join(lines)
+
+
+def _run_stages(cfg: DemoConfig, stages: Stages, held: list[Combo], rows_path: str,
+                train_synth: SynthConfig, held_synth: SynthConfig, vae: TrainConfig,
+                encode: EncodeConfig, dit: TrainConfig, render: RenderConfig,
+                evaluate: EvalConfig) -> dict:
+    """Every stage from synth to eval; returns the eval report."""
+    s = cfg.synth
     stages.start("synth", f"synthesising {s.num} training clips ({s.frames}x{s.size}x{s.size}) "
                  f"without {len(held)} held-out combinations, + {cfg.heldout_clips} held-out")
     _synth_once(train_synth, "training data")
     _synth_once(held_synth, "held-out clips")
-    rows = heldout_prompt_rows(held, cfg.seeds_per_combo)
-    storage.write_text(path["prompts/heldout.jsonl"],
-                       "".join(json.dumps(r) + "\n" for r in rows))
+    rows = (heldout_prompt_rows(held, cfg.seeds_per_combo)
+            + heldout_prompt_rows(training_combos(cfg.train_combos, held), cfg.seeds_per_combo,
+                                  split="train"))
+    storage.write_text(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
     # Logical CPUs for a local Ray: at least 4, so that Ray Data's decode tasks get scheduled
     # beside 2 training workers on a 2-core laptop (they mostly wait on each other anyway).
     ensure_ray(cfg.ray_address, num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1))
@@ -220,19 +294,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     stages.start("dit", f"training the DiT ({dit.model}, {dit.steps} steps, {dit.num_workers} "
                  f"workers, ZeRO-{dit.zero_stage})")
     run_train(dit)
-    stages.start("render", f"rendering {len(rows)} held-out prompts ({render.steps} "
-                 f"{render.sampler} steps, cfg {render.cfg})")
+    stages.start("render", f"rendering {len(rows)} prompts ({len(held)} held-out and "
+                 f"{cfg.train_combos} training combinations x {cfg.seeds_per_combo} seeds; "
+                 f"{render.steps} {render.sampler} steps, cfg {render.cfg})")
     run_render_command(render)
     stages.start("eval", "detecting colour, shape and motion in every video")
-    report = run_eval(evaluate)
-    stages.start("report", "results")
-    times = stages.done()
-    table = results_table(report)
-    print(f"\n{table}\n\nstage seconds: {json.dumps(times)}\nreport: "
-          f"{storage.join(path['eval'], 'report.json')}\ncontact sheet: "
-          f"{storage.join(path['eval'], 'contact_sheet.png')}", flush=True)
-    summary = {"out": out, "profile": profile, "heldout": held_names, "seconds": times,
-               "accuracy": {a: round(v["accuracy"], 4) for a, v in report["attributes"].items()},
-               "model": report.get("model", {}), "render": report.get("render", {})}
-    storage.write_text(storage.join(out, "demo_summary.json"), json.dumps(summary, indent=1))
-    return summary
+    return run_eval(evaluate)

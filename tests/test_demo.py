@@ -38,6 +38,18 @@ def test_heldout_prompt_rows_carry_ground_truth():
                for r in rows)
 
 
+def test_training_combos_are_seen_in_training_and_fixed():
+    from t2v.data.synthetic import heldout_combos
+    from t2v.demo import training_combos
+
+    held = heldout_combos(12)
+    chosen = training_combos(6, held)
+    assert len(chosen) == 6 and not {str(c) for c in chosen} & {str(c) for c in held}
+    assert chosen == training_combos(6, held)
+    rows = heldout_prompt_rows(chosen, 2, split="train")
+    assert all(r["meta"]["split"] == "train" and r["id"].startswith("train-") for r in rows)
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(ray_local, tmp_path, capsys):
     from t2v.cli import main
@@ -55,7 +67,14 @@ def test_quick_demo_end_to_end(ray_local, tmp_path, capsys):
     assert model["flow_loss_mean"] < 0.8 * model["flow_loss_untrained"]
     assert model["vae"]["compression_ratio"] >= 24
     colour = report["attributes"]["colour"]
-    assert colour["accuracy"] > colour["chance"], colour["confusion"]
+    assert colour["wilson95"][0] > colour["chance"], colour["confusion"]
+    shuffled = report["controls"]["shuffled"]["colour"]  # the same videos, shuffled prompts
+    assert shuffled["accuracy"] < colour["accuracy"], (shuffled, colour)
+    assert set(report["splits"]) == {"heldout", "train"}  # training combinations apart
+    assert report["splits"]["train"]["colour"]["n"] == 12
+    ceiling = model["ceiling"]  # the detector on the held-out clips and their reconstructions
+    assert ceiling["originals"]["colour"]["accuracy"] == 1.0
+    assert ceiling["clips"] == PROFILES["quick"]().heldout_clips
     # The VAE stage (Ray Train on raw shards) made a VAE-only package with fitted latent
     # statistics, one per latent channel, and validated by PSNR.
     vae = json.loads((out / "runs" / "vae" / "package" / "model.json").read_text())

@@ -126,6 +126,8 @@ def test_eval_report_from_a_render_dir(tmp_path):
         truth = _truth(meta)
         if i == 1:  # the prompt asks for another colour than the clip shows
             truth["colour"] = next(c for c in S.COLOURS if c != meta["colour"])
+        if i == 0:  # a training combination: scored apart, not in the headline
+            truth["split"] = "train"
         lines.append(json.dumps({"id": pid, "prompt": meta["caption"] if "caption" in meta
                                  else "a clip", "meta": truth}))
         if i == 5:
@@ -144,11 +146,53 @@ def test_eval_report_from_a_render_dir(tmp_path):
     out = renders / "eval"
     assert report["videos"] == 4 and report["missing"] == ["p5"]
     assert [e["id"] for e in report["errors"]] == ["p4"]
-    colour = report["attributes"]["colour"]
-    assert (colour["n"], colour["correct"]) == (6, 3)  # p1 wrong colour, p4 corrupt, p5 missing
-    assert report["attributes"]["shape"]["correct"] == 4
-    assert json.loads((out / "report.json").read_text())["attributes"]["colour"]["n"] == 6
+    colour = report["attributes"]["colour"]  # held-out rows only: p1..p5
+    assert (colour["n"], colour["correct"]) == (5, 2)  # p1 wrong colour, p4 corrupt, p5 missing
+    assert report["attributes"]["shape"]["correct"] == 3
+    train = report["splits"]["train"]["colour"]
+    assert (train["n"], train["correct"]) == (1, 1)
+    assert report["splits"]["heldout"]["colour"] == colour
+    shuffled = report["controls"]["shuffled"]["colour"]
+    assert shuffled["n"] == 5 * 16 and shuffled["shuffle_chance"] is not None
+    assert json.loads((out / "report.json").read_text())["attributes"]["colour"]["n"] == 5
     assert len((out / "rows.jsonl").read_text().splitlines()) == 6
     assert (out / "contact_sheet.png").stat().st_size > 0
     assert sorted(p.name for p in (out / "gifs").iterdir()) == [f"p{i}.gif" for i in range(4)]
     assert report["render"]["seconds_per_video_mean"] == pytest.approx(0.5)
+
+
+def test_shuffled_prompts_fall_to_chance_and_chance_is_the_sum_of_squares():
+    from t2v.eval.report import VOCAB
+    from t2v.eval.scoring import shuffle_chance, shuffled_control
+
+    assert shuffle_chance([{"colour": "red"}] * 3 + [{"colour": "blue"}], "colour") == 0.625
+    assert shuffle_chance([{"shape": "circle"}], "colour") is None
+    clips = list(_clips(120, seed=9, frames=9, size=32, mp4=False))
+    detections = [detect(v) for v, _ in clips]
+    truths = [_truth(m) for _, m in clips]
+    real = summarize([judge(d, t) for d, t in zip(detections, truths, strict=True)], VOCAB)
+    control = shuffled_control(detections, truths, VOCAB, seed=1)
+    for attr in ("colour", "shape", "motion"):  # 16 x 120 pooled: about +-1.1 points
+        assert abs(control[attr]["accuracy"] - control[attr]["shuffle_chance"]) < 0.05, (
+            attr, control[attr])
+        assert control[attr]["accuracy"] < real[attr]["accuracy"] - 0.5, attr
+    assert control == shuffled_control(detections, truths, VOCAB, seed=1)  # seeded
+
+
+def test_detector_ceiling_reads_the_clips_and_their_reconstructions():
+    import torch
+
+    from t2v.data.video import to_model_range
+    from t2v.eval.report import detector_ceiling
+
+    clips = list(_clips(12, seed=4, frames=9, size=32, mp4=False))
+    video = np.stack([v for v, _ in clips])
+    truths = [_truth(m) for _, m in clips] + [{}]  # a clip without ground truth is left out
+    video = np.concatenate([video, video[:1]])
+    exact = detector_ceiling(video, to_model_range(video), truths)
+    assert exact["clips"] == 12
+    assert exact["reconstructions"] == exact["originals"]
+    assert exact["originals"]["colour"]["accuracy"] == 1.0
+    blank = detector_ceiling(video, torch.full((13, 3, 9, 32, 32), -1.0), truths)
+    assert blank["reconstructions"]["colour"]["accuracy"] == 0.0  # a VAE that draws nothing
+    assert blank["originals"] == exact["originals"]

@@ -1,5 +1,6 @@
 """Prompt adherence from detections: per-attribute pass/fail, accuracy with Wilson intervals,
-confusion matrices. Pure python; the detector (t2v/eval/detector.py) makes the predictions.
+confusion matrices, and the shuffled-prompt control. Pure python; the detector
+(t2v/eval/detector.py) makes the predictions.
 
 Pairing rule: a prompt names a main object (its `meta` colour/shape/motion). The detected object
 it is judged on is the one of the prompt's colour when the video has one, else the largest. So
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+
+import numpy as np
 
 from t2v.eval.detector import Detection
 
@@ -82,6 +85,40 @@ def summarize(judged: list[dict[str, dict[str, object]]],
     return out
 
 
+def shuffle_chance(truths: list[dict], attr: str) -> float | None:
+    """The accuracy a prompt-blind model scores on `attr` when its videos are judged against
+    shuffled prompts: the chance that two rows drawn at random share the value, sum of p_v^2
+    over the values' frequencies (1 / number of values when they are uniform)."""
+    values = [str(t[attr]) for t in truths if attr in t]
+    if not values:
+        return None
+    counts = Counter(values)
+    return sum((c / len(values)) ** 2 for c in counts.values())
+
+
+def shuffled_control(detections: list[Detection | None], truths: list[dict],
+                     vocab: dict[str, list[str]] | None = None, seed: int = 0,
+                     permutations: int = 16) -> dict[str, dict]:
+    """The same videos judged against random permutations of their prompts' ground truth
+    (every video paired with other rows'): a model or detector that gets the prompt's
+    attributes from anything but the pixels drawn for it scores above chance here. Pooled over
+    `permutations` draws (one draw of 100 rows wanders +-5 points); per attribute
+    `summarize`'s fields over the pooled judgements (n = rows x permutations) plus
+    `shuffle_chance`, where an honest score lands."""
+    if len(detections) != len(truths):
+        raise ValueError(f"{len(detections)} detections for {len(truths)} truths")
+    if not truths:
+        return {}
+    rng = np.random.default_rng(seed)
+    judged = [judge(d, truths[int(j)]) for _ in range(permutations)
+              for d, j in zip(detections, rng.permutation(len(truths)), strict=True)]
+    out = summarize(judged, vocab)
+    for attr, s in out.items():
+        s["shuffle_chance"] = shuffle_chance(truths, attr)
+        s["permutations"] = permutations
+    return out
+
+
 def by_group(judged: list[dict[str, dict[str, object]]], groups: list[str]) -> dict[str, dict]:
     """Per-group accuracy of each attribute (e.g. per held-out colour-shape-motion combination)."""
     acc: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
@@ -90,13 +127,3 @@ def by_group(judged: list[dict[str, dict[str, object]]], groups: list[str]) -> d
             acc[g][attr].append(bool(r["pass"]))
     return {g: {a: round(sum(v) / len(v), 4) for a, v in attrs.items()} | {"n": len(
         next(iter(attrs.values())))} for g, attrs in sorted(acc.items())}
-
-
-def format_table(summary: dict[str, dict]) -> str:
-    """The short results table the demo prints."""
-    lines = [f"{'attribute':<10}{'accuracy':>10}  {'95% CI':<15}{'chance':>8}{'n':>6}"]
-    for attr, s in summary.items():
-        ci = f"[{s['wilson95'][0]:.2f}, {s['wilson95'][1]:.2f}]"
-        chance = f"{s['chance']:.2f}" if s["chance"] is not None else "-"
-        lines.append(f"{attr:<10}{s['accuracy']:>10.1%}  {ci:<15}{chance:>8}{s['n']:>6}")
-    return "\n".join(lines)

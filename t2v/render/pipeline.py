@@ -375,6 +375,10 @@ def render_plan(plan: RenderPlan, t0: float | None = None) -> dict:
     return summary
 
 
+PROGRESS_EVERY_S = 10.0
+"""Seconds between two progress lines of a render."""
+
+
 def _execute(plan: RenderPlan, counts: Counter) -> None:
     """Render `plan.todo`; `counts` (by status) grows as rows come back."""
     cfg, t0 = plan.cfg, time.time()
@@ -390,10 +394,13 @@ def _execute(plan: RenderPlan, counts: Counter) -> None:
     ds = ds.map_batches(Renderer, batch_size=1, fn_constructor_kwargs={"cfg": cfg, "job": plan.job},
                         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None)
-    total = len(plan.todo)
+    total, shown = len(plan.todo), 0.0
     for row in ds.iter_rows():
         counts[row["status"]] += 1
         done, elapsed = counts.total(), time.time() - t0
+        if done < total and elapsed - shown < PROGRESS_EVERY_S and done > 1:
+            continue  # a line for the first video, then one every PROGRESS_EVERY_S, the last
+        shown = elapsed
         rate = done / max(elapsed, 1e-9)  # actor start-up included: a pessimistic ETA early on
         print(f"[render] {done}/{total} videos ({counts['error']} failed) | {rate:.2f} videos/s "
               f"| ETA {(total - done) / max(rate, 1e-9):.0f} s | {elapsed:.0f} s", flush=True)

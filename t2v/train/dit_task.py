@@ -243,8 +243,8 @@ class DiTTask(StageTask):
     def setup(self, info: DiTData, device: torch.device, dtype: torch.dtype,
               rank: int) -> None:
         super().setup(info, device, dtype, rank)
-        self.empty = (torch.from_numpy(info.empty_text).float().to(device),  # (L, D)
-                      torch.from_numpy(info.empty_mask).bool().to(device))  # (L,)
+        self.empty = (torch.tensor(info.empty_text, dtype=torch.float32, device=device),  # (L, D)
+                      torch.tensor(info.empty_mask, dtype=torch.bool, device=device))  # (L,)
         self.encoder = (OnTheFlyEncoder(self.cfg.vae, info.text_encoder, device)
                         if self.cfg.data.encode_on_the_fly else None)
         self.vae_config = read_meta(self.cfg.vae).vae  # names the buckets of latent batches

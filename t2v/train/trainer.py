@@ -15,10 +15,12 @@ model, optimizer, LR schedule, EMA and step counter resume exactly as well.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 
 import ray
+from ray.data import DataContext
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -92,7 +94,9 @@ def ingest_options(ordered: bool):  # noqa: ANN201 - ray.data.ExecutionOptions
     """Ray Train's ingest options, with blocks kept in order when `ordered`: Ray's split then
     gives each worker the blocks it gave it before (it deals a block to the worker that has
     received the fewest rows, and ignores locality hints when order is kept)."""
-    options = DataConfig.default_ingest_options()
+    # The current context's options, as Ray Train's default takes them, copied rather than
+    # rebuilt field by field (its rebuild sets a deprecated field and warns on every run).
+    options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = ordered
     return options
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import ray
@@ -190,6 +191,9 @@ def maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, run_uri: str) -> 
 
 
 def train_loop_per_worker(config: dict) -> None:
+    # DeepSpeed's ZeRO calls a torch collective that torch 2.x deprecates, once per step.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
     cfg = TrainConfig.model_validate(config["train"])
     if cfg.zero_stage == 3:  # where it matters; elsewhere it costs CPU steps ~5 % (page faults)
         tune_host_allocator()
