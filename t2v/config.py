@@ -181,6 +181,13 @@ class TrainDataConfig(Section):
     t2v/data/tarsource.py."""
     local_shuffle_buffer: int = Field(0, ge=0)
     """Rows in each worker's shuffle buffer (0 = off), seeded by (seed, pass)."""
+    prefetch_batches: int = Field(4, ge=0)
+    """Batches each worker's iterator fetches ahead of the one it trains on (Ray Data)."""
+    passes_per_read: int | None = Field(None, ge=1)
+    """Passes over the data in one Ray Data execution. Between executions every worker waits
+    for the next to start (~0.4 s on 2 cores), which a data set of a few steps a pass pays
+    often; a resumed run reads again from its execution's first pass. None: enough passes
+    for >= 200 steps an execution (1 for any data set of 200 steps a pass or more), at most 64."""
     ordered: bool = True
     """Deterministic batches: Ray Data keeps block order (`preserve_order`), so every worker
     gets the same batches in every run, and a resumed run trains on exactly the batches an

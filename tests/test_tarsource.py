@@ -135,3 +135,19 @@ def test_a_truncated_shard_mid_data_set_is_named_and_counted(ray_local, shapes_s
     assert skip["reason"].startswith(f"damaged shard {middle}: ")
     assert f"; {len(lost)} of its 10 samples lost" in skip["reason"], skip
     assert stream.skip_counts() == {"damaged shard " + middle: 1}
+
+
+def test_one_execution_reads_the_clocks_passes_in_a_row(ray_local, shapes_shards):
+    import ray
+
+    uris = shard_uris(shapes_shards)
+    clock = PassClock.remote(2)
+    ray.get(clock.set.remote(5))
+    ds = tar_dataset(uris, ("txt",), seed=3, clock=clock)
+    ds.context.execution_options.preserve_order = True
+    keys = [r["__key__"] for r in ds.iter_rows()]
+    assert len(keys) == 48 and sorted(keys[:24]) == sorted(keys[24:])  # passes 5 and 6
+    by_shard = {u: {r["__key__"] for r in tar_dataset([u], ("txt",)).iter_rows()} for u in uris}
+    for half, p in ((keys[:24], 5), (keys[24:], 6)):  # each in its own pass's shard order
+        firsts = [next(u for u in uris if k in by_shard[u]) for k in half]
+        assert list(dict.fromkeys(firsts)) == [uris[i] for i in pass_order(3, 3, p)]

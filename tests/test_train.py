@@ -26,11 +26,15 @@ STEPS = 4
 
 def config(out: str, name: str, shards: str, vae: str, **over) -> TrainConfig:
     """The reference's config (jobs/configs/debug.yaml + RUN_OVERRIDES) under another name, with
-    `over` replacing whole keys."""
+    `over` replacing whole keys (a dotted key, e.g. `**{"data.passes_per_read": 1}`, one
+    nested value)."""
+    dotted = [f"{k}={v}" for k, v in over.items() if "." in k]
     base = load_config(TrainConfig, DEBUG_CONFIG, [*RUN_OVERRIDES, f"out={out}", f"name={name}",
-                                                   f"data.shards={shards}", f"vae={vae}"])
+                                                   f"data.shards={shards}", f"vae={vae}",
+                                                   *dotted])
     assert base.steps == STEPS
-    return TrainConfig.model_validate({**base.model_dump(), **over})
+    plain = {k: v for k, v in over.items() if "." not in k}
+    return TrainConfig.model_validate({**base.model_dump(), **plain})
 
 
 def losses(run_uri: str, key: str = "loss") -> dict[int, float]:

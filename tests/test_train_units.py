@@ -544,10 +544,13 @@ def test_a_pass_is_checked_against_the_index(tmp_path, capsys):
     monitor = Monitor(TrainConfig(), info, str(tmp_path), rank=0, world=1)
     monitor.pass_done(3, 10)
     monitor.pass_done(6, 7)
+    monitor.pass_done(12, 19, passes=2)  # one read of two passes: twice the index
     monitor.close()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [{"event": "pass", "step": 3, "rows": 10, "index_rows": 10, "missing": 0},
-                    {"event": "pass", "step": 6, "rows": 7, "index_rows": 10, "missing": 3}]
+    assert rows == [
+        {"event": "pass", "step": 3, "rows": 10, "index_rows": 10, "missing": 0, "passes": 1},
+        {"event": "pass", "step": 6, "rows": 7, "index_rows": 10, "missing": 3, "passes": 1},
+        {"event": "pass", "step": 12, "rows": 19, "index_rows": 20, "missing": 1, "passes": 2}]
     out = capsys.readouterr().out
     assert "the pass ending at step 6 read 7 of the 10 training samples the index lists: " \
            "3 missing" in out and "step 3" not in out

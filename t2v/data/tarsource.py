@@ -7,11 +7,12 @@ its tar reader ends a shard quietly at a damaged header or a cut, so samples van
 
 Here a pass's shard order is `pass_order(seed, pass)`, where the pass is what the training
 workers say it is (they restored it from their checkpoint) through a `PassClock` actor read when
-Ray Data starts the pass; each shard is one read task, read front to back by
-`read_tar_samples`, whose damage (a cut, a header that is not one, fewer samples than
-`_index.json` lists) is one line naming the shard, printed and given to `on_damage(uri, line)`,
-while every sample before it flows. Blocks are cut by row count and bytes only, so with Ray Data's
-`preserve_order` the same pass gives every worker the same batches.
+Ray Data starts the execution (which may read several passes in a row); each shard is one read
+task, read front to back by `read_tar_samples`, whose damage (a cut, a header that is not one,
+fewer samples than `_index.json` lists) is one line naming the shard, printed and given to
+`on_damage(uri, line)`, while every sample before it flows. Blocks are cut by row count and
+bytes only, so with Ray Data's `preserve_order` the same passes give every worker the same
+batches.
 """
 
 from __future__ import annotations
@@ -38,19 +39,22 @@ READ_BUFFER = 8 << 20
 
 @ray.remote(num_cpus=0)
 class PassClock:
-    """The pass over the data the next execution of a training stream is. Every training
-    worker sets it before it starts iterating a pass (all set the same value: the pass count
-    they restored and have advanced since), and the datasource reads it when Ray Data starts
-    the pass's execution, which Ray's streaming split begins only once every worker asked."""
+    """Which passes over the data the next execution of a training stream reads: from the
+    pass the training workers set, `passes` of them in a row (one execution for several
+    passes spares a small data set Ray Data's start-up between passes). Every worker sets it
+    before it starts iterating (all set the same value: the pass they restored, advanced
+    since), and the datasource reads it when Ray Data starts the execution, which Ray's
+    streaming split begins only once every worker asked."""
 
-    def __init__(self) -> None:
-        self.value = 0
+    def __init__(self, passes: int = 1) -> None:
+        self.value, self.passes = 0, max(1, int(passes))
 
     def set(self, value: int) -> None:
         self.value = int(value)
 
-    def get(self) -> int:
-        return self.value
+    def get(self) -> tuple[int, int]:
+        """(the first pass of the next execution, how many passes it reads)."""
+        return self.value, self.passes
 
 
 def pass_order(count: int, seed: int | None, pass_index: int) -> list[int]:
@@ -112,7 +116,8 @@ def read_shard(uri: str, path: str, filesystem, columns: tuple[str, ...],
 
 class TarShards(Datasource):
     """WebDataset shards as rows {__key__, __url__, one binary column per member suffix}: one
-    read task per shard, in `pass_order(seed, clock's pass)`."""
+    read task per shard and pass, pass after pass in `pass_order(seed, pass)` for the clock's
+    passes."""
 
     def __init__(self, uris: list[str], columns: tuple[str, ...], seed: int | None = None,
                  clock=None, expected: dict[str, int] | None = None,  # noqa: ANN001 - an actor
@@ -128,12 +133,16 @@ class TarShards(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
-    def current_pass(self) -> int:
-        return int(ray.get(self.clock.get.remote())) if self.clock is not None else 0
+    def passes(self) -> range:
+        """The passes the next execution reads: the clock's, or pass 0 alone."""
+        if self.clock is None:
+            return range(1)
+        first, count = ray.get(self.clock.get.remote())
+        return range(int(first), int(first) + int(count))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:  # noqa: ANN001, ARG002
-        order = pass_order(len(self.uris), self.seed, self.current_pass())
+        order = [i for p in self.passes() for i in pass_order(len(self.uris), self.seed, p)]
         tasks = []
         for i in order:
             uri = self.uris[i]

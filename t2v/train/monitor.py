@@ -24,6 +24,10 @@ from t2v.train.task import DataInfo
 
 GPU_PEAK = 989e12
 CPU_PEAK = 2.6e11
+PHASES = ("forward_backward", "optimizer", "ema", "log", "checkpoint")
+"""Where a step's time goes (`Monitor.lap`), besides waiting for data: the loss and its
+backward, DeepSpeed's step (gradient reduction and AdamW), the EMA update, logging (metrics,
+TensorBoard, Ray Train's report) and checkpoints with validation."""
 
 
 class TensorBoard:
@@ -80,8 +84,12 @@ class Monitor:
         """Samples per bucket since the last log (+ one slot for a shape no bucket names)."""
         self.wait = 0.0
         self._wait0 = time.perf_counter()
+        self.phases = dict.fromkeys(PHASES, 0.0)
+        """Seconds in each phase of a step since the last log (`lap`)."""
+        self._lap0 = time.perf_counter()
         self.t_log = self.t_start = time.perf_counter()
         self.steps_at_start: int | None = None
+        self.last_logged = 0
 
     def start(self, step: int, note: str | None = None) -> None:
         """Load the history of earlier attempts (dropping steps past `step`) and note the start:
@@ -111,8 +119,15 @@ class Monitor:
     def wait_start(self) -> None:
         self._wait0 = time.perf_counter()
 
+    def lap(self, phase: str) -> None:
+        """The time since the last lap (or the batch's arrival) was spent in `phase`."""
+        now = time.perf_counter()
+        self.phases[phase] += now - self._lap0
+        self._lap0 = now
+
     def got_batch(self, n: int, bucket: str | None = None) -> None:
-        self.wait += time.perf_counter() - self._wait0
+        self._lap0 = time.perf_counter()
+        self.wait += self._lap0 - self._wait0
         self.samples += n
         if bucket is not None:
             i = self.buckets.index(bucket) if bucket in self.buckets else len(self.buckets)
@@ -123,19 +138,22 @@ class Monitor:
 
     def step_done(self, step: int, engine) -> dict:
         if self.steps_at_start is None:
-            self.steps_at_start = step - 1
+            self.steps_at_start = self.last_logged = step - 1
         if step % self.cfg.log_every and step != self.cfg.steps:
             return {}
         now = time.perf_counter()
         elapsed = max(now - self.t_log, 1e-9)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
         stats = torch.tensor([*self.loss_sum.tolist(), self.samples, self.wait,
-                              *self.bucket_samples.tolist()], dtype=torch.float64)
+                              *self.phases.values(), *self.bucket_samples.tolist()],
+                             dtype=torch.float64)
         peak = torch.tensor([rss], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)  # sums over ranks
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        loss_sum, count, samples, wait, *per_bucket = stats.tolist()
+        loss_sum, count, samples, wait, *rest = stats.tolist()
+        phases, per_bucket = rest[:len(PHASES)], rest[len(PHASES):]
+        steps = max(step - self.last_logged, 1)
         per_worker = samples / self.world / elapsed
         gnorm = engine.get_global_grad_norm()
         metrics = {
@@ -148,6 +166,9 @@ class Monitor:
             "data_wait_frac": wait / self.world / elapsed,
             "mfu": mfu(per_worker * self.flops_per_sample, self.peak),
             "worker_peak_rss_mb": float(peak.item()),
+            # Seconds per step in each phase, the mean over ranks (data: waiting for a batch).
+            "phase_data": wait / self.world / steps,
+            **{f"phase_{k}": v / self.world / steps for k, v in zip(PHASES, phases, strict=True)},
         }
         done = step - (self.steps_at_start or 0)
         rate = done / max(now - self.t_start, 1e-9)
@@ -167,26 +188,29 @@ class Monitor:
             self.record(row)
         self.loss_sum.zero_()
         self.samples, self.wait, self.t_log = 0, 0.0, time.perf_counter()
+        self.phases = dict.fromkeys(PHASES, 0.0)
+        self.last_logged = step
         self.bucket_samples.zero_()
         return metrics
 
-    def pass_done(self, step: int, rows: int) -> None:
-        """A full pass over the training stream read `rows` on this rank: compared, summed over
-        ranks, with what the index lists. Ray's equal splits drop fewer than one row per
+    def pass_done(self, step: int, rows: int, passes: int = 1) -> None:
+        """A full read of the training stream (`passes` passes over the data) gave `rows` on
+        this rank: compared, summed over ranks, with what the index lists, times `passes`. Ray's equal splits drop fewer than one row per
         data-parallel reader; more missing means damaged shards (each named on the log as it
         is read: t2v/data/tarsource.py) or samples that failed to decode. Collective."""
         total = torch.tensor([rows], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
-        expected = self.info_samples
-        if self.rank != 0 or expected is None:
+        if self.rank != 0 or self.info_samples is None:
             return
+        expected = self.info_samples * passes
         read = int(total.item())
         missing = expected - read
         self.record({"event": "pass", "step": step, "rows": read, "index_rows": expected,
-                     "missing": missing})
-        if missing >= self.data_parallel:
-            print(f"[t2v] the pass ending at step {step} read {read} of the {expected} "
+                     "missing": missing, "passes": passes})
+        if missing >= self.data_parallel:  # Ray's split drops < 1 row per reader a read
+            what = f"{passes} passes" if passes > 1 else "pass"
+            print(f"[t2v] the {what} ending at step {step} read {read} of the {expected} "
                   f"training samples the index lists: {missing} missing (damaged shards and "
                   "undecodable samples are named above)", flush=True)
 

@@ -16,6 +16,7 @@ model, optimizer, LR schedule, EMA and step counter resume exactly as well.
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 import time
 
@@ -101,6 +102,22 @@ def ingest_options(ordered: bool):  # noqa: ANN201 - ray.data.ExecutionOptions
     return options
 
 
+STEPS_PER_READ = 200
+"""What `data.passes_per_read` None aims at: one Ray Data execution per this many steps."""
+
+
+def passes_per_read(cfg: TrainConfig, train_samples: int | None) -> int:
+    """`data.passes_per_read`, or enough passes for STEPS_PER_READ steps an execution (the
+    index's sample count and the smallest global batch; 1 without an index), at most 64."""
+    if cfg.data.passes_per_read:
+        return cfg.data.passes_per_read
+    if not train_samples:
+        return 1
+    workers = cfg.num_workers if isinstance(cfg.num_workers, int) else cfg.num_workers[0]
+    batch = cfg.batch_size * cfg.grad_accum * max(1, workers // cfg.sequence_parallel)
+    return min(64, max(1, math.ceil(STEPS_PER_READ / max(1, train_samples // batch))))
+
+
 def run_train(cfg: TrainConfig) -> dict:
     check_output_uri(cfg.out)
     if not cfg.data.shards:
@@ -130,7 +147,8 @@ def run_train(cfg: TrainConfig) -> dict:
     column = task.bucket_column(buckets)  # refuses what this stage cannot batch
     info = task.describe_data(val_uri or uris[-1], buckets)
     info.train_samples = index_samples(indexed)
-    clock = PassClock.remote()  # the workers say which pass the stream reads (the module doc)
+    passes = passes_per_read(cfg, info.train_samples)
+    clock = PassClock.remote(passes)  # the workers say which pass the stream reads (module doc)
     dataset, collate = task.dataset(train, clock)
     fs, storage_path = storage.pyarrow_filesystem(cfg.out)
     resources = {"CPU": cfg.cpus_per_worker}
@@ -143,7 +161,8 @@ def run_train(cfg: TrainConfig) -> dict:
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(), "data_info": info, "run_uri": run_uri,
                            "collate": collate, "bucket_column": column,
-                           "resume_from": resume_from, "clock": clock},
+                           "resume_from": resume_from, "clock": clock,
+                           "passes_per_read": passes},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=placement),

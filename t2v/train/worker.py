@@ -145,8 +145,10 @@ def batch_stream(shard, cfg: TrainConfig, collate, pass_index: int, bucket_colum
     if bucket_column is None:
         return CountedBatches(shard.iter_torch_batches(
             batch_size=cfg.batch_size, drop_last=False, collate_fn=collate,
+            prefetch_batches=cfg.data.prefetch_batches,
             local_shuffle_buffer_size=buffer or None, local_shuffle_seed=seed), cfg.batch_size)
-    blocks = shard.iter_batches(batch_size=None, batch_format="numpy")
+    blocks = shard.iter_batches(batch_size=None, batch_format="numpy",
+                                prefetch_batches=cfg.data.prefetch_batches)
     return map(collate, batches_by_shape(blocks, bucket_column, cfg.batch_size, buffer, seed))
 
 
@@ -280,6 +282,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     column = config.get("bucket_column")  # per-bucket batching (t2v/data/buckets.py)
     clock = config["clock"]  # tells the reader which pass it reads (t2v/data/tarsource.py)
+    passes = int(config.get("passes_per_read") or 1)  # passes per execution of the stream
     micro, module, gathered_at = 0, None, None
     while step < cfg.steps:
         ray.get(clock.set.remote(pass_index))  # before this rank asks for the pass's first block
@@ -301,8 +304,10 @@ def train_loop_per_worker(config: dict) -> None:
                               task.bucket_of(batch) if column else None)
             loss = task.loss(engine, batch, step)
             engine.backward(loss * layout.loss_scale)  # see t2v/train/parallel.py
-            engine.step()
             monitor.add_loss(loss.detach())
+            monitor.lap("forward_backward")
+            engine.step()
+            monitor.lap("optimizer")
             micro, taken = micro + 1, taken + 1
             if micro % cfg.grad_accum:
                 monitor.wait_start()
@@ -310,7 +315,9 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             samples += cfg.batch_size * dp * cfg.grad_accum
             ema.update(zero.local_fragments(engine.module, rank, world))
+            monitor.lap("ema")
             metrics = monitor.step_done(step, engine)
+            monitor.lap("log")
             if step % cfg.val_every == 0 or step == cfg.steps:
                 module = ema_module(task, info, ema, shapes, rank, device)  # every rank
                 if module is not None:
@@ -330,18 +337,19 @@ def train_loop_per_worker(config: dict) -> None:
                 maybe_inject_fault(cfg, step, rank, run_uri)
             elif metrics.get("logged"):
                 ray.train.report(metrics | {"step": step})
+            monitor.lap("checkpoint")  # with validation above; a plain report is small
             if step >= cfg.steps:
                 break
             monitor.wait_start()
         else:  # the pass ran to its end on every rank (a break happens on all at one step)
             if isinstance(stream, CountedBatches):  # bucketed passes end at the first rank's
-                monitor.pass_done(step, stream.rows if layout.is_leader else 0)
+                monitor.pass_done(step, stream.rows if layout.is_leader else 0, passes)
             if taken == 0:  # the same on every rank: equal splits, or agreed pass ends
                 raise RuntimeError(
                     f"a whole pass over {cfg.data.shards} gave no batch of {cfg.batch_size} "
                     f"(rank {rank}): fewer samples than batch_size x {dp} readers, or every "
                     "bucket short of a batch")
-            pass_index += 1
+            pass_index += passes
     if gathered_at != step:  # e.g. resumed at the last step: no validation ran here
         module = ema_module(task, info, ema, shapes, rank, device)  # every rank
     if module is not None:

@@ -76,7 +76,8 @@ def test_training_over_a_cut_tar_and_a_bad_npy_finishes_and_counts_them(
     assert lost == 3 and bad not in flowing  # 2 cut off, 1 damaged; 13 flow
     out = str(tmp_path / "runs")
     result = run_train(config(out, "bad", str(root), debug_vae_package, max_failures=0,
-                              steps=7, ckpt_every=7, val_every=7, val_samples=0))
+                              steps=7, ckpt_every=7, val_every=7, val_samples=0,
+                              **{"data.passes_per_read": 1}))  # a check per pass
     assert result["step"] == 7
     rows = [json.loads(x) for x in storage.read_text(
         storage.join(out, "bad", "metrics.jsonl")).splitlines()]

@@ -36,9 +36,11 @@ from tests.s3_fixtures import copy_tree
 from tests.test_train import config, losses
 
 STEPS, EVERY = 12, 3
-RUN = {"steps": STEPS, "ckpt_every": EVERY, "keep_checkpoints": 2, "val_samples": 0}
-"""16 training samples, global batch 4: 4 steps an epoch, 3 epochs, a checkpoint every 3 steps
-(so a checkpoint lands mid-epoch, and so does a resume)."""
+RUN = {"steps": STEPS, "ckpt_every": EVERY, "keep_checkpoints": 2, "val_samples": 0,
+       "data.passes_per_read": 2}
+"""16 training samples, global batch 4: 4 steps a pass, 3 passes, a checkpoint every 3 steps
+(so a checkpoint lands mid-pass, and so does a resume); two passes per Ray Data execution (the
+streams of steps 1-8 and 9-12: resumes land in the first or the second)."""
 
 
 @pytest.fixture(scope="module")

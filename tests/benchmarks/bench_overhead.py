@@ -1,0 +1,239 @@
+"""Where the demo DiT's training time goes: Ray Train + DeepSpeed against bare torch loops.
+
+    .venv/bin/python tests/benchmarks/bench_overhead.py [--steps 200] [--only bare,ddp,ray]
+
+The demo's DiT (the `debug` preset on the demo's latents: 6x3x8x8, MiniLM text, global batch
+32) trained for `--steps` optimizer steps four ways, on the same cores:
+- `bare`: one process, torch on all cores, batch 32, AdamW: the maths alone;
+- `ddp`: two processes (torch.distributed over gloo, DistributedDataParallel, 1 thread and
+  batch 16 each): what splitting the batch over two processes costs, without Ray or DeepSpeed;
+- `ray`: `t2v train` as the demo runs it (Ray Train, DeepSpeed ZeRO-2, Ray Data streaming,
+  EMA, metrics), 2 workers x batch 16;
+samples/s after a warm-up, and for `ray` the per-phase split the workers measure (data wait,
+forward+backward, optimizer step with its all-reduce, EMA, reporting). Target ([5/7] item 4):
+`ray` >= 0.8x `bare`. Prints a markdown table; --out keeps the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from t2v import storage  # noqa: E402
+from t2v.config import EncodeConfig, SynthConfig, TrainConfig  # noqa: E402
+
+BATCH = 32
+"""Global batch: 2 workers x 16, as the demo's DiT stage."""
+
+
+def make_latents(tmp: str) -> tuple[str, str]:
+    """1024 demo-sized clips (8 shards of 128, as the demo) encoded by a demo-shaped VAE
+    (random weights: the step cost is the DiT's, whatever the latents hold)."""
+    import torch
+
+    from t2v.data.encode import run_encode
+    from t2v.data.synthetic import run_synth
+    from t2v.models.latent import fit_latent_stats
+    from t2v.models.package import save_package
+    from t2v.models.text import TextEncoderConfig
+    from t2v.models.vae import CausalVideoVAE, vae_config
+
+    raw, vae_uri, out = f"{tmp}/raw", f"{tmp}/vae", f"{tmp}/latents"
+    run_synth(SynthConfig(out=raw, num=1024, frames=9, size=32, shard_size=128, seed=0))
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(vae_config("debug", latent_channels=6, shortcut=True)).eval()
+    with torch.no_grad():
+        shift, scale = fit_latent_stats(vae.encode(torch.rand(4, 3, 9, 32, 32) * 2 - 1).mean)
+    vae.set_latent_stats(shift=shift, scale=scale)
+    save_package(vae_uri, vae=vae, text=TextEncoderConfig())
+    run_encode(EncodeConfig(src=raw, out=out, vae=vae_uri, batch_size=16))
+    return out, vae_uri
+
+
+def demo_config(out: str, shards: str, vae: str, steps: int) -> TrainConfig:
+    from t2v.demo import default_profile
+
+    dit = default_profile().dit
+    return dit.model_copy(update={
+        "out": out, "name": "ray", "vae": vae, "steps": steps, "ckpt_every": steps,
+        "val_every": steps, "val_samples": 0, "log_every": max(1, steps // 8),
+        "data": dit.data.model_copy(update={"shards": shards})})
+
+
+def load_latents(shards: str) -> dict:
+    """Every training sample in memory: latent, text, mask tensors."""
+    import numpy as np
+    import torch
+
+    from t2v.data.shards import iter_shard_samples, shard_uris
+
+    def npy(b: bytes) -> np.ndarray:
+        import io
+
+        return np.load(io.BytesIO(b), allow_pickle=False)
+
+    rows = [f for _, f in iter_shard_samples(shard_uris(shards)[:-1])]
+    return {"latent": torch.from_numpy(np.stack([npy(f["latent.npy"]) for f in rows])).float(),
+            "text": torch.from_numpy(np.stack([npy(f["text.npy"]) for f in rows])).float(),
+            "mask": torch.from_numpy(np.stack([npy(f["mask.npy"]) for f in rows])).bool()}
+
+
+def build(cfg: TrainConfig, data: dict):  # noqa: ANN201 - (model, optimizer)
+    import torch
+
+    from t2v.models.dit import VideoDiT
+    from t2v.train.dit_task import dit_geometry
+
+    torch.manual_seed(cfg.seed)
+    model = VideoDiT(dit_geometry(cfg, data["latent"].shape[1], data["text"].shape[-1]))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay)
+    return model, opt
+
+
+def loop(model, opt, data: dict, steps: int, batch: int, rank: int = 0,  # noqa: ANN001
+         world: int = 1, warmup: int = 20) -> float:
+    """Train `steps` steps on this process's share of each global batch; samples/s (global)
+    after `warmup` steps."""
+    import torch
+
+    from t2v.diffusion.flow import flow_loss
+
+    g = torch.Generator().manual_seed(rank)
+    n = data["latent"].shape[0]
+    t0 = None
+    for step in range(steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        idx = torch.randint(0, n, (batch,), generator=g)
+        loss = flow_loss(model, data["latent"][idx], data["text"][idx], data["mask"][idx],
+                         generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return (steps - warmup) * batch * world / (time.perf_counter() - t0)
+
+
+def bare(cfg: TrainConfig, shards: str, steps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    data = load_latents(shards)
+    model, opt = build(cfg, data)
+    return {"way": "bare", "processes": 1, "threads": torch.get_num_threads(),
+            "samples_per_s": loop(model, opt, data, steps, BATCH)}
+
+
+def _ddp_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, port: int,
+                result: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = TrainConfig.model_validate_json(cfg_json)
+    data = load_latents(shards)
+    model, opt = build(cfg, data)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    rate = loop(ddp, opt, data, steps, BATCH // world, rank, world)
+    if rank == 0:
+        Path(result).write_text(json.dumps(rate))
+    dist.destroy_process_group()
+
+
+def ddp(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = f"{tmp}/ddp.json"
+    mp.spawn(_ddp_worker, args=(2, cfg.model_dump_json(), shards, steps, port, result),
+             nprocs=2, join=True)
+    return {"way": "ddp", "processes": 2, "threads": 1,
+            "samples_per_s": json.loads(Path(result).read_text())}
+
+
+def ray_train(cfg: TrainConfig, variant: str) -> dict:
+    """`t2v train` with `variant` = comma-free KEY=VALUE overrides joined by '+', e.g.
+    'zero_stage=0+data.prefetch_batches=1' ('' = the demo's settings)."""
+    from t2v.configfile import deep_merge, parse_overrides
+    from t2v.train.trainer import run_train
+
+    over = [kv for kv in variant.split("+") if kv]
+    name = "ray-" + ("-".join(kv.replace("=", "").replace(".", "") for kv in over) or "demo")
+    cfg = TrainConfig.model_validate(deep_merge(cfg.model_dump(),
+                                                parse_overrides([*over, f"name={name}"])))
+    run_train(cfg)
+    rows = [json.loads(x) for x in storage.read_text(
+        storage.join(cfg.out, cfg.name, "metrics.jsonl")).splitlines()]
+    logged = [r for r in rows if "samples_per_s" in r][1:]  # the first holds start-up
+    mean = lambda k: sum(r.get(k, 0.0) for r in logged) / len(logged)  # noqa: E731
+    return {"way": f"ray {variant or '(demo)'}", "processes": cfg.num_workers, "threads": 1,
+            "samples_per_s": mean("samples_per_s"), "data_wait": mean("data_wait_frac"),
+            "phases": {k[len("phase_"):]: mean(k) for k in logged[-1] if k.startswith("phase_")}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--only", default="bare,ddp,ray")
+    p.add_argument("--variants", default="",
+                   help="Ray Train runs, separated by ',': each '' (the demo's settings) or "
+                        "KEY=VALUE[+KEY=VALUE...], e.g. ',zero_stage=0,data.prefetch_batches=1'")
+    p.add_argument("--out", default="runs/bench/overhead.json")
+    args = p.parse_args()
+    ways = args.only.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        import ray
+
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            shards, vae = make_latents(tmp)
+            cfg = demo_config(f"{tmp}/runs", shards, vae, args.steps)
+            if "ray" in ways:
+                for variant in args.variants.split(","):
+                    rows.append(ray_train(cfg, variant))
+                    print(json.dumps(rows[-1]), flush=True)
+        finally:
+            ray.shutdown()
+        if "bare" in ways:
+            rows.append(bare(cfg, shards, args.steps))
+            print(json.dumps(rows[-1]), flush=True)
+        if "ddp" in ways:
+            rows.append(ddp(cfg, shards, args.steps, tmp))
+            print(json.dumps(rows[-1]), flush=True)
+    base = next((r["samples_per_s"] for r in rows if r["way"] == "bare"), None)
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"the demo DiT (debug preset), global batch {BATCH}, {args.steps} steps")
+    print("| way | processes x threads | samples/s | x bare |")
+    print("|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['samples_per_s'] / base:.2f}" if base else "-"
+        print(f"| {r['way']} | {r['processes']} x {r['threads']} | {r['samples_per_s']:.1f} | "
+              f"{ratio} |")
+    for r in rows:
+        if r.get("phases"):
+            print(f"{r['way']}: ms per step " + ", ".join(
+                f"{k} {1000 * v:.1f}" for k, v in r["phases"].items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
