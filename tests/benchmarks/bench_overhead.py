@@ -9,6 +9,8 @@ The demo's DiT (the `debug` preset on the demo's latents: 6x3x8x8, MiniLM text, 
   batch 16 each): what splitting the batch over two processes costs, without Ray or DeepSpeed;
 - `ray`: `t2v train` as the demo runs it (Ray Train, DeepSpeed ZeRO-2, Ray Data streaming,
   EMA, metrics), 2 workers x batch 16;
+- `engine`: one process, one thread, one rank's batch: a bare step against DeepSpeed's engine
+  at ZeRO-0 and ZeRO-2 (no communication): what the engine itself costs;
 samples/s after a warm-up, and for `ray` the per-phase split the workers measure (data wait,
 forward+backward, optimizer step with its all-reduce, EMA, reporting). Target ([5/7] item 4):
 `ray` >= 0.8x `bare`. Prints a markdown table; --out keeps the numbers.
@@ -166,6 +168,66 @@ def ddp(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> dict:
             "samples_per_s": json.loads(Path(result).read_text())}
 
 
+def engine(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> list[dict]:
+    """One process, one thread, one rank's batch (16): a bare step against DeepSpeed's engine
+    at ZeRO-0 and ZeRO-2 (world size 1: no communication), ms per step after a warm-up."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from t2v.diffusion.flow import flow_loss
+    from t2v.train.worker import deepspeed_config, initialize_engine
+
+    torch.set_num_threads(1)
+    data = load_latents(shards)
+    half = BATCH // 2
+    batch = {k: v[:half] for k, v in data.items()}
+    g = torch.Generator().manual_seed(0)
+
+    def ms(step_fn, n: int) -> float:
+        for _ in range(10):
+            step_fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step_fn()
+        return (time.perf_counter() - t0) / n * 1000
+
+    model, opt = build(cfg, data)
+
+    def bare_step() -> None:
+        loss = flow_loss(model, batch["latent"], batch["text"], batch["mask"], generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    rows = [{"way": "engine: bare, 1 process", "ms_per_step": ms(bare_step, steps)}]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        for stage in (0, 2):
+            run = cfg.model_copy(update={"zero_stage": stage, "batch_size": half})
+            m, o = build(run, data)
+            eng = initialize_engine(m, o, None, deepspeed_config(run, False), False)
+
+            def ds_step(eng=eng) -> None:  # noqa: ANN001
+                loss = flow_loss(eng, batch["latent"], batch["text"], batch["mask"],
+                                 generator=g)
+                eng.backward(loss)
+                eng.step()
+
+            rows.append({"way": f"engine: DeepSpeed ZeRO-{stage}, 1 process",
+                         "ms_per_step": ms(ds_step, steps)})
+    finally:
+        dist.destroy_process_group()
+    return rows
+
+
 def ray_train(cfg: TrainConfig, variant: str) -> dict:
     """`t2v train` with `variant` = comma-free KEY=VALUE overrides joined by '+', e.g.
     'zero_stage=0+data.prefetch_batches=1' ('' = the demo's settings)."""
@@ -189,7 +251,7 @@ def ray_train(cfg: TrainConfig, variant: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--only", default="bare,ddp,ray")
+    p.add_argument("--only", default="bare,ddp,ray,engine")
     p.add_argument("--variants", default="",
                    help="Ray Train runs, separated by ',': each '' (the demo's settings) or "
                         "KEY=VALUE[+KEY=VALUE...], e.g. ',zero_stage=0,data.prefetch_batches=1'")
@@ -218,6 +280,9 @@ def main() -> None:
         if "ddp" in ways:
             rows.append(ddp(cfg, shards, args.steps, tmp))
             print(json.dumps(rows[-1]), flush=True)
+        if "engine" in ways:
+            probes = engine(cfg, shards, min(args.steps, 60), tmp)
+            print(json.dumps(probes), flush=True)
     base = next((r["samples_per_s"] for r in rows if r["way"] == "bare"), None)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"the demo DiT (debug preset), global batch {BATCH}, {args.steps} steps")
@@ -227,6 +292,8 @@ def main() -> None:
         ratio = f"{r['samples_per_s'] / base:.2f}" if base else "-"
         print(f"| {r['way']} | {r['processes']} x {r['threads']} | {r['samples_per_s']:.1f} | "
               f"{ratio} |")
+    for r in probes if "engine" in ways else []:
+        print(f"{r['way']}: {r['ms_per_step']:.1f} ms a step of {BATCH // 2} samples, 1 thread")
     for r in rows:
         if r.get("phases"):
             print(f"{r['way']}: ms per step " + ", ".join(
