@@ -183,7 +183,10 @@ def run_train(cfg: TrainConfig) -> dict:
     if column:
         print(f"[t2v] batches per bucket, training samples: "
               f"{', '.join(f'{k} {v}' for k, v in buckets.items())}", flush=True)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        ray.kill(clock)  # the run's own actor; a driver that trains again makes another
     assert ray.is_initialized()
     remove_superseded(run_uri)
     if result.error is not None:

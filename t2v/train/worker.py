@@ -294,9 +294,9 @@ def train_loop_per_worker(config: dict) -> None:
             t0 = time.time()
             taken = sum(1 for _ in itertools.islice(batches, skip))
             if rank == 0:
-                print(f"[t2v] pass {pass_index}: passed over the {taken} micro-batches a "
-                      f"replica had taken before step {step}, in {time.time() - t0:.1f} s",
-                      flush=True)
+                print(f"[t2v] resumed in the read from pass {pass_index}: passed over the "
+                      f"{taken} micro-batches a replica had taken before step {step}, in "
+                      f"{time.time() - t0:.1f} s", flush=True)
             skip = 0
         monitor.wait_start()
         for batch in batches:
