@@ -12,6 +12,7 @@ import json
 import re
 import tarfile
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -154,22 +155,27 @@ class _Tail:
     so that where tarfile stopped reading can be looked at afterwards."""
 
     def __init__(self, raw, keep: int = 1 << 16) -> None:
-        self.raw, self.keep, self.pos, self.tail = raw, keep, 0, b""
+        self.raw, self.keep, self.pos = raw, keep, 0
+        self.chunks: deque[bytes] = deque()  # the last reads, >= `keep` bytes in all
+        self.held = 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read() if n is None or n < 0 else self.raw.read(n)
-        data = bytes(data)
+        data = bytes(self.raw.read() if n is None or n < 0 else self.raw.read(n))
         self.pos += len(data)
-        self.tail = (self.tail + data)[-self.keep:]
+        self.chunks.append(data)  # kept by reference: no copy on the read path
+        self.held += len(data)
+        while self.held - len(self.chunks[0]) >= self.keep:
+            self.held -= len(self.chunks.popleft())
         return data
 
     def rest_after(self, since: int) -> tuple[bool, bool, int]:
         """(the 512 bytes from offset `since` are a zero block, every byte from `since` to the
         end of the file is zero, the file's size); reads the file to its end."""
         back = self.pos - since
-        if back > len(self.tail):  # cannot happen with tarfile's 10 KiB read-ahead
+        tail = b"".join(self.chunks)
+        if back > len(tail):  # cannot happen with tarfile's 10 KiB read-ahead
             return False, False, self.pos
-        after = self.tail[len(self.tail) - back:] if back > 0 else b""
+        after = tail[len(tail) - back:] if back > 0 else b""
         while len(after) < tarfile.BLOCKSIZE and (chunk := self.read(tarfile.BLOCKSIZE)):
             after += chunk
         ended = len(after) >= tarfile.BLOCKSIZE and not after[:tarfile.BLOCKSIZE].strip(b"\0")

@@ -74,13 +74,13 @@ def score_videos(cfg: EvalConfig, out: str) -> tuple[list[dict], list, list, lis
     render_errors = {e.get("prompt_id") or e.get("id"): e.get("error") for e in errors}
     rows, sheet_videos, detections, t0 = [], [], [], time.time()
     for i, tr in enumerate(truth_rows):
-        truth = _truth(tr["meta"])
+        truth, split = _truth(tr["meta"]), split_of(tr["meta"])
         videos = sorted(by_prompt.get(tr["id"], []), key=lambda r: r.get("sample") or 0)
         if not videos:
             err = render_errors.get(tr["id"], "no video rendered")
             rows.append({"id": tr["id"], "prompt_id": tr["id"], "prompt": tr["prompt"],
                          "status": "missing", "error": err, "truth": truth,
-                         "split": split_of(tr["meta"]), "verdict": judge(None, truth),
+                         "split": split, "verdict": judge(None, truth),
                          "detection": None})
             detections.append(None)
             sheet_videos.append(None)
@@ -92,14 +92,14 @@ def score_videos(cfg: EvalConfig, out: str) -> tuple[list[dict], list, list, lis
             except (VideoDecodeError, storage.StorageError) as e:
                 rows.append({"id": v["id"], "prompt_id": tr["id"], "prompt": tr["prompt"],
                              "status": "error", "error": str(e).splitlines()[0],
-                             "truth": truth, "split": split_of(tr["meta"]),
+                             "truth": truth, "split": split,
                              "verdict": judge(None, truth), "detection": None})
                 detections.append(None)
                 continue
             det = detect(frames)
             rows.append({"id": v["id"], "prompt_id": tr["id"], "prompt": tr["prompt"],
                          "status": "ok", "error": None, "truth": truth,
-                         "split": split_of(tr["meta"]), "verdict": judge(det, truth),
+                         "split": split, "verdict": judge(det, truth),
                          "detection": det.to_dict(), "seconds": v.get("seconds"),
                          "video": uri})
             detections.append(det)

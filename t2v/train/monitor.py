@@ -195,9 +195,10 @@ class Monitor:
 
     def pass_done(self, step: int, rows: int, passes: int = 1) -> None:
         """A full read of the training stream (`passes` passes over the data) gave `rows` on
-        this rank: compared, summed over ranks, with what the index lists, times `passes`. Ray's equal splits drop fewer than one row per
-        data-parallel reader; more missing means damaged shards (each named on the log as it
-        is read: t2v/data/tarsource.py) or samples that failed to decode. Collective."""
+        this rank: compared, summed over ranks, with what the index lists, times `passes`.
+        Ray's equal splits drop fewer than one row per data-parallel reader a read; more
+        missing means damaged shards (each named on the log as it is read:
+        t2v/data/tarsource.py) or samples that failed to decode. Collective."""
         total = torch.tensor([rows], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)

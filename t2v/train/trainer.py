@@ -147,9 +147,10 @@ def run_train(cfg: TrainConfig) -> dict:
     column = task.bucket_column(buckets)  # refuses what this stage cannot batch
     info = task.describe_data(val_uri or uris[-1], buckets)
     info.train_samples = index_samples(indexed)
-    passes = passes_per_read(cfg, info.train_samples)
-    clock = PassClock.remote(passes)  # the workers say which pass the stream reads (module doc)
+    # The workers say which pass the stream reads (module doc); it reads this many in a row.
+    clock = PassClock.remote(passes_per_read(cfg, info.train_samples))
     dataset, collate = task.dataset(train, clock)
+    ingest = ingest_options(cfg.data.ordered)
     fs, storage_path = storage.pyarrow_filesystem(cfg.out)
     resources = {"CPU": cfg.cpus_per_worker}
     sp = cfg.sequence_parallel
@@ -161,8 +162,7 @@ def run_train(cfg: TrainConfig) -> dict:
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(), "data_info": info, "run_uri": run_uri,
                            "collate": collate, "bucket_column": column,
-                           "resume_from": resume_from, "clock": clock,
-                           "passes_per_read": passes},
+                           "resume_from": resume_from, "clock": clock},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=placement),
@@ -172,9 +172,8 @@ def run_train(cfg: TrainConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": dataset},
         # sequence parallelism: one stream split per group, read by its first rank
-        dataset_config=(GroupedData(sp, execution_options=ingest_options(cfg.data.ordered))
-                        if sp > 1 else DataConfig(
-                            execution_options=ingest_options(cfg.data.ordered))),
+        dataset_config=(GroupedData(sp, execution_options=ingest) if sp > 1
+                        else DataConfig(execution_options=ingest)),
     )
     print(f"[t2v] training {cfg.stage} '{cfg.name}' -> {run_uri} ({len(train)} train shards, "
           f"held-out {val_uri}, clips {info.frames}x{info.height}x{info.width}"

@@ -282,7 +282,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     column = config.get("bucket_column")  # per-bucket batching (t2v/data/buckets.py)
     clock = config["clock"]  # tells the reader which pass it reads (t2v/data/tarsource.py)
-    passes = int(config.get("passes_per_read") or 1)  # passes per execution of the stream
+    passes = ray.get(clock.get.remote())[1]  # passes per execution of the stream
     micro, module, gathered_at = 0, None, None
     while step < cfg.steps:
         ray.get(clock.set.remote(pass_index))  # before this rank asks for the pass's first block

@@ -71,21 +71,19 @@ def demo_config(out: str, shards: str, vae: str, steps: int) -> TrainConfig:
 
 
 def load_latents(shards: str) -> dict:
-    """Every training sample in memory: latent, text, mask tensors."""
+    """Every training sample in memory: latent, text, mask tensors (decoded as training
+    decodes them: t2v.data.latents.decode_latent_row)."""
     import numpy as np
     import torch
 
+    from t2v.data.latents import decode_latent_row
     from t2v.data.shards import iter_shard_samples, shard_uris
 
-    def npy(b: bytes) -> np.ndarray:
-        import io
-
-        return np.load(io.BytesIO(b), allow_pickle=False)
-
-    rows = [f for _, f in iter_shard_samples(shard_uris(shards)[:-1])]
-    return {"latent": torch.from_numpy(np.stack([npy(f["latent.npy"]) for f in rows])).float(),
-            "text": torch.from_numpy(np.stack([npy(f["text.npy"]) for f in rows])).float(),
-            "mask": torch.from_numpy(np.stack([npy(f["mask.npy"]) for f in rows])).bool()}
+    rows = [r for key, fields in iter_shard_samples(shard_uris(shards)[:-1])
+            for r in decode_latent_row({"__key__": key, **fields})]
+    return {"latent": torch.from_numpy(np.stack([r["latent"] for r in rows])).float(),
+            "text": torch.from_numpy(np.stack([r["text"] for r in rows])).float(),
+            "mask": torch.from_numpy(np.stack([r["mask"] for r in rows])).bool()}
 
 
 def build(cfg: TrainConfig, data: dict):  # noqa: ANN201 - (model, optimizer)
