@@ -291,6 +291,9 @@ class TrainConfig(Section):
     init_from's render shift, else 1. The package records it as its render shift."""
     kl_weight: float = Field(1e-6, ge=0)
     """Stage vae: weight of the KL term."""
+    edge_weight: float = Field(0.0, ge=0)
+    """Stage vae: weight of the edge term (L1 between the spatial differences of the
+    reconstruction and the clip; CausalVideoVAE.loss): keeps small objects' outlines."""
     num_workers: int | tuple[int, int] = 2
     """Ray Train workers, or [MIN, MAX] for elastic training: Ray starts as many as fit (up to
     MAX, at least MIN) and after a failure restarts with what is left. Any worker count resumes

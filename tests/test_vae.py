@@ -331,3 +331,38 @@ def test_shortcut_keeps_causality_and_chunking():
 def test_shortcut_needs_three_latent_channels():
     with pytest.raises(ValueError, match="shortcut needs latent_channels"):
         vae_config("debug", latent_channels=2, shortcut=True)
+
+
+def test_loss_terms_match_reference_formulas():
+    """L1 / MSE / edge against their definitions written out element by element, the total as
+    the weighted sum with the KL; the edge term is 0 for a reconstruction off by a constant and
+    not for an outline one pixel off."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 5, 6, 7, generator=g) * 2 - 1
+    recon = torch.rand(2, 3, 5, 6, 7, generator=g) * 2 - 1
+    mean, logvar = torch.randn(2, 4, 2, 3, 3, generator=g), torch.randn(2, 4, 2, 3, 3, generator=g)
+    vae = CausalVideoVAE(vae_config("debug"))
+    out = vae.loss(x, recon, DiagonalGaussian(mean, logvar), kl_weight=0.1, l1_weight=2.0,
+                   mse_weight=3.0, edge_weight=5.0)
+    d = (recon - x).double()
+    dx = np.mean([abs(float(d[b, c, t, h, w + 1] - d[b, c, t, h, w]))
+                  for b in range(2) for c in range(3) for t in range(5) for h in range(6)
+                  for w in range(6)])
+    dy = np.mean([abs(float(d[b, c, t, h + 1, w] - d[b, c, t, h, w]))
+                  for b in range(2) for c in range(3) for t in range(5) for h in range(5)
+                  for w in range(7)])
+    assert float(out["l1"]) == pytest.approx(float(d.abs().mean()), rel=1e-5)
+    assert float(out["mse"]) == pytest.approx(float((d ** 2).mean()), rel=1e-5)
+    assert float(out["edge"]) == pytest.approx((dx + dy) / 2, rel=1e-5)
+    kl = float(DiagonalGaussian(mean, logvar).kl().mean())
+    want = 2.0 * float(d.abs().mean()) + 3.0 * float((d ** 2).mean()) + 5.0 * (dx + dy) / 2
+    assert float(out["total"]) == pytest.approx(want + 0.1 * kl, rel=1e-5)
+    # A constant offset has no edges; an outline one pixel off has them (left or up alike).
+    post = DiagonalGaussian(mean, logvar)
+    assert float(vae.loss(x, x + 0.25, post)["edge"]) == pytest.approx(0.0, abs=1e-7)
+    square = torch.full((1, 3, 1, 8, 8), -1.0)
+    square[..., 2:6, 2:6] = 1.0
+    a = vae.loss(square, square.roll(1, dims=-1), post)["edge"]
+    b = vae.loss(square, square.roll(1, dims=-2), post)["edge"]
+    assert float(a) > 0.1 and float(a) == pytest.approx(float(b))
+    assert float(vae.loss(square, square, post)["edge"]) == 0.0

@@ -80,7 +80,8 @@ class VAETask(StageTask):
         seed = sample_seed(self.cfg.seed, step, ",".join(batch.keys), "vae-posterior")
         generator = torch.Generator(self.device).manual_seed(seed)
         recon, posterior = engine(x, generator=generator)
-        return engine.module.loss(x, recon, posterior, kl_weight=self.cfg.kl_weight)["total"]
+        return engine.module.loss(x, recon, posterior, kl_weight=self.cfg.kl_weight,
+                                  edge_weight=self.cfg.edge_weight)["total"]
 
     def _held_out(self, count: int | None = None) -> torch.Tensor:
         """The first `count` (default all) held-out clips on the device, model range."""
