@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from t2v.models.dit import DIT_PRESETS, DiTConfig, VideoDiT, dit_config
 from t2v.models.rope import apply_rope, grid_positions, rope_angles
@@ -144,6 +145,40 @@ def test_masked_text_tokens_do_not_matter_and_empty_rows_are_finite() -> None:
     # An all-False row means "no text" (zero cross-attention branch): finite gradients too.
     model(x[1:], t[1:], text2[1:], mask[1:]).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_unused_text_positions_are_dropped_exactly() -> None:
+    """The forward drops text positions no row uses; each row's output and gradients equal
+    those of the row alone with only its own tokens, and padding to 64 changes nothing."""
+    model = _randomize(VideoDiT(DiTConfig(**TINY))).eval()
+    x, t, text = _inputs(length=6)
+    mask = torch.tensor([[True, True, False, False, False, False],
+                         [True, False, False, True, False, False]])
+    with torch.no_grad():
+        out = model(x, t, text, mask)
+        alone = [model(x[:1], t[:1], text[:1, :2], mask[:1, :2]),
+                 model(x[1:], t[1:], text[1:, [0, 3]], mask[1:, [0, 3]])]
+        padded = model(x, t, torch.nn.functional.pad(text, (0, 0, 0, 58)),
+                       torch.nn.functional.pad(mask, (0, 58), value=False))
+    torch.testing.assert_close(out, torch.cat(alone), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, padded, rtol=0, atol=1e-6)
+    grads = []
+    for length in (6, 64):
+        model.zero_grad()
+        pad = length - 6
+        model(x, t, torch.nn.functional.pad(text, (0, 0, 0, pad)),
+              torch.nn.functional.pad(mask, (0, pad), value=False)).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    flops = []
+    for length in (6, 64):  # the padding costs nothing either
+        pad = length - 6
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x, t, torch.nn.functional.pad(text, (0, 0, 0, pad)),
+                  torch.nn.functional.pad(mask, (0, pad), value=False))
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1]
 
 
 def test_checkpointing_gives_identical_gradients() -> None:

@@ -413,16 +413,24 @@ class VideoDiT(nn.Module):
         emb = timestep_embedding(ts, c.freq_dim).to(self.time_embed.fc1.weight.dtype)  # (B, F)
         temb = self.time_embed(emb)  # (B, D)
         mod = self.time_proj(F.silu(temb)).unflatten(1, (6, c.dim))  # (B, 6, D)
-        ctx = self.text_embed(text.to(x.dtype))  # (B, L, D)
         mask = keep = None
         if text_mask is not None and c.text_mask:
             if text_mask.shape != text.shape[:2]:
                 raise ValueError(f"text_mask {tuple(text_mask.shape)} != text (B, L) "
                                  f"{tuple(text.shape[:2])}")
             real = text_mask.bool()  # (B, L)
+            # Positions no sample of the batch uses are masked out of every softmax: dropping
+            # them before the text projection changes nothing but the cost (a 7-token prompt
+            # padded to 64 made the cross-attention and the text MLP most of the demo DiT's
+            # work). One host sync per forward; models with text_mask False keep every token.
+            used = real.any(dim=0)  # (L,)
+            if not bool(used.all()):
+                cols = used.nonzero().flatten() if bool(used.any()) else used.new_zeros(1).long()
+                text, real = text[:, cols], real[:, cols]  # (B, L', .)
             has_text = real.any(dim=1, keepdim=True)  # (B, 1)
             mask = (real | ~has_text)[:, None, None, :]  # (B, 1, 1, L): no all-False rows
             keep = has_text[:, :, None].to(x.dtype)  # (B, 1, 1): zero branch for no-text rows
+        ctx = self.text_embed(text.to(x.dtype))  # (B, L', D)
         return x, Conditioning(grid, ctx, mod, temb, mask, keep)
 
     def run_blocks(self, x: Tensor, cond: Conditioning, rope: Tensor) -> Tensor:

@@ -189,6 +189,10 @@ class DiTTask(StageTask):
             target_layers(probe, cfg.lora.target_modules)
         init_render = self.init_meta.render if self.init_meta else None
         shift = cfg.shift or (init_render.shift if init_render else 1.0)
+        # A masking DiT drops the padding no sample of a batch uses (VideoDiT.embed): count the
+        # longest held-out prompt's tokens, not the encoder's max_length.
+        text_len = (int(mask.sum(axis=1).max()) if probe.config.text_mask and mask.size
+                    else text_cfg.max_length)
         # The latents fix the geometry; bucketed data: the bucket with the most training samples
         # (its render default).
         frames, height, width = pixel_geometry(vae, t, h, w)
@@ -199,7 +203,7 @@ class DiTTask(StageTask):
         return DiTData(
             frames=frames, height=height, width=width, fps=clip_fps(metas), buckets=buckets,
             tokens_per_sample=int(np.prod(probe.grid((1, c, t, h, w)))),
-            train_flops_per_sample=train_flops(probe.flops((1, c, t, h, w), text_cfg.max_length)),
+            train_flops_per_sample=train_flops(probe.flops((1, c, t, h, w), text_len)),
             latent_shape=(c, t, h, w), text_encoder=text_cfg, shift=float(shift),
             empty_text=empty[0].numpy(), empty_mask=empty_mask[0].numpy(),
             val_latent=latent, val_text=text, val_mask=mask, val_captions=captions)
