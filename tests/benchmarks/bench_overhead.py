@@ -7,6 +7,8 @@ The demo's DiT (the `debug` preset on the demo's latents: 6x3x8x8, MiniLM text, 
 - `bare`: one process, torch on all cores, batch 32, AdamW: the maths alone;
 - `ddp`: two processes (torch.distributed over gloo, DistributedDataParallel, 1 thread and
   batch 16 each): what splitting the batch over two processes costs, without Ray or DeepSpeed;
+- `ds`: the same two processes with DeepSpeed's engine as t2v's workers configure it (ZeRO-2
+  and ZeRO-0), data in memory: DeepSpeed's share, without Ray Train or Ray Data;
 - `ray`: `t2v train` as the demo runs it (Ray Train, DeepSpeed ZeRO-2, Ray Data streaming,
   EMA, metrics), 2 workers x batch 16;
 - `engine`: one process, one thread, one rank's batch: a bare step against DeepSpeed's engine
@@ -151,7 +153,39 @@ def _ddp_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, p
     dist.destroy_process_group()
 
 
-def ddp(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> dict:
+def _ds_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, port: int,
+               result: str) -> None:
+    """DeepSpeed's engine as t2v's workers make it (their config), data in memory, no Ray."""
+    import torch
+    import torch.distributed as dist
+
+    from t2v.diffusion.flow import flow_loss
+    from t2v.train.worker import deepspeed_config, initialize_engine
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = TrainConfig.model_validate_json(cfg_json)
+    data = load_latents(shards)
+    model, opt = build(cfg, data)
+    eng = initialize_engine(model, opt, None, deepspeed_config(cfg, False), False)
+    g = torch.Generator().manual_seed(rank)
+    n, batch, warmup = data["latent"].shape[0], BATCH // world, 20
+    for step in range(steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        idx = torch.randint(0, n, (batch,), generator=g)
+        loss = flow_loss(eng, data["latent"][idx], data["text"][idx], data["mask"][idx],
+                         generator=g)
+        eng.backward(loss)
+        eng.step()
+    if rank == 0:
+        Path(result).write_text(json.dumps((steps - warmup) * BATCH / (time.perf_counter() - t0)))
+    dist.destroy_process_group()
+
+
+def spawn2(worker, cfg: TrainConfig, shards: str, steps: int, result: str) -> float:  # noqa: ANN001
     import socket
 
     import torch.multiprocessing as mp
@@ -159,11 +193,23 @@ def ddp(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = f"{tmp}/ddp.json"
-    mp.spawn(_ddp_worker, args=(2, cfg.model_dump_json(), shards, steps, port, result),
-             nprocs=2, join=True)
+    mp.spawn(worker, args=(2, cfg.model_dump_json(), shards, steps, port, result), nprocs=2,
+             join=True)
+    return json.loads(Path(result).read_text())
+
+
+def ddp(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> dict:
     return {"way": "ddp", "processes": 2, "threads": 1,
-            "samples_per_s": json.loads(Path(result).read_text())}
+            "samples_per_s": spawn2(_ddp_worker, cfg, shards, steps, f"{tmp}/ddp.json")}
+
+
+def ds(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> list[dict]:
+    """Two processes with DeepSpeed's engine at ZeRO-2 and ZeRO-0 over gloo, no Ray: what
+    DeepSpeed costs at two ranks, apart from what Ray Train and Ray Data cost."""
+    return [{"way": f"deepspeed ZeRO-{stage}, no Ray", "processes": 2, "threads": 1,
+             "samples_per_s": spawn2(_ds_worker, cfg.model_copy(update={"zero_stage": stage}),
+                                     shards, steps, f"{tmp}/ds{stage}.json")}
+            for stage in (2, 0)]
 
 
 def engine(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> list[dict]:
@@ -249,7 +295,7 @@ def ray_train(cfg: TrainConfig, variant: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--only", default="bare,ddp,ray,engine")
+    p.add_argument("--only", default="bare,ddp,ds,ray,engine")
     p.add_argument("--variants", default="",
                    help="Ray Train runs, separated by ',': each '' (the demo's settings) or "
                         "KEY=VALUE[+KEY=VALUE...], e.g. ',zero_stage=0,data.prefetch_batches=1'")
@@ -278,6 +324,9 @@ def main() -> None:
         if "ddp" in ways:
             rows.append(ddp(cfg, shards, args.steps, tmp))
             print(json.dumps(rows[-1]), flush=True)
+        if "ds" in ways:
+            rows.extend(ds(cfg, shards, args.steps, tmp))
+            print(json.dumps(rows[-2:]), flush=True)
         if "engine" in ways:
             probes = engine(cfg, shards, min(args.steps, 60), tmp)
             print(json.dumps(probes), flush=True)

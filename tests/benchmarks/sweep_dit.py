@@ -1,0 +1,180 @@
+"""Where the shape goes, DiT side ([5/7] item 3): train DiT variants on the demo's latents in one
+process, render the held-out prompts and score them as `t2v eval` does.
+
+    .venv/bin/python tests/benchmarks/sweep_dit.py --vae PKG [--steps 1600] [--batch 32] \\
+        [--variant NAME:key=value,key=value ...] [--out DIR]
+
+PKG is a VAE package: the demo's (OUT/runs/vae/package) or one that
+tests/benchmarks/sweep_vae.py wrote (OUT/NAME/package). The clips are the default demo's (the
+cache sweep_vae.py keeps in OUT/demo_clips.npz, made if missing), encoded by that VAE (posterior
+means, normalised), their captions by the offline MiniLM encoder. Each variant is the `debug`
+DiT preset with its overrides (DiTConfig fields, a/b/c for a tuple such as patch=1/1/1) plus
+training keys `steps`, `batch`, `lr`, `shift` (training timestep shift; the render uses the
+same), `cfg` (render guidance), trained by a bare torch loop on the box's cores the way the DiT
+stage trains: `t2v.diffusion.flow.flow_loss` (logit-normal t), caption dropout 0.1 to the empty
+prompt, AdamW with the demo's betas, warm-up 50, cosine LR, clipping at 1, EMA 0.995 (the EMA
+weights render). The 96 held-out prompts (12 combinations x 8 seeds, the demo's prompt file)
+then render with 25 Euler steps and are judged by the eval's detector. A row measures what the
+model and recipe learn in that many steps, not Ray Train's cost (bench_overhead.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from sweep_vae import demo_data, ema_fragments, parse_variant  # noqa: E402
+
+from t2v.data.synthetic import heldout_combos  # noqa: E402
+from t2v.data.video import contact_sheet, to_model_range, to_uint8  # noqa: E402
+from t2v.demo import heldout_prompt_rows  # noqa: E402
+from t2v.diffusion.flow import flow_loss, sample_t  # noqa: E402
+from t2v.diffusion.sampling import denoise, get_noise  # noqa: E402
+from t2v.eval.detector import detect  # noqa: E402
+from t2v.eval.report import TRUTH_KEYS, VOCAB  # noqa: E402
+from t2v.eval.scoring import judge, summarize  # noqa: E402
+from t2v.models.dit import VideoDiT, dit_config  # noqa: E402
+from t2v.models.package import load_package  # noqa: E402
+from t2v.models.text import TextEncoder, TextEncoderConfig  # noqa: E402
+from t2v.train.schedule import EMA, lr_factor  # noqa: E402
+
+DEFAULT_VARIANTS = ["demo:"]
+TRAIN_KEYS = ("steps", "batch", "lr", "shift", "cfg", "render_steps")
+
+
+def encode_all(vae, text: TextEncoder, clips: np.ndarray,  # noqa: ANN001
+               captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised latents (N, C, T', H', W'), text (N, L, D), mask (N, L)."""
+    zs, embs, masks = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(clips), 64):
+            zs.append(vae.normalize(vae.encode(to_model_range(clips[i:i + 64])).mean))
+            emb, mask = text(captions[i:i + 64])
+            embs.append(emb)
+            masks.append(mask)
+    return torch.cat(zs), torch.cat(embs), torch.cat(masks)
+
+
+def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
+                    text: torch.Tensor, mask: torch.Tensor, empty: tuple, vae, encoder,  # noqa: ANN001
+                    rows: list[dict], steps: int, batch: int) -> dict:
+    steps, batch = int(train_kw.get("steps", steps)), int(train_kw.get("batch", batch))
+    lr, shift = float(train_kw.get("lr", 3e-3)), float(train_kw.get("shift", 1.0))
+    torch.manual_seed(0)
+    cfg = dit_config("debug", **({"in_channels": x0.shape[1], "text_dim": text.shape[-1]}
+                                 | model_kw))
+    dit = VideoDiT(cfg)
+    opt = torch.optim.AdamW(dit.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = EMA.of_module(dit, 0.995)
+    gen = torch.Generator().manual_seed(0)
+    per_pass = len(x0) // batch  # a new order every pass, as the trainer's shuffle
+    t0, losses = time.perf_counter(), []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, warmup=50, total=steps, kind="cosine",
+                                         min_ratio=0.1)
+        if step % per_pass == 0:
+            order = torch.randperm(len(x0), generator=gen)
+        take = order[(step % per_pass) * batch:(step % per_pass + 1) * batch]
+        drop = torch.rand(batch, generator=gen) < 0.1
+        txt = torch.where(drop[:, None, None], empty[0], text[take])
+        msk = torch.where(drop[:, None], empty[1], mask[take])
+        t = sample_t(batch, gen, shift=shift)
+        loss = flow_loss(dit, x0[take], txt, msk, t=t, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        ema.update(ema_fragments(dit))
+        losses.append(loss.item())
+        if (step + 1) % 200 == 0:
+            print(f"  {name} step {step + 1}/{steps} loss {np.mean(losses[-200:]):.4f} "
+                  f"({(time.perf_counter() - t0) / (step + 1):.3f} s/step)", flush=True)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        for pname, p in dit.named_parameters():
+            p.copy_(ema.whole()[pname].view_as(p))
+        dit.eval()
+        judged, videos = [], []
+        for i in range(0, len(rows), 32):
+            part = rows[i:i + 32]
+            emb, emb_mask = encoder([r["prompt"] for r in part])
+            noise = get_noise(tuple(x0.shape[1:]), [r["seed"] for r in part])
+            z = denoise(dit, noise, emb, emb_mask, empty[0].expand(len(part), -1, -1),
+                        empty[1].expand(len(part), -1),
+                        steps=int(train_kw.get("render_steps", 25)),
+                        cfg=float(train_kw.get("cfg", 4.0)), shift=shift, sampler="euler")
+            for r, v in zip(part, vae.decode(z), strict=True):
+                video = to_uint8(v)
+                videos.append(video)
+                judged.append(judge(detect(video), {k: r["meta"][k] for k in TRUTH_KEYS}))
+    acc = summarize(judged, VOCAB)
+    return {"name": name, "overrides": model_kw | train_kw, "steps": steps, "batch": batch,
+            "params_m": sum(p.numel() for p in dit.parameters()) / 1e6,
+            "tokens": int(np.prod(dit.grid((1, *x0.shape[1:])))),
+            "s_per_step": seconds / steps, "final_loss": float(np.mean(losses[-100:])),
+            **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")}}, videos
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | overrides | params | tokens | steps x batch | s/step | loss | colour "
+             "| shape | motion |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+        lines.append(f"| {r['name']} | {over} | {r['params_m']:.2f}M | {r['tokens']} "
+                     f"| {r['steps']} x {r['batch']} | {r['s_per_step']:.3f} "
+                     f"| {r['final_loss']:.4f} | {r['colour']:.1%} | {r['shape']:.1%} "
+                     f"| {r['motion']:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vae", required=True, help="a VAE package (path or URI)")
+    ap.add_argument("--steps", type=int, default=1600, help="the default demo's DiT steps")
+    ap.add_argument("--batch", type=int, default=32, help="the demo's global batch (2 x 16)")
+    ap.add_argument("--variant", action="append", help="NAME:key=value,... (repeatable)")
+    ap.add_argument("--out", default="/tmp/t2v-sweep-dit")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    demo = demo_data(out / "demo_clips.npz")
+    vae = load_package(args.vae, load_text=False, load_dit=False).vae.eval()
+    encoder = TextEncoder(TextEncoderConfig())
+    x0, text, mask = encode_all(vae, encoder, demo["train"], demo["captions"])
+    with torch.no_grad():
+        empty = encoder([""])
+    rows = heldout_prompt_rows(heldout_combos(12), 8)
+    print(f"latents {tuple(x0.shape)}, text {tuple(text.shape)}; {len(rows)} held-out prompts",
+          flush=True)
+    results = []
+    for spec in args.variant or DEFAULT_VARIANTS:
+        name, model_kw, train_kw = parse_variant(spec)
+        train_kw |= {k: model_kw.pop(k) for k in TRAIN_KEYS if k in model_kw}
+        result, videos = train_and_score(name, model_kw, train_kw, x0, text, mask, empty, vae,
+                                         encoder, rows, args.steps, args.batch)
+        results.append(result)
+        print(f"{name}: colour {result['colour']:.1%}, shape {result['shape']:.1%}, motion "
+              f"{result['motion']:.1%}, {result['s_per_step']:.3f} s/step", flush=True)
+        with open(out / "rows.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        sheet = contact_sheet(videos[::8], labels=[r["prompt"] for r in rows[::8]])
+        Image.fromarray(sheet).save(out / f"{name}.png")  # one seed per combination
+    text_md = table(results)
+    print(text_md)
+    (out / "sweep_dit.md").write_text(text_md + "\n")
+
+
+if __name__ == "__main__":
+    main()

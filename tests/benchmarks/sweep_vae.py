@@ -1,0 +1,219 @@
+"""Where the shape goes, VAE side ([5/7] item 3): train VAE variants on the demo's clips in one
+process and read shapes off their reconstructions of the held-out clips.
+
+    .venv/bin/python tests/benchmarks/sweep_vae.py [--steps 550] [--batch 8] \\
+        [--variant NAME:key=value,key=value ...] [--out DIR]
+
+The data is the default demo's: 1024 training clips with the 12 held-out combinations excluded
+and 96 held-out clips (the same synth seeds, sizes and mp4 round trip as `t2v demo`). Each
+variant is the `debug` VAE preset with its overrides (model fields of VAEConfig, and the loss
+weights `edge_weight`, `kl_weight`, plus `steps` / `lr` / `batch`) trained by a bare torch loop
+on the box's cores: AdamW with the demo's betas, warm-up, cosine schedule, gradient clipping and
+EMA, the VAE's own `loss`. So a row measures what the model and loss can learn in that many
+steps, not what Ray Train costs (tests/benchmarks/bench_overhead.py measures that). Each row:
+parameters, compression, seconds a step, held-out PSNR and what the eval's detector reads off
+the reconstructions (colour / shape / motion accuracy against the clips' truth; the clips
+themselves score the ceiling row). Prints a markdown table; --out keeps it, the JSON rows and
+each variant's VAE package (OUT/NAME/package, latent statistics fitted on the held-out clips as
+the demo's export does) for tests/benchmarks/sweep_dit.py.
+
+Without --variant it runs the default set: the demo's VAE as it is, and the candidates that
+keep its 24x compression.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from t2v.data.synthetic import generate_samples, heldout_combos  # noqa: E402
+from t2v.data.video import decode_video, to_model_range, to_uint8  # noqa: E402
+from t2v.eval.detector import detect  # noqa: E402
+from t2v.eval.report import TRUTH_KEYS, VOCAB  # noqa: E402
+from t2v.eval.scoring import judge, summarize  # noqa: E402
+from t2v.models.latent import fit_latent_stats  # noqa: E402
+from t2v.models.package import save_package  # noqa: E402
+from t2v.models.vae import CausalVideoVAE, vae_config  # noqa: E402
+from t2v.train.schedule import EMA, Fragment, lr_factor  # noqa: E402
+
+DEFAULT_VARIANTS = [
+    "demo:latent_channels=6,shortcut=true",
+    "demo-edge:latent_channels=6,shortcut=true,edge_weight=1.0",
+    "wide:latent_channels=6,shortcut=true,base_channels=32",
+    "wide-edge:latent_channels=6,shortcut=true,base_channels=32,edge_weight=1.0",
+]
+TRAIN_KEYS = {"steps": int, "lr": float, "batch": int, "edge_weight": float, "kl_weight": float}
+
+
+def parse_value(text: str) -> object:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if "/" in text:
+        return tuple(int(v) for v in text.split("/"))
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def parse_variant(spec: str) -> tuple[str, dict, dict]:
+    """'NAME:k=v,k=v' -> (name, model overrides, training overrides); a/b/c is a tuple."""
+    name, _, body = spec.partition(":")
+    model, train = {}, {}
+    for item in filter(None, body.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {spec}: {item!r} is not key=value")
+        (train if key in TRAIN_KEYS else model)[key] = parse_value(value)
+    return name, model, train
+
+
+def clips(num: int, *, seed: int, exclude=(), only=()) -> tuple[np.ndarray, list[str],
+                                                                 list[dict]]:
+    """Synthesised clips through the demo's mp4 round trip: uint8 (N, 9, 32, 32, 3), captions,
+    truths."""
+    frames, captions, truths = [], [], []
+    for _, fields in generate_samples(num, seed=seed, frames=9, size=32, exclude=exclude,
+                                      only=only):
+        frames.append(decode_video(fields["mp4"]))
+        captions.append(fields["txt"].decode())
+        meta = json.loads(fields["json"])
+        truths.append({k: meta[k] for k in TRUTH_KEYS if k in meta})
+    return np.stack(frames), captions, truths
+
+
+def demo_data(cache: Path) -> dict:
+    """The default demo's training clips (held-out combinations excluded) with their captions,
+    and its held-out clips with their truths: {train, captions, held, truths}."""
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        if "captions" in z:
+            return {"train": z["train"], "captions": json.loads(str(z["captions"])),
+                    "held": z["held"], "truths": json.loads(str(z["truths"]))}
+    held_names = [str(c) for c in heldout_combos(12)]
+    train, captions, _ = clips(1024, seed=0, exclude=held_names)  # SynthConfig's seed 0
+    held, _, truths = clips(96, seed=7919, only=held_names)  # the demo's held-out seed
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, train=train, captions=json.dumps(captions), held=held,
+             truths=json.dumps(truths))
+    return {"train": train, "captions": captions, "held": held, "truths": truths}
+
+
+def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
+                  held: np.ndarray, truths: list[dict], steps: int, batch: int,
+                  package: Path | None = None) -> dict:
+    steps, batch = train_kw.get("steps", steps), train_kw.get("batch", batch)
+    lr = train_kw.get("lr", 2e-3)
+    loss_kw = {k: train_kw[k] for k in ("edge_weight", "kl_weight") if k in train_kw}
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(vae_config("debug", **model_kw))
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = EMA.of_module(vae, 0.99)
+    rng = np.random.default_rng(0)
+    per_pass = len(data) // batch  # a new order every pass, as the trainer's shuffle
+    t0, losses = time.perf_counter(), []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, warmup=20, total=steps, kind="cosine",
+                                         min_ratio=0.1)
+        if step % per_pass == 0:
+            order = rng.permutation(len(data))
+        take = order[(step % per_pass) * batch:(step % per_pass + 1) * batch]
+        x = to_model_range(data[take])
+        recon, posterior = vae(x)
+        loss = vae.loss(x, recon, posterior, **loss_kw)["total"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        ema.update(ema_fragments(vae))
+        losses.append(float(loss))
+        if (step + 1) % 100 == 0:
+            print(f"  {name} step {step + 1}/{steps} loss {np.mean(losses[-100:]):.4f} "
+                  f"({(time.perf_counter() - t0) / (step + 1):.3f} s/step)", flush=True)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        for pname, p in vae.named_parameters():
+            p.copy_(ema.whole()[pname].view_as(p))
+        vae.eval()
+        x = to_model_range(held)
+        recon = torch.cat([vae.decode_raw(vae.encode(x[i:i + 16]).mean)
+                           for i in range(0, len(x), 16)]).clamp(-1, 1)
+        mse = ((recon - x) / 2).pow(2).flatten(1).mean(1)
+        psnr = float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
+        if package is not None:  # a VAE-only package as the demo's VAE stage exports it
+            vae.set_latent_stats(*fit_latent_stats(vae.encode(x).mean))
+            save_package(str(package), vae=vae, run={"name": name, "step": steps,
+                                                     "stage": "vae", "sweep": model_kw | train_kw})
+    judged = [judge(detect(to_uint8(r)), t) for r, t in zip(recon, truths, strict=True)]
+    acc = summarize(judged, VOCAB)
+    return {"name": name, "overrides": model_kw | train_kw, "steps": steps, "batch": batch,
+            "params_m": sum(p.numel() for p in vae.parameters()) / 1e6,
+            "compression": vae.compression_ratio(9, 32, 32), "s_per_step": seconds / steps,
+            "psnr": psnr, **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")}}
+
+
+def ema_fragments(module: torch.nn.Module):  # noqa: ANN201
+    return (Fragment(n, 0, p) for n, p in module.named_parameters() if p.requires_grad)
+
+
+def table(rows: list[dict], ceiling: dict) -> str:
+    lines = ["| variant | overrides | params | compression | steps x batch | s/step | PSNR dB "
+             "| colour | shape | motion |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines.append(f"| clips (ceiling) | | | | | | | {ceiling['colour']:.1%} | "
+                 f"{ceiling['shape']:.1%} | {ceiling['motion']:.1%} |")
+    for r in rows:
+        over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+        lines.append(f"| {r['name']} | {over} | {r['params_m']:.2f}M | {r['compression']:.0f}x "
+                     f"| {r['steps']} x {r['batch']} | {r['s_per_step']:.3f} | {r['psnr']:.2f} "
+                     f"| {r['colour']:.1%} | {r['shape']:.1%} | {r['motion']:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=550, help="the default demo's VAE steps")
+    ap.add_argument("--batch", type=int, default=8, help="the demo's global batch (2 x 4)")
+    ap.add_argument("--variant", action="append", help="NAME:key=value,... (repeatable)")
+    ap.add_argument("--out", default="/tmp/t2v-sweep-vae")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = Path(args.out)
+    t0 = time.time()
+    demo = demo_data(out / "demo_clips.npz")
+    data, held, truths = demo["train"], demo["held"], demo["truths"]
+    print(f"data: {len(data)} training clips, {len(held)} held-out ({time.time() - t0:.0f} s)",
+          flush=True)
+    base = summarize([judge(detect(c), t) for c, t in zip(held, truths, strict=True)], VOCAB)
+    ceiling = {a: base[a]["accuracy"] for a in ("colour", "shape", "motion")}
+    rows = []
+    for spec in args.variant or DEFAULT_VARIANTS:
+        name, model_kw, train_kw = parse_variant(spec)
+        rows.append(train_variant(name, model_kw, train_kw, data, held, truths,
+                                  args.steps, args.batch, out / name / "package"))
+        r = rows[-1]
+        print(f"{name}: PSNR {r['psnr']:.2f} dB, shape {r['shape']:.1%}, colour "
+              f"{r['colour']:.1%}, motion {r['motion']:.1%}, {r['s_per_step']:.3f} s/step",
+              flush=True)
+        with open(out / "rows.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+    text = table(rows, ceiling)
+    print(text)
+    (out / "sweep_vae.md").write_text(text + "\n")
+    if not math.isfinite(sum(r["psnr"] for r in rows)):
+        raise SystemExit("a variant diverged (PSNR not finite)")
+
+
+if __name__ == "__main__":
+    main()
