@@ -101,10 +101,23 @@ def build(cfg: TrainConfig, data: dict):  # noqa: ANN201 - (model, optimizer)
     return model, opt
 
 
-def loop(model, opt, data: dict, steps: int, batch: int, rank: int = 0,  # noqa: ANN001
+def torch_update(model, opt):  # noqa: ANN001, ANN201 - a loss -> None step
+    """A plain optimizer step: backward, clip at 1, AdamW."""
+    import torch
+
+    def update(loss) -> None:  # noqa: ANN001
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return update
+
+
+def loop(model, update, data: dict, steps: int, batch: int, rank: int = 0,  # noqa: ANN001
          world: int = 1, warmup: int = 20) -> float:
-    """Train `steps` steps on this process's share of each global batch; samples/s (global)
-    after `warmup` steps."""
+    """Train `steps` steps on this process's share of each global batch (`update(loss)` steps
+    the weights); samples/s (global) after `warmup` steps."""
     import torch
 
     from t2v.diffusion.flow import flow_loss
@@ -116,12 +129,8 @@ def loop(model, opt, data: dict, steps: int, batch: int, rank: int = 0,  # noqa:
         if step == warmup:
             t0 = time.perf_counter()
         idx = torch.randint(0, n, (batch,), generator=g)
-        loss = flow_loss(model, data["latent"][idx], data["text"][idx], data["mask"][idx],
-                         generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        update(flow_loss(model, data["latent"][idx], data["text"][idx], data["mask"][idx],
+                         generator=g))
     return (steps - warmup) * batch * world / (time.perf_counter() - t0)
 
 
@@ -132,7 +141,7 @@ def bare(cfg: TrainConfig, shards: str, steps: int) -> dict:
     data = load_latents(shards)
     model, opt = build(cfg, data)
     return {"way": "bare", "processes": 1, "threads": torch.get_num_threads(),
-            "samples_per_s": loop(model, opt, data, steps, BATCH)}
+            "samples_per_s": loop(model, torch_update(model, opt), data, steps, BATCH)}
 
 
 def _ddp_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, port: int,
@@ -147,7 +156,7 @@ def _ddp_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, p
     data = load_latents(shards)
     model, opt = build(cfg, data)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    rate = loop(ddp, opt, data, steps, BATCH // world, rank, world)
+    rate = loop(ddp, torch_update(ddp, opt), data, steps, BATCH // world, rank, world)
     if rank == 0:
         Path(result).write_text(json.dumps(rate))
     dist.destroy_process_group()
@@ -159,7 +168,6 @@ def _ds_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, po
     import torch
     import torch.distributed as dist
 
-    from t2v.diffusion.flow import flow_loss
     from t2v.train.worker import deepspeed_config, initialize_engine
 
     torch.set_num_threads(1)
@@ -170,18 +178,14 @@ def _ds_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, po
     data = load_latents(shards)
     model, opt = build(cfg, data)
     eng = initialize_engine(model, opt, None, deepspeed_config(cfg, False), False)
-    g = torch.Generator().manual_seed(rank)
-    n, batch, warmup = data["latent"].shape[0], BATCH // world, 20
-    for step in range(steps):
-        if step == warmup:
-            t0 = time.perf_counter()
-        idx = torch.randint(0, n, (batch,), generator=g)
-        loss = flow_loss(eng, data["latent"][idx], data["text"][idx], data["mask"][idx],
-                         generator=g)
+
+    def update(loss) -> None:  # noqa: ANN001
         eng.backward(loss)
         eng.step()
+
+    rate = loop(eng, update, data, steps, BATCH // world, rank, world)
     if rank == 0:
-        Path(result).write_text(json.dumps((steps - warmup) * BATCH / (time.perf_counter() - t0)))
+        Path(result).write_text(json.dumps(rate))
     dist.destroy_process_group()
 
 

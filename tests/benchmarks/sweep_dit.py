@@ -1,7 +1,7 @@
 """Where the shape goes, DiT side ([5/7] item 3): train DiT variants on the demo's latents in one
 process, render the held-out prompts and score them as `t2v eval` does.
 
-    .venv/bin/python tests/benchmarks/sweep_dit.py --vae PKG [--steps 1600] [--batch 32] \\
+    .venv/bin/python tests/benchmarks/sweep_dit.py --vae PKG [--steps 1800] [--batch 32] \\
         [--variant NAME:key=value,key=value ...] [--out DIR]
 
 PKG is a VAE package: the demo's (OUT/runs/vae/package) or one that
@@ -20,11 +20,8 @@ model and recipe learn in that many steps, not Ray Train's cost (bench_overhead.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -33,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from sweep_vae import demo_data, ema_fragments, parse_variant  # noqa: E402
+from sweep_vae import demo_data, fit, parse_variant, sweep_parser  # noqa: E402
 
 from t2v.data.synthetic import heldout_combos  # noqa: E402
 from t2v.data.video import contact_sheet, to_model_range, to_uint8  # noqa: E402
@@ -46,7 +43,6 @@ from t2v.eval.scoring import judge, summarize  # noqa: E402
 from t2v.models.dit import VideoDiT, dit_config  # noqa: E402
 from t2v.models.package import load_package  # noqa: E402
 from t2v.models.text import TextEncoder, TextEncoderConfig  # noqa: E402
-from t2v.train.schedule import EMA, lr_factor  # noqa: E402
 
 DEFAULT_VARIANTS = ["demo:"]
 TRAIN_KEYS = ("steps", "batch", "lr", "shift", "cfg", "render_steps")
@@ -74,37 +70,19 @@ def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
     cfg = dit_config("debug", **({"in_channels": x0.shape[1], "text_dim": text.shape[-1]}
                                  | model_kw))
     dit = VideoDiT(cfg)
-    opt = torch.optim.AdamW(dit.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    ema = EMA.of_module(dit, 0.995)
     gen = torch.Generator().manual_seed(0)
-    per_pass = len(x0) // batch  # a new order every pass, as the trainer's shuffle
-    t0, losses = time.perf_counter(), []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(step, warmup=50, total=steps, kind="cosine",
-                                         min_ratio=0.1)
-        if step % per_pass == 0:
-            order = torch.randperm(len(x0), generator=gen)
-        take = order[(step % per_pass) * batch:(step % per_pass + 1) * batch]
-        drop = torch.rand(batch, generator=gen) < 0.1
+
+    def loss_of(take: np.ndarray) -> torch.Tensor:
+        take = torch.from_numpy(take)
+        drop = torch.rand(len(take), generator=gen) < 0.1  # caption dropout to ""
         txt = torch.where(drop[:, None, None], empty[0], text[take])
         msk = torch.where(drop[:, None], empty[1], mask[take])
-        t = sample_t(batch, gen, shift=shift)
-        loss = flow_loss(dit, x0[take], txt, msk, t=t, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        opt.step()
-        ema.update(ema_fragments(dit))
-        losses.append(loss.item())
-        if (step + 1) % 200 == 0:
-            print(f"  {name} step {step + 1}/{steps} loss {np.mean(losses[-200:]):.4f} "
-                  f"({(time.perf_counter() - t0) / (step + 1):.3f} s/step)", flush=True)
-    seconds = time.perf_counter() - t0
+        t = sample_t(len(take), gen, shift=shift)
+        return flow_loss(dit, x0[take], txt, msk, t=t, generator=gen)
+
+    seconds, final_loss = fit(name, dit, loss_of, len(x0), steps, batch, lr, warmup=50,
+                              ema_decay=0.995, every=200)
     with torch.no_grad():
-        for pname, p in dit.named_parameters():
-            p.copy_(ema.whole()[pname].view_as(p))
-        dit.eval()
         judged, videos = [], []
         for i in range(0, len(rows), 32):
             part = rows[i:i + 32]
@@ -122,7 +100,7 @@ def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
     return {"name": name, "overrides": model_kw | train_kw, "steps": steps, "batch": batch,
             "params_m": sum(p.numel() for p in dit.parameters()) / 1e6,
             "tokens": int(np.prod(dit.grid((1, *x0.shape[1:])))),
-            "s_per_step": seconds / steps, "final_loss": float(np.mean(losses[-100:])),
+            "s_per_step": seconds / steps, "final_loss": final_loss,
             **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")}}, videos
 
 
@@ -139,14 +117,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = sweep_parser(__doc__, "DiT", 1800, 32)
     ap.add_argument("--vae", required=True, help="a VAE package (path or URI)")
-    ap.add_argument("--steps", type=int, default=1600, help="the default demo's DiT steps")
-    ap.add_argument("--batch", type=int, default=32, help="the demo's global batch (2 x 16)")
-    ap.add_argument("--variant", action="append", help="NAME:key=value,... (repeatable)")
-    ap.add_argument("--out", default="/tmp/t2v-sweep-dit")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     demo = demo_data(out / "demo_clips.npz")

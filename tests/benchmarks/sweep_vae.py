@@ -110,43 +110,58 @@ def demo_data(cache: Path) -> dict:
     return {"train": train, "captions": captions, "held": held, "truths": truths}
 
 
+def fit(name: str, module: torch.nn.Module, loss_of, count: int, steps: int, batch: int,  # noqa: ANN001
+        lr: float, warmup: int, ema_decay: float, seed: int = 0,
+        every: int = 100) -> tuple[float, float]:
+    """The demo's training recipe in one process: `steps` AdamW steps (betas 0.9/0.99, no
+    weight decay, warm-up + cosine to 0.1x, clipping at 1) of `loss_of(indices)` over `count`
+    samples in a new order each pass, then the EMA weights copied into `module`; returns
+    (seconds, the mean loss of the last `every` steps)."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = EMA.of_module(module, ema_decay)
+    rng = np.random.default_rng(seed)
+    per_pass = count // batch  # a new order every pass, as the trainer's shuffle
+    t0, losses = time.perf_counter(), []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, warmup=warmup, total=steps, kind="cosine",
+                                         min_ratio=0.1)
+        if step % per_pass == 0:
+            order = rng.permutation(count)
+        loss = loss_of(order[(step % per_pass) * batch:(step % per_pass + 1) * batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        ema.update(Fragment(n, 0, p) for n, p in module.named_parameters() if p.requires_grad)
+        losses.append(loss.item())
+        if (step + 1) % every == 0:
+            print(f"  {name} step {step + 1}/{steps} loss {np.mean(losses[-every:]):.4f} "
+                  f"({(time.perf_counter() - t0) / (step + 1):.3f} s/step)", flush=True)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        for pname, p in module.named_parameters():
+            p.copy_(ema.whole()[pname].view_as(p))
+    module.eval()
+    return seconds, float(np.mean(losses[-every:]))
+
+
 def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
                   held: np.ndarray, truths: list[dict], steps: int, batch: int,
                   package: Path | None = None) -> dict:
     steps, batch = train_kw.get("steps", steps), train_kw.get("batch", batch)
-    lr = train_kw.get("lr", 2e-3)
     loss_kw = {k: train_kw[k] for k in ("edge_weight", "kl_weight") if k in train_kw}
     torch.manual_seed(0)
     vae = CausalVideoVAE(vae_config("debug", **model_kw))
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    ema = EMA.of_module(vae, 0.99)
-    rng = np.random.default_rng(0)
-    per_pass = len(data) // batch  # a new order every pass, as the trainer's shuffle
-    t0, losses = time.perf_counter(), []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_factor(step, warmup=20, total=steps, kind="cosine",
-                                         min_ratio=0.1)
-        if step % per_pass == 0:
-            order = rng.permutation(len(data))
-        take = order[(step % per_pass) * batch:(step % per_pass + 1) * batch]
+
+    def loss_of(take: np.ndarray) -> torch.Tensor:
         x = to_model_range(data[take])
         recon, posterior = vae(x)
-        loss = vae.loss(x, recon, posterior, **loss_kw)["total"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        ema.update(ema_fragments(vae))
-        losses.append(float(loss))
-        if (step + 1) % 100 == 0:
-            print(f"  {name} step {step + 1}/{steps} loss {np.mean(losses[-100:]):.4f} "
-                  f"({(time.perf_counter() - t0) / (step + 1):.3f} s/step)", flush=True)
-    seconds = time.perf_counter() - t0
+        return vae.loss(x, recon, posterior, **loss_kw)["total"]
+
+    seconds, _ = fit(name, vae, loss_of, len(data), steps, batch, train_kw.get("lr", 2e-3),
+                     warmup=20, ema_decay=0.99)
     with torch.no_grad():
-        for pname, p in vae.named_parameters():
-            p.copy_(ema.whole()[pname].view_as(p))
-        vae.eval()
         x = to_model_range(held)
         recon = torch.cat([vae.decode_raw(vae.encode(x[i:i + 16]).mean)
                            for i in range(0, len(x), 16)]).clamp(-1, 1)
@@ -164,10 +179,6 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
             "psnr": psnr, **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")}}
 
 
-def ema_fragments(module: torch.nn.Module):  # noqa: ANN201
-    return (Fragment(n, 0, p) for n, p in module.named_parameters() if p.requires_grad)
-
-
 def table(rows: list[dict], ceiling: dict) -> str:
     lines = ["| variant | overrides | params | compression | steps x batch | s/step | PSNR dB "
              "| colour | shape | motion |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -181,14 +192,19 @@ def table(rows: list[dict], ceiling: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=550, help="the default demo's VAE steps")
-    ap.add_argument("--batch", type=int, default=8, help="the demo's global batch (2 x 4)")
+def sweep_parser(doc: str, stage: str, steps: int, batch: int) -> argparse.ArgumentParser:
+    """The options both sweeps take; their defaults are the default demo's stage."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=steps, help=f"the default demo's {stage} steps")
+    ap.add_argument("--batch", type=int, default=batch, help="the demo stage's global batch")
     ap.add_argument("--variant", action="append", help="NAME:key=value,... (repeatable)")
-    ap.add_argument("--out", default="/tmp/t2v-sweep-vae")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=f"/tmp/t2v-sweep-{stage.lower()}")
     torch.set_num_threads(os.cpu_count() or 1)
+    return ap
+
+
+def main() -> None:
+    args = sweep_parser(__doc__, "VAE", 550, 8).parse_args()
     out = Path(args.out)
     t0 = time.time()
     demo = demo_data(out / "demo_clips.npz")
