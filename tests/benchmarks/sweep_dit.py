@@ -63,7 +63,7 @@ def encode_all(vae, text: TextEncoder, clips: np.ndarray,  # noqa: ANN001
 
 def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
                     text: torch.Tensor, mask: torch.Tensor, empty: tuple, vae, encoder,  # noqa: ANN001
-                    rows: list[dict], steps: int, batch: int) -> dict:
+                    rows: list[dict], steps: int, batch: int) -> tuple[dict, list[np.ndarray]]:
     steps, batch = int(train_kw.get("steps", steps)), int(train_kw.get("batch", batch))
     lr, shift = float(train_kw.get("lr", 3e-3)), float(train_kw.get("shift", 1.0))
     torch.manual_seed(0)
