@@ -19,7 +19,7 @@ from t2v.data.encode import (
     run_encode,
     run_encode_command,
 )
-from t2v.data.latents import LATENT_FORMAT, LatentCollate, latent_stream
+from t2v.data.latents import LATENT_FORMAT, LatentCollate, decode_latent_rows, latent_stream
 from t2v.data.shards import iter_shard_samples, read_index, shard_uris, write_index, write_shard
 from t2v.data.synthetic import Combo, clip_spec, render_clip
 from t2v.data.video import decode_video, encode_mp4
@@ -131,6 +131,51 @@ def test_latent_stream_batches(encoded):
     np.testing.assert_array_equal(b.latent[0].numpy(), npy(stored["latent.npy"]).astype(
         np.float32))
     assert b.captions[0] == stored["txt"].decode()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_read_tasks_decode_rows_into_one_block_per_shape_and_skip_damage(capsys):
+    """What a read task makes of a block of raw tar rows: stacked arrays equal to np.load's,
+    one block per latent shape (a bucketed shard mixes them) in first-seen order, and a sample
+    with a non-finite, cut or foreign member skipped with a line naming its shard and key."""
+    from ray.data.block import BlockAccessor
+
+    rng = np.random.default_rng(0)
+    shapes = [(4, 3, 8, 8), (4, 5, 4, 6), (4, 3, 8, 8), (4, 5, 4, 6), (4, 3, 8, 8)]
+    rows, arrays = [], {}
+    for i, shape in enumerate(shapes):
+        a = {"latent": rng.standard_normal(shape).astype(np.float16),
+             "text": rng.standard_normal((16, 8)).astype(np.float16),
+             "mask": (np.arange(16) < 3 + i).astype(np.uint8)}
+        arrays[f"k{i}"] = a
+        rows.append({"__key__": f"k{i}", "__url__": "s/shard-000003.tar",
+                     "txt": f"cap {i}".encode(),
+                     **{f"{c}.npy": _npy_bytes(v) for c, v in a.items()}})
+    bad = np.full((16, 8), np.nan, np.float16)
+    rows.append({**rows[0], "__key__": "nan", "text.npy": _npy_bytes(bad)})
+    rows.append({**rows[0], "__key__": "cut", "latent.npy": rows[0]["latent.npy"][:-7]})
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([1, "x"], dtype=object), allow_pickle=True)
+    rows.append({**rows[0], "__key__": "pickle", "mask.npy": pickled.getvalue()})
+    blocks = decode_latent_rows(rows)
+    said = capsys.readouterr().out
+    assert [b.num_rows for b in blocks] == [3, 2]
+    assert [r["key"] for b in blocks for r in b.to_pylist()] == ["k0", "k2", "k4", "k1", "k3"]
+    for b in blocks:
+        batch = BlockAccessor.for_block(b).to_numpy()
+        for j, key in enumerate(batch["key"]):
+            for c in ("latent", "text", "mask"):
+                np.testing.assert_array_equal(batch[c][j], arrays[key][c])
+            assert batch["caption"][j] == f"cap {key[1]}"
+    for key, reason in (("nan", "text: non-finite"), ("cut", "latent: 1529 data bytes"),
+                        ("pickle", "mask: an object array")):
+        line = next(x for x in said.splitlines() if f":{key}:" in x)
+        assert "s/shard-000003.tar" in line and reason in line
 
 
 def test_rerun_resumes_and_recomputes_a_deleted_shard(encoded):

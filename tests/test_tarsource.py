@@ -66,6 +66,41 @@ def test_a_damaged_tar_ends_with_a_line_naming_it_after_the_samples_before(cut, 
         assert f"after {keys} complete samples" in error
 
 
+def _info(name: str, **fields) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    for k, v in fields.items():
+        setattr(info, k, v)
+    return info
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_our_reader_reads_what_tarfile_writes_long_names_and_pax_headers_included(fmt):
+    """Members as tarfile itself reads them: long names (ustar prefix, GNU 'L', pax path),
+    non-ASCII names (pax), directories and links skipped, sizes that are not multiples of 512."""
+    deep = "d" * 60 + "/" + "e" * 60  # > 100 characters: a ustar prefix / GNU / pax name
+    names = [f"{deep}/k0.mp4", f"{deep}/k0.txt", "k1.json", "k1.txt", "k2.x.npy"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names += ["ä" * 10 + "/k3.txt", "k4." + "z" * 120]  # pax: utf-8; GNU/pax: long names
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        tar.addfile(_info("adir", type=tarfile.DIRTYPE))
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 1 + 517 * i
+            tar.addfile(info, io.BytesIO(bytes([i + 1]) * info.size))
+        tar.addfile(_info("k5.link", type=tarfile.SYMTYPE, linkname="k1.txt"))
+    buf.seek(0)
+    expected: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=buf) as tar:
+        for m in tar.getmembers():
+            if m.isfile():
+                k, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
+                expected.setdefault(k, {})[ext] = tar.extractfile(m).read()
+    got = dict(read_tar_samples(io.BytesIO(buf.getvalue()), "s.tar"))
+    assert got == expected and len(got) == (5 if fmt != tarfile.USTAR_FORMAT else 3)
+    assert got["k2"]["x.npy"] == bytes([5]) * (1 + 517 * 4)
+
+
 def test_pass_order_is_a_permutation_drawn_from_seed_and_pass():
     orders = {p: pass_order(50, 7, p) for p in range(4)}
     assert all(sorted(o) == list(range(50)) for o in orders.values())

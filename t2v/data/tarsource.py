@@ -18,7 +18,7 @@ batches.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -66,19 +66,27 @@ def pass_order(count: int, seed: int | None, pass_index: int) -> list[int]:
     return [int(i) for i in rng.permutation(count)]
 
 
-def _block(rows: list[dict], columns: tuple[str, ...]) -> pa.Table:
+def _blocks(rows: list[dict], columns: tuple[str, ...]) -> list[pa.Table]:
     data = {"__key__": pa.array([r["__key__"] for r in rows], pa.string()),
             "__url__": pa.array([r["__url__"] for r in rows], pa.string())}
     for c in columns:
         data[c] = pa.array([r.get(c) for r in rows], pa.large_binary())
-    return pa.table(data)
+    return [pa.table(data)]
+
+
+Decode = Callable[[list[dict]], Iterable[pa.Table]]
+"""Rows of raw members ({__key__, __url__, member: bytes or None}) -> the blocks a data set
+holds, run in the read task: decoding there spares Ray Data a block of raw bytes per block
+and a per-row map after it."""
 
 
 def read_shard(uri: str, path: str, filesystem, columns: tuple[str, ...],
-               expected: int | None,
-               on_damage: Callable[[str, str], None] | None) -> Iterator[pa.Table]:
-    """One shard's samples as blocks of raw members (missing ones null). Damage ends the
-    shard with one line naming it; a storage failure is a one-line StorageError."""
+               expected: int | None, on_damage: Callable[[str, str], None] | None,
+               decode: Decode | None = None) -> Iterator[pa.Table]:
+    """One shard's samples as blocks of raw members (missing ones null), or as `decode` makes
+    them of each block's rows. Damage ends the shard with one line naming it; a storage
+    failure is a one-line StorageError."""
+    emit = decode or functools.partial(_blocks, columns=columns)
     rows: list[dict] = []
     size, count, damage = 0, 0, None
     try:
@@ -94,7 +102,7 @@ def read_shard(uri: str, path: str, filesystem, columns: tuple[str, ...],
             count += 1
             size += sum(len(v) for v in fields.values())
             if len(rows) >= BLOCK_ROWS or size >= BLOCK_BYTES:
-                yield _block(rows, columns)
+                yield from emit(rows)
                 rows, size = [], 0
     except DamagedShard as e:
         damage = str(e)
@@ -103,7 +111,7 @@ def read_shard(uri: str, path: str, filesystem, columns: tuple[str, ...],
     finally:
         f.close()
     if rows:
-        yield _block(rows, columns)
+        yield from emit(rows)
     if damage is None and expected is not None and count < expected:
         damage = f"{uri}: {count} samples, {expected} listed in the index"
     if damage is not None:
@@ -121,10 +129,11 @@ class TarShards(Datasource):
 
     def __init__(self, uris: list[str], columns: tuple[str, ...], seed: int | None = None,
                  clock=None, expected: dict[str, int] | None = None,  # noqa: ANN001 - an actor
-                 on_damage: Callable[[str, str], None] | None = None) -> None:
+                 on_damage: Callable[[str, str], None] | None = None,
+                 decode: Decode | None = None) -> None:
         super().__init__()
         self.uris, self.columns, self.seed, self.clock = list(uris), tuple(columns), seed, clock
-        self.expected, self.on_damage = expected or {}, on_damage
+        self.expected, self.on_damage, self.decode = expected or {}, on_damage, decode
         self.filesystem, self.paths = storage.pyarrow_paths(self.uris)
 
     def get_name(self) -> str:
@@ -150,18 +159,21 @@ class TarShards(Datasource):
             meta = BlockMetadata(num_rows=expected, size_bytes=None, input_files=[uri],
                                  exec_stats=None)
             read = functools.partial(read_shard, uri, self.paths[i], self.filesystem,
-                                     self.columns, expected, self.on_damage)
+                                     self.columns, expected, self.on_damage, self.decode)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
 
 def tar_dataset(uris: list[str], columns: tuple[str, ...], seed: int | None = None,
                 clock=None,  # noqa: ANN001 - a PassClock handle
-                on_damage: Callable[[str, str], None] | None = None) -> ray.data.Dataset:
+                on_damage: Callable[[str, str], None] | None = None,
+                decode: Decode | None = None) -> ray.data.Dataset:
     """The shards `uris` (of one data set: the index beside them gives each one's sample
-    count, checked as it is read) as a lazy Ray dataset of raw members."""
+    count, checked as it is read) as a lazy Ray dataset of raw members, or of what `decode`
+    makes of them."""
     root = uris[0].rsplit("/", 1)[0] if uris else ""
     listed = indexed_shards(root, uris) if uris else None
     expected = {s["name"]: int(s["samples"]) for s in listed or []}
-    return ray.data.read_datasource(TarShards(uris, columns, seed, clock, expected, on_damage),
+    return ray.data.read_datasource(TarShards(uris, columns, seed, clock, expected, on_damage,
+                                              decode),
                                     override_num_blocks=max(1, len(uris)))
