@@ -33,16 +33,17 @@ from PIL import Image  # noqa: E402
 from sweep_vae import demo_data, fit, parse_variant, sweep_parser  # noqa: E402
 
 from t2v.data.synthetic import heldout_combos  # noqa: E402
-from t2v.data.video import contact_sheet, to_model_range, to_uint8  # noqa: E402
+from t2v.data.video import contact_sheet, to_model_range  # noqa: E402
 from t2v.demo import heldout_prompt_rows  # noqa: E402
 from t2v.diffusion.flow import flow_loss, sample_t  # noqa: E402
-from t2v.diffusion.sampling import denoise, get_noise  # noqa: E402
 from t2v.eval.detector import detect  # noqa: E402
 from t2v.eval.report import TRUTH_KEYS, VOCAB  # noqa: E402
 from t2v.eval.scoring import judge, summarize  # noqa: E402
 from t2v.models.dit import VideoDiT, dit_config  # noqa: E402
 from t2v.models.package import load_package  # noqa: E402
 from t2v.models.text import TextEncoder, TextEncoderConfig  # noqa: E402
+from t2v.render.model import RenderModel, render_batch  # noqa: E402
+from t2v.render.rows import Sample  # noqa: E402
 
 DEFAULT_VARIANTS = ["demo:"]
 TRAIN_KEYS = ("steps", "batch", "lr", "shift", "cfg", "render_steps")
@@ -63,7 +64,8 @@ def encode_all(vae, text: TextEncoder, clips: np.ndarray,  # noqa: ANN001
 
 def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
                     text: torch.Tensor, mask: torch.Tensor, empty: tuple, vae, encoder,  # noqa: ANN001
-                    rows: list[dict], steps: int, batch: int) -> tuple[dict, list[np.ndarray]]:
+                    rows: list[dict], clip_shape: tuple[int, int, int], steps: int,
+                    batch: int) -> tuple[dict, list[np.ndarray]]:
     steps, batch = int(train_kw.get("steps", steps)), int(train_kw.get("batch", batch))
     lr, shift = float(train_kw.get("lr", 3e-3)), float(train_kw.get("shift", 1.0))
     torch.manual_seed(0)
@@ -82,20 +84,19 @@ def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
 
     seconds, final_loss = fit(name, dit, loss_of, len(x0), steps, batch, lr, warmup=50,
                               ema_decay=0.995, every=200)
-    with torch.no_grad():
-        judged, videos = [], []
-        for i in range(0, len(rows), 32):
-            part = rows[i:i + 32]
-            emb, emb_mask = encoder([r["prompt"] for r in part])
-            noise = get_noise(tuple(x0.shape[1:]), [r["seed"] for r in part])
-            z = denoise(dit, noise, emb, emb_mask, empty[0].expand(len(part), -1, -1),
-                        empty[1].expand(len(part), -1),
-                        steps=int(train_kw.get("render_steps", 25)),
-                        cfg=float(train_kw.get("cfg", 4.0)), shift=shift, sampler="euler")
-            for r, v in zip(part, vae.decode(z), strict=True):
-                video = to_uint8(v)
-                videos.append(video)
-                judged.append(judge(detect(video), {k: r["meta"][k] for k in TRUTH_KEYS}))
+    # Rendered as `t2v render` renders (t2v.render.model.render_batch): the prompts' own seeds,
+    # the sweep's steps and guidance, Euler, the training shift.
+    model = RenderModel(dit.eval(), vae, encoder, torch.device("cpu"))
+    frames, height, width = clip_shape
+    samples = [Sample(id=str(i), prompt=r["prompt"], seed=r["seed"], frames=frames,
+                      height=height, width=width, steps=int(train_kw.get("render_steps", 25)),
+                      cfg=float(train_kw.get("cfg", 4.0))) for i, r in enumerate(rows)]
+    judged, videos = [], []
+    for i in range(0, len(samples), 32):
+        _, part = render_batch(model, samples[i:i + 32], sampler="euler", shift=shift)
+        for r, video in zip(rows[i:i + 32], part, strict=True):
+            videos.append(video)
+            judged.append(judge(detect(video), {k: r["meta"][k] for k in TRUTH_KEYS}))
     acc = summarize(judged, VOCAB)
     return {"name": name, "overrides": model_kw | train_kw, "steps": steps, "batch": batch,
             "params_m": sum(p.numel() for p in dit.parameters()) / 1e6,
@@ -136,7 +137,8 @@ def main() -> None:
         name, model_kw, train_kw = parse_variant(spec)
         train_kw |= {k: model_kw.pop(k) for k in TRAIN_KEYS if k in model_kw}
         result, videos = train_and_score(name, model_kw, train_kw, x0, text, mask, empty, vae,
-                                         encoder, rows, args.steps, args.batch)
+                                         encoder, rows, demo["train"].shape[1:4], args.steps,
+                                         args.batch)
         results.append(result)
         print(f"{name}: colour {result['colour']:.1%}, shape {result['shape']:.1%}, motion "
               f"{result['motion']:.1%}, {result['s_per_step']:.3f} s/step", flush=True)
