@@ -156,7 +156,9 @@ class TarShards(Datasource):
         for i in order:
             uri = self.uris[i]
             expected = self.expected.get(uri.rsplit("/", 1)[-1])
-            meta = BlockMetadata(num_rows=expected, size_bytes=None, input_files=[uri],
+            # No row count: a damaged shard or sample yields fewer rows than the index lists,
+            # and Ray Data answers count() from this metadata without reading when it has one.
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=[uri],
                                  exec_stats=None)
             read = functools.partial(read_shard, uri, self.paths[i], self.filesystem,
                                      self.columns, expected, self.on_damage, self.decode)

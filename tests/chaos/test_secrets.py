@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ def files_under(root: Path):
 def test_no_credential_in_anything_the_session_wrote(ray_cluster, debug_run, moto_s3,
                                                      tmp_path_factory, ledger):
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRETS["AWS_SECRET_ACCESS_KEY"]  # in use
+    t0, seconds = time.time(), {}
     found, scanned, size = [], 0, 0
     roots = [tmp_path_factory.getbasetemp(), Path(ray_cluster.temp_dir),
              Path(ray_cluster.temp_dir + "n2")]
@@ -48,6 +50,7 @@ def test_no_credential_in_anything_the_session_wrote(ray_cluster, debug_run, mot
                 continue
             scanned, size = scanned + 1, size + len(data)
             found += [f"{path}: {name}" for name, value in needles().items() if value in data]
+    seconds["files"] = time.time() - t0
     client = storage.s3_client()
     objects = 0
     for bucket in client.list_buckets()["Buckets"]:
@@ -55,6 +58,7 @@ def test_no_credential_in_anything_the_session_wrote(ray_cluster, debug_run, mot
             data = storage.read_bytes(key)
             objects, size = objects + 1, size + len(data)
             found += [f"{key}: {name}" for name, value in needles().items() if value in data]
+    seconds["objects"] = time.time() - t0 - sum(seconds.values())
     from ray.job_submission import JobSubmissionClient
 
     jobs = json.dumps([j.dict() if hasattr(j, "dict") else str(j) for j in
@@ -62,6 +66,7 @@ def test_no_credential_in_anything_the_session_wrote(ray_cluster, debug_run, mot
     assert "jobs/train.py" in jobs  # the session's `ray job submit` is in there
     found += [f"ray job info: {name}" for name, value in needles().items()
               if value.decode() in jobs]
+    seconds["jobs"] = time.time() - t0 - sum(seconds.values())
     # Errors that quote requests: a bucket we may not read, an endpoint that is down.
     messages = []
     for uri in ("s3://t2v-no-such-bucket-0/x", f"{debug_run.out}/missing.json"):
@@ -80,6 +85,10 @@ def test_no_credential_in_anything_the_session_wrote(ray_cluster, debug_run, mot
             storage.clear_client_cache()
     found += [f"error message: {name}" for m in messages for name, value in needles().items()
               if value.decode() in m]
+    seconds["errors"] = time.time() - t0 - sum(seconds.values())
+    # Where the scan's time went (a CI run took 70 s here), kept beside what it scanned.
+    (tmp_path_factory.getbasetemp() / "secrets_scan.json").write_text(json.dumps(
+        {"files": scanned, "objects": objects, "bytes": size, "seconds": seconds}))
     assert scanned > 100, scanned  # at least the debug run and the cluster's logs
     assert found == [], found[:20]
     ledger(fault="secrets scan of everything the session wrote", injected=3, survived=3, lost=0,
