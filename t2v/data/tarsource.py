@@ -11,8 +11,8 @@ Ray Data starts the execution (which may read several passes in a row); each sha
 task, read front to back by `read_tar_samples`, whose damage (a cut, a header that is not one,
 fewer samples than `_index.json` lists) is one line naming the shard, printed and given to
 `on_damage(uri, line)`, while every sample before it flows. Blocks are cut by row count and
-bytes only, so with Ray Data's `preserve_order` the same passes give every worker the same
-batches.
+bytes only (and split by whatever a `decode` function groups on, deterministically), so with Ray
+Data's `preserve_order` the same passes give every worker the same batches.
 """
 
 from __future__ import annotations
