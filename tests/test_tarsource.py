@@ -101,6 +101,24 @@ def test_our_reader_reads_what_tarfile_writes_long_names_and_pax_headers_include
     assert got["k2"]["x.npy"] == bytes([5]) * (1 + 517 * 4)
 
 
+def test_a_damaged_pax_record_is_a_damaged_shard_not_a_crash():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("k0.txt", "k1." + "z" * 120):  # the second needs a pax header
+            tar.addfile(_info(name, size=3), io.BytesIO(b"abc"))
+    data = bytearray(buf.getvalue())
+    at = data.index(b" path=")  # "LEN path=...": make LEN not a number
+    data[at - 3:at] = b"x!?"
+    keys, error = [], None
+    try:
+        for key, _ in read_tar_samples(io.BytesIO(bytes(data)), "s.tar"):
+            keys.append(key)
+    except DamagedShard as e:
+        error = str(e)
+    assert error is not None and "damaged pax header" in error and "s.tar" in error
+    assert keys == [] and "after 0 complete samples" in error  # k0 is not known to be whole
+
+
 def test_pass_order_is_a_permutation_drawn_from_seed_and_pass():
     orders = {p: pass_order(50, 7, p) for p in range(4)}
     assert all(sorted(o) == list(range(50)) for o in orders.values())

@@ -240,9 +240,13 @@ def read_tar_samples(fileobj, source: str) -> Iterator[tuple[str, dict[str, byte
             if kind == b"L":
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             else:
-                records = _pax(data)
+                try:
+                    records = _pax(data)
+                    long_size = int(records["size"]) if "size" in records else None
+                except ValueError:  # a record whose length or size is not a number
+                    raise DamagedShard(f"{source}: a damaged pax header at byte {offset - BLOCK}"
+                                       f" after {count} complete samples") from None
                 long_name = records.get("path", long_name)
-                long_size = int(records["size"]) if "size" in records else None
             continue
         name, size = long_name or name, size if long_size is None else long_size
         long_name, long_size = None, None
