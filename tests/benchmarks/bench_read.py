@@ -1,0 +1,87 @@
+"""What reading the demo's latent shards costs, per sample ([5/7] item 4, BENCHMARKS.md round 6).
+
+    .venv/bin/python tests/benchmarks/bench_read.py [--data DIR]
+
+The demo-sized latents of bench_overhead.py (1024 clips in 8 shards; kept in --data between
+runs), the 7 training shards read three ways: our tar reader alone (`read_tar_samples`), a whole
+read task in one process (`read_shard` with `decode_latent_rows`: tar, .npy, stacked blocks),
+and a pass through Ray Data as training reads it (`latent_stream` + `iter_torch_batches`, the
+driver consuming), with the CPU time of every other process on the machine (Ray's) per pass.
+CPU seconds (`time.process_time`, psutil), best of three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def others_cpu() -> float:
+    import psutil
+
+    total = 0.0
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid():
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="runs/bench/read-latents")
+    args = p.parse_args()
+    import ray
+    from bench_overhead import make_latents
+
+    from t2v.data.latents import MEMBERS, LatentCollate, decode_latent_rows, latent_stream
+    from t2v.data.shards import iter_tar_samples, shard_uris
+    from t2v.data.tarsource import read_shard
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        if not Path(args.data, "latents", "_index.json").exists():
+            Path(args.data).mkdir(parents=True, exist_ok=True)
+            make_latents(args.data)
+        uris = shard_uris(f"{args.data}/latents")[:-1]
+        n = sum(1 for _ in iter_tar_samples(uris[0])) * len(uris)
+
+        def cpu(fn) -> float:  # noqa: ANN001
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.process_time()
+                fn()
+                best = min(best, time.process_time() - t0)
+            return best
+
+        row = {"samples": n,
+               "tar_ms": 1e3 * cpu(lambda: [s for u in uris for s in iter_tar_samples(u)]) / n,
+               "read_task_ms": 1e3 * cpu(lambda: [b for u in uris for b in read_shard(
+                   u, u, None, MEMBERS, None, None, decode_latent_rows)]) / n}
+        passes = []
+        for _ in range(3):
+            o0, c0 = others_cpu(), time.process_time()
+            for _b in latent_stream(uris, shuffle_seed=0).iter_torch_batches(
+                    batch_size=16, collate_fn=LatentCollate(), prefetch_batches=4):
+                pass
+            passes.append((others_cpu() - o0, time.process_time() - c0))
+        row["ray_others_cpu_s_per_pass"] = min(p[0] for p in passes[1:])  # the first starts workers
+        row["consumer_cpu_s_per_pass"] = min(p[1] for p in passes[1:])
+        print(json.dumps(row))
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
