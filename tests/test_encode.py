@@ -12,6 +12,7 @@ import torch
 
 from t2v import storage
 from t2v.config import EncodeConfig
+from t2v.data.collate import LatentCollate
 from t2v.data.encode import (
     check_encode_config,
     done_record,
@@ -19,7 +20,7 @@ from t2v.data.encode import (
     run_encode,
     run_encode_command,
 )
-from t2v.data.latents import LATENT_FORMAT, LatentCollate, decode_latent_rows, latent_stream
+from t2v.data.latents import LATENT_FORMAT, decode_latent_rows, latent_stream
 from t2v.data.shards import iter_shard_samples, read_index, shard_uris, write_index, write_shard
 from t2v.data.synthetic import Combo, clip_spec, render_clip
 from t2v.data.video import decode_video, encode_mp4

@@ -182,7 +182,7 @@ def test_shuffled_prompts_fall_to_chance_and_chance_is_the_sum_of_squares():
 def test_detector_ceiling_reads_the_clips_and_their_reconstructions():
     import torch
 
-    from t2v.data.video import to_model_range
+    from t2v.data.tensors import to_model_range
     from t2v.eval.report import detector_ceiling
 
     clips = list(_clips(12, seed=4, frames=9, size=32, mp4=False))

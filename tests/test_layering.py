@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE = ["t2v.config", "t2v.configfile", "t2v.storage", "t2v.data.video", "t2v.data.synthetic", "t2v.data.shards",
+PURE = ["t2v.config", "t2v.configfile", "t2v.storage", "t2v.data.video", "t2v.data.tensors",
+        "t2v.data.synthetic", "t2v.data.shards",
         "t2v.render.prompts", "t2v.render.manifest"]
 PURE_PACKAGES = ["t2v.models", "t2v.diffusion", "t2v.eval"]
 
@@ -90,5 +91,22 @@ def test_import_graph_has_no_cycle_and_keeps_its_layers():
             assert not bad, f"{name} imports {sorted(bad)}"
         if name.startswith(("t2v.models", "t2v.diffusion")):
             bad = {d for d in deps if d.split(".")[1] in ("train", "render", "data", "eval")
-                   and d != "t2v.data.video"}
+                   and d not in ("t2v.data.video", "t2v.data.tensors")}
             assert not bad, f"{name} imports {sorted(bad)}"
+
+
+READ_PATH = ["t2v.data.video", "t2v.data.shards", "t2v.data.tarsource", "t2v.data.latents",
+             "t2v.data.streaming"]
+
+
+def test_the_read_path_does_not_import_torch():
+    """What Ray Data's read tasks, its split coordinator and Ray Train's dataset manager load
+    (they unpickle the datasource and decode functions in fresh processes) stays torch-free:
+    torch costs each such process ~2 s of a core and ~300 MB. Tensors are made at the
+    consumer (t2v/data/collate.py)."""
+    code = ("import sys, importlib\n"
+            f"for m in {READ_PATH!r}: importlib.import_module(m)\n"
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"the read path pulled in: {r.stdout.strip()[:200]}"

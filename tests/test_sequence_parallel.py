@@ -83,7 +83,7 @@ LAYOUT_SCRIPT = textwrap.dedent("""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
                       WORLD_SIZE=str(world))
     dist.init_process_group("gloo")
-    from t2v.data.latents import LatentBatch
+    from t2v.data.collate import LatentBatch
     from t2v.train.parallel import make_layout
     result = {}
     try:  # 3 ranks on one "node", 1 on another: a group of 2 would span them

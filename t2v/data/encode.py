@@ -30,7 +30,8 @@ from t2v.config import EncodeConfig
 from t2v.configfile import save_resolved
 from t2v.data.latents import LATENT_FORMAT
 from t2v.data.shards import iter_tar_samples, shard_uris, write_index, write_shard
-from t2v.data.video import VideoDecodeError, decode_video, to_model_range
+from t2v.data.tensors import to_model_range
+from t2v.data.video import VideoDecodeError, decode_video
 from t2v.models.package import PackageError, PackageMeta, load_package, package_hash, read_meta
 from t2v.models.text import PromptTooLongError, TextEncoder, TextEncoderConfig
 from t2v.runtime import check_output_uri, ensure_ray, job_rows

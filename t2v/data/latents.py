@@ -1,22 +1,20 @@
 """Ray Data reader of latent shards (written by `t2v encode`) for training.
 
 Rows stay numpy float16/uint8 through Ray's object store (half the bytes of float32); the collate
-function makes the float32/bool tensors the DiT trains on, at the consumer. Nothing is decoded
+function (t2v/data/collate.py) makes the float32/bool tensors the DiT trains on, at the consumer.
+No torch here: the read tasks, Ray Data's split coordinator and Ray Train's dataset manager load
+this module in fresh processes. Nothing is decoded
 but `.npy` members (np.load without pickle), so reading is cheap next to the raw-video reader.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 from ray.data.block import BlockAccessor
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from t2v import storage
 from t2v.data.shards import INDEX_NAME, read_index, shard_uris
@@ -142,41 +140,3 @@ def _text(value: object) -> str:
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8", errors="replace")
     return "" if value is None else str(value)
-
-
-@dataclass
-class LatentBatch:
-    latent: torch.Tensor
-    """(B, C, T', H', W') float32, normalised latents."""
-    text: torch.Tensor
-    """(B, L, D) float32 caption embeddings, zero at padded positions."""
-    mask: torch.Tensor
-    """(B, L) bool, True at real tokens."""
-    captions: list[str]
-    keys: list[str]
-
-
-def _stack(batch: dict[str, np.ndarray], column: str) -> torch.Tensor:
-    values = batch[column]
-    if values.dtype == object:  # Ray hands ragged tensors over as an object array
-        shapes = sorted({tuple(v.shape) for v in values})
-        if len(shapes) > 1:
-            raise ValueError(f"{column}: a batch mixes shapes {shapes}; batch latents of one "
-                             "clip size (encode with frames= and size=)")
-        values = np.stack(list(values))
-    with warnings.catch_warnings():  # Ray hands out read-only arrays; we only read them
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(values))
-
-
-class LatentCollate(NumpyBatchCollateFn):
-    """numpy batch -> LatentBatch, for `Dataset.iter_torch_batches(collate_fn=LatentCollate())`."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> LatentBatch:
-        return LatentBatch(
-            latent=_stack(batch, "latent").float(),  # (B, C, T', H', W')
-            text=_stack(batch, "text").float(),  # (B, L, D)
-            mask=_stack(batch, "mask").bool(),  # (B, L)
-            captions=[str(c) for c in batch["caption"]],
-            keys=[str(k) for k in batch["key"]],
-        )

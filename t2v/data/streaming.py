@@ -3,7 +3,8 @@
 Shards are read straight from their URI (local or s3://) by our tar datasource (t2v/data/
 tarsource.py: a pass order training can resume, damaged shards named); clips are decoded
 by Ray Data tasks into uint8 arrays (4x smaller in the object store than float32), and turned
-into float tensors in [-1, 1] only at the consumer, in the collate function. A clip that fails to
+into float tensors in [-1, 1] only at the consumer, in the collate function (t2v/data/
+collate.py: this module, loaded by every read task, does not import torch). A clip that fails to
 decode is dropped and recorded in a `SkipLog` actor, so the job goes on and the count is exact.
 """
 
@@ -12,21 +13,21 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import ray
-import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from t2v import storage
 from t2v.config import ReaderConfig
 from t2v.data.shards import shard_uris
 from t2v.data.tarsource import tar_dataset
-from t2v.data.video import VideoDecodeError, decode_video, to_model_range
+from t2v.data.video import VideoDecodeError, decode_video
+
+if TYPE_CHECKING:
+    from t2v.data.collate import VideoBatch
 
 
 @ray.remote(num_cpus=0)
@@ -83,30 +84,6 @@ class DecodeClip:
                  "meta": meta_text}]
 
 
-class VideoCollate(NumpyBatchCollateFn):
-    """numpy batch -> VideoBatch; uint8 (B,T,H,W,3) -> float (B,3,T,H,W) in [-1, 1]."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> VideoBatch:
-        with warnings.catch_warnings():  # Ray hands out read-only arrays; we only read them
-            warnings.simplefilter("ignore", UserWarning)
-            video = torch.from_numpy(np.ascontiguousarray(batch["video"]))
-        return VideoBatch(
-            video=to_model_range(video),  # (B, 3, T, H, W)
-            captions=[str(c) for c in batch["caption"]],
-            keys=[str(k) for k in batch["key"]],
-            meta=[json.loads(m) for m in batch["meta"]],
-        )
-
-
-@dataclass
-class VideoBatch:
-    video: torch.Tensor
-    """(B, 3, T, H, W) float32 in [-1, 1], the models' layout."""
-    captions: list[str]
-    keys: list[str]
-    meta: list[dict]
-
-
 @dataclass
 class VideoStream:
     """A streaming data set of decoded clips and the log of what it dropped."""
@@ -117,6 +94,8 @@ class VideoStream:
 
     def iter_batches(self, batch_size: int, drop_last: bool = False,
                      prefetch_batches: int = 2) -> Iterator[VideoBatch]:
+        from t2v.data.collate import VideoCollate  # noqa: PLC0415 - torch: read tasks load this module
+
         yield from self.dataset.iter_torch_batches(
             batch_size=batch_size, collate_fn=VideoCollate(), drop_last=drop_last,
             prefetch_batches=prefetch_batches)

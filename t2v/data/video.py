@@ -1,7 +1,8 @@
 """Video decode/encode through PyAV, and still/animated previews through PIL.
 
-No Ray. Frames are always uint8 arrays shaped (T, H, W, 3), RGB; the one place that turns them
-into the models' float (3, T, H, W) in [-1, 1] and back is `to_model_range` / `to_uint8` below.
+No Ray, no torch (Ray Data's read tasks decode with it in fresh processes). Frames are always
+uint8 arrays shaped (T, H, W, 3), RGB; the one place that turns them into the models' float
+(3, T, H, W) in [-1, 1] and back is `to_model_range` / `to_uint8` in t2v/data/tensors.py.
 
 Decoding raises exactly one error type, `VideoDecodeError`, for anything that is not a readable
 video (empty, text, random or truncated bytes, audio-only files, missing paths), so callers can turn
@@ -22,7 +23,6 @@ from typing import Any
 
 import av
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 VideoSource = bytes | bytearray | memoryview | str | os.PathLike[str]
@@ -338,28 +338,6 @@ def _check_not_truncated(container: Any, stream: Any, source: str | None, decode
     if decoded > 0 and end < duration - max(3 / native_fps, 0.01 * duration):
         raise VideoDecodeError(f"truncated: video ends at {end:.3f}s, header says "
                                f"{duration:.3f}s", source)
-
-
-# ----------------------------------------------------------------------------------- model range
-
-
-def to_model_range(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 clips (..., T, H, W, 3) -> float32 (..., 3, T, H, W) in [-1, 1], the VAE's input.
-
-    A tensor stays on its device: move uint8 to a GPU first (a quarter of the float bytes).
-    """
-    x = torch.as_tensor(frames)
-    if x.dtype != torch.uint8 or x.dim() < 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected uint8 (..., T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-    return x.movedim(-1, -4).float().div_(127.5).sub_(1.0)  # (..., 3, T, H, W)
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """A model-range video (3, T, H, W) -> uint8 (T, H, W, 3) on the CPU; out of range clamps."""
-    if video.dim() != 4 or video.shape[0] != 3:
-        raise ValueError(f"expected (3, T, H, W), got {tuple(video.shape)}")
-    v = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return v.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
 
 
 # ----------------------------------------------------------------------------------- previews

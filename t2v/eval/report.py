@@ -23,14 +23,8 @@ from t2v import storage
 from t2v.config import EvalConfig
 from t2v.data.shards import iter_shard_samples, shard_uris
 from t2v.data.synthetic import COLOURS, MOTIONS, SHAPES
-from t2v.data.video import (
-    VideoDecodeError,
-    decode_video,
-    to_gif,
-    to_model_range,
-    to_png,
-    to_uint8,
-)
+from t2v.data.tensors import to_model_range, to_uint8
+from t2v.data.video import VideoDecodeError, decode_video, to_gif, to_png
 from t2v.diffusion.flow import heldout_flow_loss
 from t2v.eval.detector import detect
 from t2v.eval.scoring import by_group, judge, shuffled_control, summarize

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from t2v.data.video import to_uint8
+from t2v.data.tensors import to_uint8
 from t2v.diffusion.sampling import denoise, get_noise
 from t2v.models.dit import VideoDiT
 from t2v.models.package import PackageError, load_package

@@ -14,10 +14,12 @@ from torch import Tensor, nn
 
 from t2v.config import ReaderConfig, TrainConfig
 from t2v.data.buckets import Bucket
-from t2v.data.latents import LatentBatch, LatentCollate, latent_stream
+from t2v.data.collate import LatentBatch, LatentCollate, VideoBatch, VideoCollate
+from t2v.data.latents import latent_stream
 from t2v.data.shards import iter_shard_samples, read_index
-from t2v.data.streaming import VideoBatch, VideoCollate, video_stream
-from t2v.data.video import contact_sheet, to_model_range, to_uint8
+from t2v.data.streaming import video_stream
+from t2v.data.tensors import to_model_range, to_uint8
+from t2v.data.video import contact_sheet
 from t2v.diffusion.flow import flow_loss, heldout_flow_loss, sample_t
 from t2v.diffusion.sampling import denoise, get_noise
 from t2v.models.dit import DiTConfig, VideoDiT, Whole, dit_config

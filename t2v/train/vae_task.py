@@ -11,8 +11,10 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from t2v.config import ReaderConfig
-from t2v.data.streaming import VideoBatch, VideoCollate, video_stream
-from t2v.data.video import contact_sheet, to_model_range, to_uint8
+from t2v.data.collate import VideoBatch, VideoCollate
+from t2v.data.streaming import video_stream
+from t2v.data.tensors import to_model_range, to_uint8
+from t2v.data.video import contact_sheet
 from t2v.models.dit import Whole
 from t2v.models.latent import fit_latent_stats
 from t2v.models.package import load_package, save_package

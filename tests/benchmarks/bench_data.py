@@ -26,7 +26,8 @@ from t2v import storage  # noqa: E402
 from t2v.config import ReaderConfig, SynthConfig  # noqa: E402
 from t2v.data.shards import shard_uris  # noqa: E402
 from t2v.data.synthetic import run_synth  # noqa: E402
-from t2v.data.video import decode_video, to_model_range  # noqa: E402
+from t2v.data.tensors import to_model_range  # noqa: E402
+from t2v.data.video import decode_video  # noqa: E402
 
 
 def plain_loop(uris: list[str], frames: int, batch_size: int) -> int:

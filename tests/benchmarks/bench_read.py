@@ -44,7 +44,8 @@ def main() -> None:
     import ray
     from bench_overhead import make_latents
 
-    from t2v.data.latents import MEMBERS, LatentCollate, decode_latent_rows, latent_stream
+    from t2v.data.collate import LatentCollate
+    from t2v.data.latents import MEMBERS, decode_latent_rows, latent_stream
     from t2v.data.shards import iter_tar_samples, shard_uris
     from t2v.data.tarsource import read_shard
 

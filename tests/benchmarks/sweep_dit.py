@@ -33,7 +33,8 @@ from PIL import Image  # noqa: E402
 from sweep_vae import demo_data, fit, parse_variant, sweep_parser  # noqa: E402
 
 from t2v.data.synthetic import heldout_combos  # noqa: E402
-from t2v.data.video import contact_sheet, to_model_range  # noqa: E402
+from t2v.data.tensors import to_model_range  # noqa: E402
+from t2v.data.video import contact_sheet  # noqa: E402
 from t2v.demo import heldout_prompt_rows  # noqa: E402
 from t2v.diffusion.flow import flow_loss, sample_t  # noqa: E402
 from t2v.eval.detector import detect  # noqa: E402

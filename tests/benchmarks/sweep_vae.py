@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from t2v.data.synthetic import generate_samples, heldout_combos  # noqa: E402
-from t2v.data.video import decode_video, to_model_range, to_uint8  # noqa: E402
+from t2v.data.tensors import to_model_range, to_uint8  # noqa: E402
+from t2v.data.video import decode_video  # noqa: E402
 from t2v.eval.detector import detect  # noqa: E402
 from t2v.eval.report import TRUTH_KEYS, VOCAB  # noqa: E402
 from t2v.eval.scoring import judge, summarize  # noqa: E402

@@ -1,0 +1,81 @@
+"""numpy batches from Ray Data -> the tensor batches training takes, at the consumer.
+
+Everything that reads or decodes data (t2v/data/video.py, shards.py, tarsource.py, latents.py,
+the read-task side of streaming.py) stays torch-free: Ray Data runs it in fresh worker
+processes, and its split coordinator and Ray Train's dataset manager unpickle it too; torch
+would cost each of them ~2 s of a core and ~300 MB. Tensors are made here, in the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from t2v.data.tensors import to_model_range
+
+
+class VideoCollate(NumpyBatchCollateFn):
+    """numpy batch -> VideoBatch; uint8 (B,T,H,W,3) -> float (B,3,T,H,W) in [-1, 1]."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> VideoBatch:
+        with warnings.catch_warnings():  # Ray hands out read-only arrays; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            video = torch.from_numpy(np.ascontiguousarray(batch["video"]))
+        return VideoBatch(
+            video=to_model_range(video),  # (B, 3, T, H, W)
+            captions=[str(c) for c in batch["caption"]],
+            keys=[str(k) for k in batch["key"]],
+            meta=[json.loads(m) for m in batch["meta"]],
+        )
+
+
+@dataclass
+class VideoBatch:
+    video: torch.Tensor
+    """(B, 3, T, H, W) float32 in [-1, 1], the models' layout."""
+    captions: list[str]
+    keys: list[str]
+    meta: list[dict]
+
+
+@dataclass
+class LatentBatch:
+    latent: torch.Tensor
+    """(B, C, T', H', W') float32, normalised latents."""
+    text: torch.Tensor
+    """(B, L, D) float32 caption embeddings, zero at padded positions."""
+    mask: torch.Tensor
+    """(B, L) bool, True at real tokens."""
+    captions: list[str]
+    keys: list[str]
+
+
+def _stack(batch: dict[str, np.ndarray], column: str) -> torch.Tensor:
+    values = batch[column]
+    if values.dtype == object:  # Ray hands ragged tensors over as an object array
+        shapes = sorted({tuple(v.shape) for v in values})
+        if len(shapes) > 1:
+            raise ValueError(f"{column}: a batch mixes shapes {shapes}; batch latents of one "
+                             "clip size (encode with frames= and size=)")
+        values = np.stack(list(values))
+    with warnings.catch_warnings():  # Ray hands out read-only arrays; we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(values))
+
+
+class LatentCollate(NumpyBatchCollateFn):
+    """numpy batch -> LatentBatch, for `Dataset.iter_torch_batches(collate_fn=LatentCollate())`."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> LatentBatch:
+        return LatentBatch(
+            latent=_stack(batch, "latent").float(),  # (B, C, T', H', W')
+            text=_stack(batch, "text").float(),  # (B, L, D)
+            mask=_stack(batch, "mask").bool(),  # (B, L)
+            captions=[str(c) for c in batch["caption"]],
+            keys=[str(k) for k in batch["key"]],
+        )
