@@ -271,7 +271,9 @@ def train_loop_per_worker(config: dict) -> None:
     clock = config["clock"]  # tells the reader which pass it reads (t2v/data/tarsource.py)
     passes = ray.get(clock.get.remote())[1]  # passes per execution of the stream
     early = None
-    if step < cfg.steps:  # the first pass starts reading while the engine is built
+    # The first pass starts reading while the engine is built, on the ranks that read: in a
+    # sequence-parallel group only the leader iterates the group's split (parallel.Layout).
+    if step < cfg.steps and layout.is_leader:
         ray.get(clock.set.remote(pass_index))  # before this rank asks for the pass's first block
         early = FirstBatchEarly(batch_stream(shard, cfg, config["collate"], pass_index, column))
     # Another worker count than the checkpoint's: keep its global batch (elastic resume).
