@@ -2,9 +2,9 @@
 
 Rows stay numpy float16/uint8 through Ray's object store (half the bytes of float32); the collate
 function (t2v/data/collate.py) makes the float32/bool tensors the DiT trains on, at the consumer.
-No torch here: the read tasks, Ray Data's split coordinator and Ray Train's dataset manager load
-this module in fresh processes. Nothing is decoded
-but `.npy` members (np.load without pickle), so reading is cheap next to the raw-video reader.
+Nothing is decoded but `.npy` members (np.load without pickle), so reading is cheap next to the
+raw-video reader. No torch here: the read tasks, Ray Data's split coordinator and Ray Train's
+dataset manager load this module in fresh processes.
 """
 
 from __future__ import annotations
