@@ -270,12 +270,16 @@ def train_loop_per_worker(config: dict) -> None:
     column = config.get("bucket_column")  # per-bucket batching (t2v/data/buckets.py)
     clock = config["clock"]  # tells the reader which pass it reads (t2v/data/tarsource.py)
     passes = ray.get(clock.get.remote())[1]  # passes per execution of the stream
+
+    def read_pass(index: int):
+        ray.get(clock.set.remote(index))  # before this rank asks for the pass's first block
+        return batch_stream(shard, cfg, config["collate"], index, column)
+
     early = None
     # The first pass starts reading while the engine is built, on the ranks that read: in a
     # sequence-parallel group only the leader iterates the group's split (parallel.Layout).
     if step < cfg.steps and layout.is_leader:
-        ray.get(clock.set.remote(pass_index))  # before this rank asks for the pass's first block
-        early = FirstBatchEarly(batch_stream(shard, cfg, config["collate"], pass_index, column))
+        early = FirstBatchEarly(read_pass(pass_index))
     # Another worker count than the checkpoint's: keep its global batch (elastic resume).
     configured_accum = cfg.grad_accum
     accum, elastic = checkpoint.elastic_accum(cfg.batch_size, cfg.grad_accum, saved, world, dp)
@@ -325,13 +329,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     micro, module, gathered_at = 0, None, None
     while step < cfg.steps:
-        if early is not None:
-            stream, early = early, None
+        if early is not None:  # the first pass, already reading
+            stream, feed, early = early.source, early, None
         else:
-            ray.get(clock.set.remote(pass_index))  # before this rank asks for the pass's first block
-            stream = batch_stream(shard, cfg, config["collate"], pass_index, column)
+            stream = feed = read_pass(pass_index)
         # Every rank of a sequence-parallel group trains on its leader's batches (layout.batches).
-        batches = iter(layout.batches(stream, device, agree=column is not None))
+        batches = iter(layout.batches(feed, device, agree=column is not None))
         taken = 0  # micro-batches of this pass, skipped ones included
         if skip:  # resumed inside this pass: what the checkpoint had taken is passed over
             t0 = time.time()
@@ -385,8 +388,6 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             monitor.wait_start()
         else:  # the pass ran to its end on every rank (a break happens on all at one step)
-            if isinstance(stream, FirstBatchEarly):
-                stream = stream.source
             if isinstance(stream, CountedBatches):  # bucketed passes end at the first rank's
                 monitor.pass_done(step, stream.rows if layout.is_leader else 0, passes)
             if taken == 0:  # the same on every rank: equal splits, or agreed pass ends
