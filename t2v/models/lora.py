@@ -80,8 +80,12 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: f
                 a, b = m.lora_A[_ADAPTER].weight, m.lora_B[_ADAPTER].weight
                 seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
                 with whole([a, b]):
-                    nn.init.kaiming_uniform_(a, a=math.sqrt(5),
+                    # Drawn on the CPU whatever the model's device (a CPU generator cannot fill
+                    # a CUDA tensor), so an adapter starts the same on every device.
+                    init = torch.empty(a.shape)
+                    nn.init.kaiming_uniform_(init, a=math.sqrt(5),
                                              generator=torch.Generator().manual_seed(seed >> 1))
+                    a.copy_(init)
                     nn.init.zeros_(b)
     for name, p in model.named_parameters():  # peft already does this; be explicit about it
         p.requires_grad_(any(f".{part}." in name for part in _PARTS))

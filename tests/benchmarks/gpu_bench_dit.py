@@ -1,7 +1,7 @@
 """bf16 MFU of VideoDiT (`large` = Wan 2.1 1.3B geometry) at 480p-like token counts, fwd+bwd.
 
-Ray-free and package-free: needs only torch>=2.11 and t2v/models/dit.py, which it imports by
-path, so it runs on a bare GPU box with the repository checked out (or just that file copied):
+Ray-free and package-free: needs only torch>=2.11 and t2v/models/dit.py (+ rope.py), which it
+imports by path, so it runs on a bare GPU box with the repository checked out:
 
     python tests/benchmarks/gpu_bench_dit.py                    # 21x60x104 latent = 32760 tokens
     python tests/benchmarks/gpu_bench_dit.py --tokens 8192 --no-checkpointing
@@ -34,7 +34,9 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200"
 
 
 def load_dit(path: Path = DIT_PATH):
-    """Import dit.py as a standalone module (the rest of t2v, Ray etc. are not needed)."""
+    """Import dit.py (and the rope.py it imports) without the package's __init__ chain: the
+    rest of t2v, Ray etc. are not needed."""
+    sys.path.insert(0, str(path.parents[2]))
     spec = importlib.util.spec_from_file_location("t2v_models_dit", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -87,6 +89,9 @@ def main() -> None:
     ap.add_argument("--no-checkpointing", action="store_true",
                     help="keep all activations (needs far more memory at 32k tokens)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--sdpa", default="",
+                    help="fused SDPA backends in order of preference, e.g. cudnn,flash,efficient "
+                         "(default: torch's own order among the fused ones)")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this card")
     ap.add_argument("--out", help="write the result as JSON here")
     ap.add_argument("--dry-run", action="store_true", help="CPU, debug preset, tiny shape")
@@ -138,7 +143,13 @@ def main() -> None:
         print("SDPA backends for self-attention:", json.dumps(backends, indent=1))
         fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                  SDPBackend.EFFICIENT_ATTENTION]
-        guard = sdpa_kernel(fused)  # no silent fallback to the math kernel
+        if args.sdpa:
+            names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                     "efficient": SDPBackend.EFFICIENT_ATTENTION}
+            order = [names[n] for n in args.sdpa.split(",")]
+            guard = sdpa_kernel(order, set_priority=True)  # the first that supports the call
+        else:
+            guard = sdpa_kernel(fused)  # no silent fallback to the math kernel
     else:
         from contextlib import nullcontext
 
@@ -164,7 +175,8 @@ def main() -> None:
         "device": name, "torch": torch.__version__, "preset": args.preset,
         "params": model.num_params(), "latent": list(thw), "batch": args.batch,
         "tokens": tokens, "text_len": args.text_len, "checkpointing": model.checkpointing,
-        "compile": args.compile, "dtype": str(dtype), "step_s": step_s,
+        "compile": args.compile, "sdpa": args.sdpa or "default", "dtype": str(dtype),
+        "step_s": step_s,
         "model_tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
         "peak_tflops": peak, "mfu": achieved / peak if peak else None,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,

@@ -88,7 +88,7 @@ def measure(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     times = []
     for i in range(args.warmup + args.steps):
