@@ -116,22 +116,38 @@ def test_encode_shapes_contract(encoded, shapes_shards, package):
         np.testing.assert_allclose(text.astype(np.float32), emb[0].numpy(), rtol=2e-3,
                                    atol=2e-3)
         assert 0 < mask.sum() < MAX_LENGTH and not text[mask == 0].any()
+    # The index records the width that holds every caption's tokens (the reader trims to it).
+    widths = [int(np.flatnonzero(npy(f["mask.npy"]))[-1]) + 1 for f in out.values()]
+    assert index["text_tokens"] == max(widths) < MAX_LENGTH
 
 
 def test_latent_stream_batches(encoded):
+    """Rows carry text only as wide as the index's text_tokens; the collate pads it back to the
+    encoder's length, and the batch then holds exactly the stored arrays."""
     cfg, _ = encoded
+    width = read_index(cfg.out)["text_tokens"]
     ds = latent_stream(cfg.out, shuffle_seed=1)
-    batches = list(ds.iter_torch_batches(batch_size=8, collate_fn=LatentCollate()))
+    assert ds.take(1)[0]["text"].shape == (width, 384)
+    batches = list(ds.iter_torch_batches(batch_size=8,
+                                         collate_fn=LatentCollate(text_length=MAX_LENGTH)))
     assert [len(b.keys) for b in batches] == [8, 8, 8]
     b = batches[0]
     assert b.latent.shape == (8, 4, 3, 8, 8) and b.latent.dtype == torch.float32
     assert b.text.shape == (8, MAX_LENGTH, 384) and b.text.dtype == torch.float32
     assert b.mask.shape == (8, MAX_LENGTH) and b.mask.dtype == torch.bool
     assert len({k for x in batches for k in x.keys}) == 24
-    stored = dict(iter_shard_samples(shard_uris(cfg.out)))[b.keys[0]]
-    np.testing.assert_array_equal(b.latent[0].numpy(), npy(stored["latent.npy"]).astype(
-        np.float32))
-    assert b.captions[0] == stored["txt"].decode()
+    stored = dict(iter_shard_samples(shard_uris(cfg.out)))
+    for x in batches:
+        for j, key in enumerate(x.keys):
+            np.testing.assert_array_equal(x.latent[j].numpy(), npy(
+                stored[key]["latent.npy"]).astype(np.float32))
+            np.testing.assert_array_equal(x.text[j].numpy(), npy(
+                stored[key]["text.npy"]).astype(np.float32))
+            np.testing.assert_array_equal(x.mask[j].numpy(), npy(stored[key]["mask.npy"]) > 0)
+            assert x.captions[j] == stored[key]["txt"].decode()
+    # Without a length the collate keeps the trimmed width (a masking DiT drops it anyway).
+    short = next(iter(ds.iter_torch_batches(batch_size=4, collate_fn=LatentCollate())))
+    assert short.text.shape == (4, width, 384) and short.mask.shape == (4, width)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -177,6 +193,14 @@ def test_read_tasks_decode_rows_into_one_block_per_shape_and_skip_damage(capsys)
                         ("pickle", "mask: an object array")):
         line = next(x for x in said.splitlines() if f":{key}:" in x)
         assert "s/shard-000003.tar" in line and reason in line
+    # With text_tokens the rows keep that many positions; a token past them is damage.
+    trimmed = decode_latent_rows(rows[:5], text_tokens=6)  # k4 has 7 tokens
+    said = capsys.readouterr().out
+    batch = BlockAccessor.for_block(trimmed[0]).to_numpy()
+    assert batch["text"].shape == (2, 6, 8) and batch["mask"].shape == (2, 6)
+    np.testing.assert_array_equal(batch["text"][1], arrays["k2"]["text"][:6])
+    assert [r["key"] for b in trimmed for r in b.to_pylist()] == ["k0", "k2", "k1", "k3"]
+    assert "k4: mask: a token past the index's text_tokens=6" in said
 
 
 def test_rerun_resumes_and_recomputes_a_deleted_shard(encoded):

@@ -69,13 +69,25 @@ def _stack(batch: dict[str, np.ndarray], column: str) -> torch.Tensor:
 
 
 class LatentCollate(NumpyBatchCollateFn):
-    """numpy batch -> LatentBatch, for `Dataset.iter_torch_batches(collate_fn=LatentCollate())`."""
+    """numpy batch -> LatentBatch, for `Dataset.iter_torch_batches(collate_fn=LatentCollate())`.
+
+    `text_length` L pads text (B, W, D) and mask (B, W) that the reader trimmed to W
+    (`latent_stream(text_tokens=W)`) back to L with zeros / False: the stored values exactly, so
+    a model that attends to padding (Wan's, text_mask False) sees what it always saw.
+    """
+
+    def __init__(self, text_length: int | None = None) -> None:
+        self.text_length = text_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> LatentBatch:
+        text, mask = _stack(batch, "text").float(), _stack(batch, "mask").bool()  # (B, W, ..)
+        pad = (self.text_length or 0) - text.shape[1]
+        if pad > 0:
+            text = torch.nn.functional.pad(text, (0, 0, 0, pad))  # (B, L, D)
+            mask = torch.nn.functional.pad(mask, (0, pad))  # (B, L)
         return LatentBatch(
             latent=_stack(batch, "latent").float(),  # (B, C, T', H', W')
-            text=_stack(batch, "text").float(),  # (B, L, D)
-            mask=_stack(batch, "mask").bool(),  # (B, L)
+            text=text, mask=mask,
             captions=[str(c) for c in batch["caption"]],
             keys=[str(k) for k in batch["key"]],
         )

@@ -241,18 +241,19 @@ class EncodeShard:
         for group in pending.values():
             self._encode_videos(group, generator)
         texts = self._encode_captions([c.caption for c in clips])
-        samples, buckets = [], Counter()
+        samples, masks, buckets = [], [], Counter()
         for clip in clips:
             reason = _unusable(clip, texts)
             if reason:
                 skipped.append({"shard": name, "key": clip.key, "reason": reason})
                 continue
             samples.append((clip.key, self._fields(clip, texts[clip.caption], source)))
+            masks.append(texts[clip.caption][1])
             buckets[clip.meta["bucket"]] += 1
         n = write_shard(target, samples) if samples else 0
         record = {"name": name, "samples": n, "buckets": dict(sorted(buckets.items())),
                   "skipped": skipped, "settings": self.settings,
-                  "text_dim": self.text.dim,
+                  "text_dim": self.text.dim, "text_tokens": text_tokens(masks),
                   "latent_shapes": sorted({json.dumps(list(c.latent.shape)) for c in clips}),
                   "captions_encoded": self.cache.encoded - encoded0,
                   "caption_cache_hits": self.cache.hits - hits0,
@@ -361,6 +362,12 @@ def run_encode(cfg: EncodeConfig) -> dict:
     return _finish(cfg, settings, records + fresh, fresh, time.time() - t0)
 
 
+def text_tokens(masks: list[np.ndarray]) -> int:
+    """Width that holds every real token of these masks (L,): the last set position + 1 (not
+    the count: a tokenizer that pads on the left keeps its tokens at the end)."""
+    return max((int(np.flatnonzero(m)[-1]) + 1 for m in masks if m.any()), default=0)
+
+
 def _finish(cfg: EncodeConfig, settings: dict, records: list[dict], fresh: list[dict],
             seconds: float) -> dict:
     """Report and index from the part records; the index is written last."""
@@ -387,8 +394,13 @@ def _finish(cfg: EncodeConfig, settings: dict, records: list[dict], fresh: list[
     }
     storage.write_text(storage.join(cfg.out, REPORT_NAME), json.dumps(report, indent=1))
     text = settings["text_encoder"]
+    # Positions past the longest caption's last token are padding in every sample: the reader
+    # leaves them out of its blocks and the collate puts them back (t2v/data/latents.py). A part
+    # record from before the field keeps the whole width.
+    tokens = [r.get("text_tokens") for r in records if r["samples"]]
+    extra = {"text_tokens": max(tokens)} if tokens and None not in tokens else {}
     write_index(cfg.out, shards, format=LATENT_FORMAT, source=cfg.src, vae=vae,
-                text_encoder=text, max_length=text["max_length"],
+                text_encoder=text, max_length=text["max_length"], **extra,
                 text_dim=records[0]["text_dim"], latent_shapes=[json.loads(s) for s in shapes],
                 frames=cfg.frames, size=cfg.size, sampled=cfg.sample, skipped=len(skips),
                 buckets=dict(sorted(buckets.items())))

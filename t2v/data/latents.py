@@ -10,6 +10,7 @@ dataset manager load this module in fresh processes.
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -26,19 +27,26 @@ MEMBERS = ("latent.npy", "text.npy", "mask.npy", "txt")
 
 
 def latent_stream(uri: str | list[str], shuffle_seed: int | None = None,
-                  clock=None) -> ray.data.Dataset:  # noqa: ANN001 - a PassClock handle
-    """Rows {latent (C,T',H',W') f16, text (L,D) f16, mask (L,) u8, caption, key}; lazy.
+                  clock=None,  # noqa: ANN001 - a PassClock handle
+                  text_tokens: int | None = None) -> ray.data.Dataset:
+    """Rows {latent (C,T',H',W') f16, text (W,D) f16, mask (W,) u8, caption, key}; lazy.
 
     `uri` is a latent data set's root, or a list of its shard URIs (training keeps its held-out
     shard out this way). With a `shuffle_seed`, each pass reads the shard files in the order
     `pass_order(seed, pass)`, the pass being `clock`'s (training's) or 0; None keeps the order.
+
+    W is `text_tokens` (a root's index gives it: the longest caption's tokens, recorded by
+    encode), else the stored L: the positions past it are padding in every sample, so rows
+    leave them out (the demo's 9-token captions padded to 64 were 49 of a sample's 55 KB that
+    Ray's object store moved) and `LatentCollate(text_length=L)` puts the zeros back.
     """
     if isinstance(uri, str):
         if storage.exists(storage.join(uri, INDEX_NAME)):
-            fmt = read_index(uri).get("format")
-            if fmt != LATENT_FORMAT:
-                raise ValueError(f"{uri}: format {fmt!r} is not latent shards ({LATENT_FORMAT}); "
-                                 "run `t2v encode` on raw shards first")
+            index = read_index(uri)
+            if index.get("format") != LATENT_FORMAT:
+                raise ValueError(f"{uri}: format {index.get('format')!r} is not latent shards "
+                                 f"({LATENT_FORMAT}); run `t2v encode` on raw shards first")
+            text_tokens = text_tokens or index.get("text_tokens")
         uris = shard_uris(uri)
     else:
         uris = list(uri)
@@ -47,7 +55,8 @@ def latent_stream(uri: str | list[str], shuffle_seed: int | None = None,
     # Members are decoded by us in the read task (decode_latent_rows): a damaged .npy is one
     # skipped sample naming its shard, not a failed read task that ends the run; a damaged
     # shard is one line naming it (t2v/data/tarsource.py).
-    return tar_dataset(uris, MEMBERS, seed=shuffle_seed, clock=clock, decode=decode_latent_rows)
+    decode = partial(decode_latent_rows, text_tokens=text_tokens or None)
+    return tar_dataset(uris, MEMBERS, seed=shuffle_seed, clock=clock, decode=decode)
 
 
 NDIM = {"latent": 4, "text": 2, "mask": 1}
@@ -102,13 +111,18 @@ def _array(data: object, column: str) -> np.ndarray:
     return array
 
 
-def decode_latent_row(row: dict) -> list[dict]:
+def decode_latent_row(row: dict, text_tokens: int | None = None) -> list[dict]:
     """A row of raw tar members -> [the training row], or [] for a damaged sample, reported
     with its shard and key on the log (the pass check counts it as missing). Runs inside Ray
-    Data's read tasks."""
+    Data's read tasks. With `text_tokens`, text and mask keep their first that many positions
+    (a view: the rest is padding; a sample with a token past them is damaged)."""
     key = _text(row.get("__key__"))
     try:
         out = {column: _array(row.get(f"{column}.npy"), column) for column in NDIM}
+        if text_tokens and len(out["mask"]) > text_tokens:
+            if out["mask"][text_tokens:].any():
+                raise ValueError(f"mask: a token past the index's text_tokens={text_tokens}")
+            out["text"], out["mask"] = out["text"][:text_tokens], out["mask"][:text_tokens]
         caption = row.get("txt")
         out["caption"] = (bytes(caption).decode("utf-8") if isinstance(caption, bytes | bytearray)
                           else _text(caption))
@@ -121,13 +135,13 @@ def decode_latent_row(row: dict) -> list[dict]:
     return [out]
 
 
-def decode_latent_rows(rows: list[dict]) -> list[pa.Table]:
+def decode_latent_rows(rows: list[dict], text_tokens: int | None = None) -> list[pa.Table]:
     """A read task's rows of raw members -> training blocks (`decode_latent_row` each, damaged
     samples skipped), one block per array geometry in the order first seen (a bucketed data set
     mixes latent shapes in a shard; a block of one shape is stacked arrays, no ragged column)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        for out in decode_latent_row(row):
+        for out in decode_latent_row(row, text_tokens):
             groups.setdefault(tuple(out[c].shape for c in NDIM), []).append(out)
     return [BlockAccessor.batch_to_block(
         {**{c: np.stack([r[c] for r in group]) for c in NDIM},

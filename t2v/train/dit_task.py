@@ -224,7 +224,10 @@ class DiTTask(StageTask):
             reader = ReaderConfig(shards=data.shards, frames=data.frames, size=data.size,
                                   shuffle_seed=data.shuffle_seed)
             return video_stream(reader, uris=train, clock=clock).dataset, VideoCollate()
-        return latent_stream(train, shuffle_seed=data.shuffle_seed, clock=clock), LatentCollate()
+        index = read_index(data.shards)
+        return (latent_stream(train, shuffle_seed=data.shuffle_seed, clock=clock,
+                              text_tokens=index.get("text_tokens")),
+                LatentCollate(text_length=index.get("max_length")))
 
     # ------------------------------------------------------------------------- workers
 
