@@ -168,6 +168,9 @@ def test_zero0_worker_killed_restarts_from_checkpoint(reference, train_latents,
     assert result["step"] == STEPS
     assert_same_losses(run, ref, range(1, 3))  # ZeRO-0 before the kill
     assert_same_losses(run, ref, range(3, STEPS + 1))  # after the restart
+    # DeepSpeed reports no gradient norm at ZeRO-0 in fp32 (its clipping drops it): the worker
+    # measures it, and it is ZeRO-2's.
+    assert_same_losses(run, ref, range(1, STEPS + 1), key="grad_norm")
     assert storage.exists(storage.join(run, "package", "model.json"))
 
 

@@ -85,6 +85,8 @@ class Monitor:
         self.wait = 0.0
         self._wait0 = time.perf_counter()
         self.phases = dict.fromkeys(PHASES, 0.0)
+        self.grad_norm: float | None = None
+        """Set by the worker when the engine keeps no gradient norm (fp32 ZeRO-0)."""
         """Seconds in each phase of a step since the last log (`lap`)."""
         self._lap0 = time.perf_counter()
         self.t_log = self.t_start = time.perf_counter()
@@ -136,10 +138,14 @@ class Monitor:
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += torch.tensor([float(loss), 1.0], dtype=torch.float64)
 
+    def logs_at(self, step: int) -> bool:
+        """Whether `step_done(step)` logs."""
+        return step % self.cfg.log_every == 0 or step == self.cfg.steps
+
     def step_done(self, step: int, engine) -> dict:
         if self.steps_at_start is None:
             self.steps_at_start = self.last_logged = step - 1
-        if step % self.cfg.log_every and step != self.cfg.steps:
+        if not self.logs_at(step):
             return {}
         now = time.perf_counter()
         elapsed = max(now - self.t_log, 1e-9)
@@ -156,6 +162,7 @@ class Monitor:
         steps = max(step - self.last_logged, 1)
         per_worker = samples / self.world / elapsed
         gnorm = engine.get_global_grad_norm()
+        gnorm, self.grad_norm = (self.grad_norm if gnorm is None else gnorm), None
         metrics = {
             "logged": True,
             "loss": loss_sum / max(count, 1),

@@ -328,6 +328,9 @@ def train_loop_per_worker(config: dict) -> None:
     monitor.start(step, elastic)
 
     micro, module, gathered_at = 0, None, None
+    # DeepSpeed's fp32 ZeRO-0 clips without keeping the norm (get_global_grad_norm is None)
+    # and drops the gradients in step(): measure it here on the steps that log.
+    own_norm = cfg.zero_stage == 0 and not bf16
     while step < cfg.steps:
         if early is not None:  # the first pass, already reading
             stream, feed, early = early.source, early, None
@@ -352,6 +355,8 @@ def train_loop_per_worker(config: dict) -> None:
             engine.backward(loss * layout.loss_scale)  # see t2v/train/parallel.py
             monitor.add_loss(loss.detach())
             monitor.lap("forward_backward")
+            if own_norm and (micro + 1) % cfg.grad_accum == 0 and monitor.logs_at(step + 1):
+                monitor.grad_norm = zero.grad_norm(engine.module)  # reduced, before clipping
             engine.step()
             monitor.lap("optimizer")
             micro, taken = micro + 1, taken + 1
