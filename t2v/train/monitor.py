@@ -85,9 +85,9 @@ class Monitor:
         self.wait = 0.0
         self._wait0 = time.perf_counter()
         self.phases = dict.fromkeys(PHASES, 0.0)
+        """Seconds in each phase of a step since the last log (`lap`)."""
         self.grad_norm: float | None = None
         """Set by the worker when the engine keeps no gradient norm (fp32 ZeRO-0)."""
-        """Seconds in each phase of a step since the last log (`lap`)."""
         self._lap0 = time.perf_counter()
         self.t_log = self.t_start = time.perf_counter()
         self.steps_at_start: int | None = None
