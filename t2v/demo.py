@@ -47,7 +47,7 @@ from t2v.data.synthetic import (
 )
 from t2v.eval.report import results_table, run_eval
 from t2v.render.pipeline import run_render_command
-from t2v.runtime import check_output_uri, ensure_ray
+from t2v.runtime import check_output_uri, disconnect_ray, ensure_ray, ray_connected
 from t2v.train.trainer import run_train
 
 M = TypeVar("M", bound=BaseModel)
@@ -226,6 +226,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if not cfg.verbose:
         print(f"[demo] Ray's, DeepSpeed's and torch's own output: {log_path} (--verbose shows "
               "it here)", flush=True)
+    owns_ray = not ray_connected()  # False in-process under tests: their cluster stays up
     with quiet(log_path, cfg.verbose) as console:
         report = _run_stages(cfg, stages, held, rows_path=path["prompts/heldout.jsonl"],
                              train_synth=train_synth, held_synth=held_synth, vae=vae,
@@ -236,6 +237,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                     f"stage seconds: {json.dumps(times)}\nreport: "
                     f"{storage.join(path['eval'], 'report.json')}\ncontact sheet: "
                     f"{storage.join(path['eval'], 'contact_sheet.png')}")
+        if owns_ray:  # Ray forwards its workers' last lines late: into the log, not after this
+            disconnect_ray()
     summary = {"out": out, "profile": profile, "heldout": [str(c) for c in held],
                "seconds": times,
                "accuracy": {a: round(v["accuracy"], 4) for a, v in report["attributes"].items()},

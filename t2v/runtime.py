@@ -63,6 +63,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
 
 
+def ray_connected() -> bool:
+    """Whether this process already holds a Ray connection (started or joined)."""
+    import ray  # noqa: PLC0415 - heavy: only where Ray starts
+
+    return ray.is_initialized()
+
+
+def disconnect_ray() -> None:
+    """Leave Ray (and stop the local instance this process started): nothing Ray forwards
+    afterwards reaches this process's terminal."""
+    import ray  # noqa: PLC0415 - heavy: only where Ray starts
+
+    ray.shutdown()
+
+
 def job_rows(ds):  # noqa: ANN001, ANN201 - a ray.data.Dataset -> its rows
     """The rows of a Ray Data job as they come; a storage failure inside one of its tasks (Ray
     wraps it in a task error and a traceback) ends the job as that one-line StorageError."""

@@ -1,6 +1,7 @@
 """The Ray-free GPU scripts stay runnable between the sessions that have a GPU: each one's CPU
-path runs here, in-process (the 2026-12-04 H200 run found two that had rotted: a by-path import
-that missed rope.py, and LoRA init from a CPU generator into CUDA tensors)."""
+path runs here, in-process (the 2026-12-04 H200 run found gpu_bench_dit.py's by-path import
+broken since dit.py began importing rope.py, besides a library bug: LoRA init from a CPU
+generator into CUDA tensors)."""
 
 from __future__ import annotations
 
