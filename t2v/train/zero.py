@@ -81,8 +81,7 @@ def grad_norm(module: nn.Module) -> float:
     """The 2-norm of the module's gradients, as held (after ZeRO-0's all-reduce at a boundary,
     the global one): what DeepSpeed's fp32 clipping measures and does not keep."""
     grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads \
-        else 0.0
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def is_partitioned(p: nn.Parameter) -> bool:
