@@ -24,6 +24,7 @@ from t2v.config import (
     ImportConfig,
     PackConfig,
     RenderConfig,
+    ServeConfig,
     SynthConfig,
     TrainConfig,
 )
@@ -67,6 +68,10 @@ COMMANDS: dict[str, Command] = {
                        "crf": "crf", "batch-size": "batch_size", "concurrency": "concurrency",
                        "gpus-per-worker": "gpus_per_worker", "overwrite": "overwrite",
                        "dry-run": "dry_run"}),
+    "serve": Command(ServeConfig, "t2v.serve.app:run_serve_command",
+                     "the online API and web page (Ray Serve) over a model package",
+                     {"model": "model", "out": "out", "port": "port", "host": "host",
+                      "replicas": "replicas", "address": "address"}),
     "eval": Command(EvalConfig, "t2v.eval.report:run_eval_command",
                     "score renders against prompt ground truth; VAE and flow-loss numbers",
                     {"renders": "renders", "prompts": "prompts", "out": "out", "model": "model",

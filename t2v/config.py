@@ -392,6 +392,45 @@ class RenderConfig(Section):
     """Test hook: a renderer actor raises after writing this many videos (fault injection)."""
 
 
+class ServeConfig(Section):
+    """`t2v serve`: the online API (Ray Serve) over a model package; results go to `out` as
+    render writes them."""
+
+    model: str = ""
+    """Model package URI."""
+    out: str = ""
+    """Output location: videos/, posters/, manifest/ (as `t2v render` writes them)."""
+    address: str | None = None
+    """Ray cluster to join (None: RAY_ADDRESS, else a local Ray is started)."""
+    host: str = "127.0.0.1"
+    """Where Serve's HTTP proxy listens (0.0.0.0 to expose it)."""
+    port: int = Field(8000, ge=1, le=65535)
+    replicas: ActorPool = [1, 1]
+    """[min, max] renderer replicas; Serve autoscales between them on queued requests."""
+    target_queue: float = Field(2.0, gt=0)
+    """Requests queued or running per renderer replica that autoscaling aims for."""
+    max_batch_size: int = Field(4, ge=1)
+    """Most videos in one sampler call (requests of one shape and steps are batched)."""
+    batch_wait_s: float = Field(0.05, ge=0)
+    """How long a renderer waits for a batch to fill before sampling what it has."""
+    max_queue: int = Field(64, ge=1)
+    """Videos queued or rendering at once; beyond this a request is answered 503 + Retry-After."""
+    max_body_bytes: int = Field(16384, ge=256)
+    """Largest request body accepted (413 beyond)."""
+    api_token: str | None = None
+    """Bearer token every /v1 request must carry; None: the T2V_API_TOKEN environment
+    variable, and no token at all when that is unset too."""
+    retries: int = Field(1, ge=0)
+    """Times a video is sent again when the renderer replica holding it dies."""
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    render: RenderConfig = RenderConfig()
+    """Sampling and writing settings (steps, cfg, sampler, crf, offload_text, ...) as for
+    `t2v render`; its model, prompts and out are not used."""
+    blocking: bool = True
+    """`t2v serve` stays in the foreground until interrupted (False: deploy and return)."""
+
+
 class ImportConfig(Section):
     """`t2v import`: a pretrained checkpoint on disk or in a bucket -> a t2v model package."""
 

@@ -137,8 +137,64 @@ def test_kuberay_manifest_validates_against_crd(name: str, doc: dict[str, Any]) 
     if doc["kind"] in ("RayCluster", "RayJob"):
         assert doc["apiVersion"] == "ray.io/v1", name
         _crd_validator(doc["kind"]).validate(doc)
+    elif doc["kind"] == "RayService":
+        _check_rayservice(doc)
     else:
         assert (doc["apiVersion"], doc["kind"]) == ("v1", "ServiceAccount"), name
+
+
+RAYSERVICE_SPEC = {"serveConfigV2", "rayClusterConfig", "serveService", "upgradeStrategy",
+                   "excludeHeadPodFromServeSvc"}
+"""RayService ray.io/v1 spec fields (KubeRay rayservice_types.go); its CRD is not vendored:
+the cluster part is a RayClusterSpec, checked against the RayCluster CRD."""
+
+
+def _check_rayservice(doc: dict[str, Any]) -> None:
+    """A RayService as KubeRay and Serve would take it: its rayClusterConfig against the
+    RayCluster CRD's spec (strict), its serveConfigV2 through Ray Serve's own config schema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    assert doc["apiVersion"] == "ray.io/v1" and set(doc) == {"apiVersion", "kind", "metadata",
+                                                             "spec"}
+    assert set(doc["spec"]) <= RAYSERVICE_SPEC, set(doc["spec"]) - RAYSERVICE_SPEC
+    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": doc["metadata"],
+               "spec": doc["spec"]["rayClusterConfig"]}
+    _crd_validator("RayCluster").validate(cluster)
+    ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+
+
+def test_rayservice_serves_the_api_with_autoscaling() -> None:
+    """The RayService's Serve application is t2v's, its args a valid ServeConfig, and both Serve
+    replicas and the GPU pods under them autoscale."""
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from t2v.config import ServeConfig
+
+    (doc,) = _yaml_docs(KUBERAY / "rayservice.yaml")
+    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    (app,) = serve_cfg.applications
+    module, name = app.import_path.split(":")
+    assert callable(getattr(importlib.import_module(module), name)), app.import_path
+    cfg = ServeConfig.model_validate(app.args)
+    for uri in (cfg.model, cfg.out):
+        assert uri.startswith(f"s3://{BUCKET}/"), uri
+    lo, hi = cfg.replicas
+    assert lo < hi and cfg.gpus_per_replica == 1
+    spec = doc["spec"]["rayClusterConfig"]
+    assert spec["enableInTreeAutoscaling"] is True and spec["headGroupSpec"]["rayStartParams"][
+        "num-cpus"] == "0"
+    (gpu,) = spec["workerGroupSpecs"]
+    pod = gpu["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu["minReplicas"] <= lo and gpu["maxReplicas"] >= hi, gpu  # a GPU per replica
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for container in (head, pod["containers"][0]):
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["serve"] == serve_cfg.http_options.port == 8000
+        token = next(e for e in container["env"] if e["name"] == "T2V_API_TOKEN")
+        assert "value" not in token and token["valueFrom"]["secretKeyRef"]["name"] == "t2v-api"
 
 
 def test_crd_validation_catches_a_misspelt_field() -> None:

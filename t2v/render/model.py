@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from t2v.data.tensors import to_uint8
-from t2v.diffusion.sampling import denoise, get_noise
+from t2v.diffusion.sampling import Progress, denoise, get_noise
 from t2v.models.dit import VideoDiT
 from t2v.models.package import PackageError, load_package
 from t2v.models.text import TextEncoder
@@ -100,10 +100,12 @@ def _check_batch(samples: list[Sample]) -> tuple[int, int, int, int]:
 
 @torch.no_grad()
 def render_batch(model: RenderModel, samples: list[Sample], sampler: str = "euler",
-                 shift: float | None = 1.0) -> tuple[torch.Tensor, list[np.ndarray]]:
+                 shift: float | None = 1.0, progress: Progress | None = None,
+                 ) -> tuple[torch.Tensor, list[np.ndarray]]:
     """Samples of one shape and step count -> (latents (B, C, T', H', W'), videos (T, H, W, 3)).
 
     `shift` None means 1 (the job resolves RenderConfig.shift None to the package's first).
+    `progress(k, n)` is called after each of the n sampler steps (the online API's progress).
 
     Needs no Ray. Each sample's noise comes from its own seed (`get_noise`) and cfg is per
     sample, so a video depends only on its own row: batch size and batch mates change nothing
@@ -124,7 +126,8 @@ def render_batch(model: RenderModel, samples: list[Sample], sampler: str = "eule
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
     with autocast:
         z = denoise(model.dit, noise, text, mask, neg_text, neg_mask, steps=steps, cfg=cfg,
-                    shift=shift or 1.0, sampler=sampler)  # (B, C, T', H', W') float32
+                    shift=shift or 1.0, sampler=sampler,
+                    progress=progress)  # (B, C, T', H', W') float32
     pixels = model.decode(z.float())  # (B, 3, T, H, W), unclamped
     return z, [to_uint8(v) for v in pixels]
 

@@ -29,7 +29,7 @@ import torch
 from t2v import storage
 from t2v.config import RenderConfig
 from t2v.data.video import encode_mp4, to_png
-from t2v.diffusion.sampling import SAMPLERS
+from t2v.diffusion.sampling import SAMPLERS, Progress
 from t2v.models.dit import VideoDiT
 from t2v.models.package import PackageError, PackageMeta, RenderDefaults, package_hash, read_meta
 from t2v.models.text import load_tokenizer, token_counts
@@ -77,10 +77,12 @@ class Renderer:
             raise PackageError(f"{cfg.model}: the package changed while the job ran (hash "
                                f"{digest[:12]}, planned {job.package_hash[:12]})")
         self.written = 0
+        self.progress: Progress | None = None
+        """Called with (step, steps) as a batch samples (set by the online API per batch)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [row for index, samples in zip(batch["index"], batch["samples"], strict=True)
-                for row in self._batch(int(index), SAMPLES.validate_json(samples))]
+                for row in self.render_samples(int(index), SAMPLES.validate_json(samples))]
         return {"id": np.array([r.id for r in rows], dtype=object),
                 "status": np.array([r.status for r in rows], dtype=object)}
 
@@ -90,7 +92,9 @@ class Renderer:
             raise InjectedFault(f"fail_after={limit}: injected failure after {self.written} "
                                 "videos written by this actor")
 
-    def _batch(self, index: int, samples: list[Sample]) -> list[ManifestRow]:
+    def render_samples(self, index: int, samples: list[Sample]) -> list[ManifestRow]:
+        """One batch: sample, write each video and poster, then the manifest part `b{index}`
+        (also the online API's unit of work, t2v/serve/app.py)."""
         self._fault()
         t0 = time.time()
         try:
@@ -107,7 +111,8 @@ class Renderer:
         return rows
 
     def _sample(self, samples: list[Sample]) -> list[np.ndarray]:
-        z, videos = render_batch(self.model, samples, self.cfg.sampler, self.cfg.shift)
+        z, videos = render_batch(self.model, samples, self.cfg.sampler, self.cfg.shift,
+                                 progress=self.progress)
         bad = (~torch.isfinite(z).flatten(1).all(dim=1)).tolist()
         if any(bad):
             raise ValueError("non-finite latents")

@@ -36,7 +36,12 @@ TokenCounter = Callable[[list[str]], list[int]]
 
 
 class RowInvalid(ValueError):
-    """One row is unusable; the message is the reason recorded in its error row."""
+    """One row is unusable; the message is the reason recorded in its error row, `field` the
+    row field it is about (None: the line as a whole, e.g. invalid JSON)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -234,12 +239,13 @@ def _typed(row: dict) -> RowFields:
         what = ("an integer" if key in INT_FIELDS else "a number" if key == "cfg" else
                 "a JSON object" if key == "meta" else "a string")
         shown = repr(value) if key in (*INT_FIELDS, "cfg") else _type_name(value)
-        raise RowInvalid(f"{key}: expected {what}, got {shown}")
+        raise RowInvalid(f"{key}: expected {what}, got {shown}", key)
     unknown = sorted(str(x["loc"][0]) for x in errors if x["type"] == "extra_forbidden")
     if unknown:
         raise RowInvalid(f"unknown field{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(map(repr, unknown))} (known: {', '.join(FIELDS)})")
-    raise RowInvalid("missing prompt")
+                         f"{', '.join(map(repr, unknown))} (known: {', '.join(FIELDS)})",
+                         unknown[0])
+    raise RowInvalid("missing prompt", "prompt")
 
 
 def _check_csv_types(row: dict[str, str]) -> dict:
@@ -269,21 +275,21 @@ def _check_csv_types(row: dict[str, str]) -> dict:
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
     if not (math.isfinite(value) and lo <= value <= hi):
-        raise RowInvalid(f"{name}={value} out of range [{lo}, {hi}]")
+        raise RowInvalid(f"{name}={value} out of range [{lo}, {hi}]", name)
 
 
 def _check_row(f: RowFields, rules: PromptRules) -> str:
     """A typed row against the job's rules -> its id; RowInvalid names the first problem."""
     if not f.prompt.strip():
-        raise RowInvalid("empty prompt")
+        raise RowInvalid("empty prompt", "prompt")
     for key in STR_FIELDS:
         if "\x00" in (getattr(f, key) or ""):
-            raise RowInvalid(f"{key} contains a NUL character")
+            raise RowInvalid(f"{key} contains a NUL character", key)
     if f.id is not None:
         if not ID_PATTERN.fullmatch(f.id):
-            raise RowInvalid(f"id {f.id[:140]!r} must match {ID_PATTERN.pattern}")
+            raise RowInvalid(f"id {f.id[:140]!r} must match {ID_PATTERN.pattern}", "id")
         if f.id.startswith("."):  # hidden files; and list_prefix hides `.t2v-tmp-*` outputs
-            raise RowInvalid(f"id {f.id!r} must not start with '.'")
+            raise RowInvalid(f"id {f.id!r} must not start with '.'", "id")
     if f.seed is not None:
         _check_range("seed", f.seed, 0, MAX_SEED - rules.num_per_prompt)
     if f.steps is not None:
@@ -296,14 +302,14 @@ def _check_row(f: RowFields, rules: PromptRules) -> str:
     if (frames - 1) % rules.temporal_down or latent_frames % rules.temporal_patch:
         raise RowInvalid(f"frames={frames} must be 1 + {rules.temporal_down}k for the VAE"
                          + (f" with 1 + k divisible by {rules.temporal_patch}"
-                            if rules.temporal_patch > 1 else ""))
+                            if rules.temporal_patch > 1 else ""), "frames")
     for side in ("height", "width"):
         value = getattr(f, side)
         value = getattr(rules, side) if value is None else value
         _check_range(side, value, rules.spatial_multiple, rules.max_side)
         if value % rules.spatial_multiple:
             raise RowInvalid(f"{side}={value} must be a multiple of {rules.spatial_multiple} "
-                             "(VAE spatial_down x DiT patch)")
+                             "(VAE spatial_down x DiT patch)", side)
     return f.id if f.id is not None else derive_id(f.given())
 
 
@@ -418,6 +424,17 @@ def parse_prompts(data: bytes, fmt: str, rules: PromptRules, source: str = "<pro
             rows.append(row)
     errors.sort(key=lambda e: e.line)
     return ParsedPrompts(source=source, rows=rows, errors=errors, lines=lines)
+
+
+def parse_row(text: str, rules: PromptRules, line: int = 1,
+              count_tokens: TokenCounter | None = None) -> PromptRow:
+    """One JSON object (an API request body, a .jsonl line) -> a valid row by the rules of a
+    prompt file's line; RowInvalid (with its `field`) names the first problem."""
+    fields = _typed(_json_object(text))
+    row_id = _check_row(fields, rules)
+    if reason := _too_long([(line, fields, row_id)], rules, count_tokens).get(line):
+        raise RowInvalid(reason, "negative_prompt" if reason.startswith("negative") else "prompt")
+    return _make_row(line, fields, row_id, rules)
 
 
 def _too_long(checked: list[tuple[int, RowFields, str]], rules: PromptRules,
