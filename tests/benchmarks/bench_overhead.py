@@ -2,8 +2,8 @@
 
     .venv/bin/python tests/benchmarks/bench_overhead.py [--steps 200] [--only bare,ddp,ray]
 
-The demo's DiT (the `debug` preset on the demo's latents: 6x3x8x8, MiniLM text, global batch
-32) trained for `--steps` optimizer steps four ways, on the same cores:
+The demo's DiT (the `debug` preset on latents of the demo's VAE geometry — the default profile's
+`vae.model_overrides` — MiniLM text, global batch 32) trained for `--steps` optimizer steps four ways, on the same cores:
 - `bare`: one process, torch on all cores, batch 32, AdamW: the maths alone;
 - `ddp`: two processes (torch.distributed over gloo, DistributedDataParallel, 1 thread and
   batch 16 each): what splitting the batch over two processes costs, without Ray or DeepSpeed;
@@ -39,12 +39,13 @@ BATCH = 32
 
 
 def make_latents(tmp: str) -> tuple[str, str]:
-    """1024 demo-sized clips (8 shards of 128, as the demo) encoded by a demo-shaped VAE
-    (random weights: the step cost is the DiT's, whatever the latents hold)."""
+    """1024 demo-sized clips (8 shards of 128, as the demo) encoded by a VAE shaped as the
+    default demo's (random weights: the step cost is the DiT's, whatever the latents hold)."""
     import torch
 
     from t2v.data.encode import run_encode
     from t2v.data.synthetic import run_synth
+    from t2v.demo import default_profile
     from t2v.models.latent import fit_latent_stats
     from t2v.models.package import save_package
     from t2v.models.text import TextEncoderConfig
@@ -53,7 +54,8 @@ def make_latents(tmp: str) -> tuple[str, str]:
     raw, vae_uri, out = f"{tmp}/raw", f"{tmp}/vae", f"{tmp}/latents"
     run_synth(SynthConfig(out=raw, num=1024, frames=9, size=32, shard_size=128, seed=0))
     torch.manual_seed(0)
-    vae = CausalVideoVAE(vae_config("debug", latent_channels=6, shortcut=True)).eval()
+    demo_vae = default_profile().vae
+    vae = CausalVideoVAE(vae_config(demo_vae.model, **demo_vae.model_overrides)).eval()
     with torch.no_grad():
         shift, scale = fit_latent_stats(vae.encode(torch.rand(4, 3, 9, 32, 32) * 2 - 1).mean)
     vae.set_latent_stats(shift=shift, scale=scale)

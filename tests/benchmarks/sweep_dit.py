@@ -4,19 +4,20 @@ process, render the held-out prompts and score them as `t2v eval` does.
     .venv/bin/python tests/benchmarks/sweep_dit.py --vae PKG [--steps 1800] [--batch 32] \\
         [--variant NAME:key=value,key=value ...] [--out DIR]
 
-PKG is a VAE package: the demo's (OUT/runs/vae/package) or one that
-tests/benchmarks/sweep_vae.py wrote (OUT/NAME/package). The clips are the default demo's (the
-cache sweep_vae.py keeps in OUT/demo_clips.npz, made if missing), encoded by that VAE (posterior
-means, normalised), their captions by the offline MiniLM encoder. Each variant is the `debug`
-DiT preset with its overrides (DiTConfig fields, a/b/c for a tuple such as patch=1/1/1) plus
-training keys `steps`, `batch`, `lr`, `shift` (training timestep shift; the render uses the
-same), `cfg` (render guidance), trained by a bare torch loop on the box's cores the way the DiT
-stage trains: `t2v.diffusion.flow.flow_loss` (logit-normal t), caption dropout 0.1 to the empty
-prompt, AdamW with the demo's betas, warm-up 50, cosine LR, clipping at 1, EMA 0.995 (the EMA
-weights render). The 96 held-out prompts (12 combinations x 8 seeds, the demo's prompt file)
-then render with 25 Euler steps and are judged by the eval's detector. A row measures what the
-model and recipe learn in that many steps, not Ray Train's cost (bench_overhead.py).
-"""
+PKG is a VAE package: the demo's (OUT/runs/vae/package) or one that tests/benchmarks/sweep_vae.py
+wrote (OUT/NAME/package). The clips are the default demo's (the cache sweep_vae.py keeps in
+OUT/demo_clips.npz, made if missing), encoded by that VAE (posterior means, normalised), their
+captions by the offline MiniLM encoder. Each variant is the `debug` DiT preset with its overrides
+(DiTConfig fields, a/b/c for a tuple such as patch=1/1/1) plus training keys `steps`, `batch`,
+`lr`, `shift` (training timestep shift; the render uses the same), `cfg` (render guidance;
+`cfg=4/8` scores the one trained model at each), trained by a bare torch loop on the box's cores
+the way the DiT stage trains: `t2v.diffusion.flow.flow_loss` (logit-normal t), caption dropout 0.1
+to the empty prompt, AdamW with the demo's betas, warm-up 50, cosine LR, clipping at 1, EMA 0.995
+(the EMA weights render). The 96 held-out prompts (12 combinations x 8 seeds, the demo's prompt
+file) then render with 25 Euler steps and are judged by the eval's detector; so are 48 prompts of
+combinations the training data has (12 x 4 seeds, the demo's `train` split: the `train shape` /
+`train motion` columns; held-out close to train means the model composes). A row measures what the
+model and recipe learn in that many steps, not Ray Train's cost (bench_overhead.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from sweep_vae import demo_data, fit, parse_variant, sweep_parser  # noqa: E402
 from t2v.data.synthetic import heldout_combos  # noqa: E402
 from t2v.data.tensors import to_model_range  # noqa: E402
 from t2v.data.video import contact_sheet  # noqa: E402
-from t2v.demo import heldout_prompt_rows  # noqa: E402
+from t2v.demo import heldout_prompt_rows, training_combos  # noqa: E402
 from t2v.diffusion.flow import flow_loss, sample_t  # noqa: E402
 from t2v.eval.detector import detect  # noqa: E402
 from t2v.eval.report import TRUTH_KEYS, VOCAB  # noqa: E402
@@ -65,8 +66,10 @@ def encode_all(vae, text: TextEncoder, clips: np.ndarray,  # noqa: ANN001
 
 def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
                     text: torch.Tensor, mask: torch.Tensor, empty: tuple, vae, encoder,  # noqa: ANN001
-                    rows: list[dict], clip_shape: tuple[int, int, int], steps: int,
-                    batch: int) -> tuple[dict, list[np.ndarray]]:
+                    rows: list[dict], train_rows: list[dict], clip_shape: tuple[int, int, int],
+                    steps: int, batch: int) -> list[tuple[dict, list[np.ndarray]]]:
+    """One (row, held-out videos) per render guidance: `cfg=4/8` scores one trained model at
+    guidance 4 and 8 (rows NAME@cfg4, NAME@cfg8)."""
     steps, batch = int(train_kw.get("steps", steps)), int(train_kw.get("batch", batch))
     lr, shift = float(train_kw.get("lr", 3e-3)), float(train_kw.get("shift", 1.0))
     torch.manual_seed(0)
@@ -89,32 +92,47 @@ def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
     # the sweep's steps and guidance, Euler, the training shift.
     model = RenderModel(dit.eval(), vae, encoder, torch.device("cpu"))
     frames, height, width = clip_shape
-    samples = [Sample(id=str(i), prompt=r["prompt"], seed=r["seed"], frames=frames,
-                      height=height, width=width, steps=int(train_kw.get("render_steps", 25)),
-                      cfg=float(train_kw.get("cfg", 4.0))) for i, r in enumerate(rows)]
-    judged, videos = [], []
-    for i in range(0, len(samples), 32):
-        _, part = render_batch(model, samples[i:i + 32], sampler="euler", shift=shift)
-        for r, video in zip(rows[i:i + 32], part, strict=True):
-            videos.append(video)
-            judged.append(judge(detect(video), {k: r["meta"][k] for k in TRUTH_KEYS}))
-    acc = summarize(judged, VOCAB)
-    return {"name": name, "overrides": model_kw | train_kw, "steps": steps, "batch": batch,
-            "params_m": sum(p.numel() for p in dit.parameters()) / 1e6,
+
+    def score(rows: list[dict], guidance: float) -> tuple[dict, list[np.ndarray]]:
+        samples = [Sample(id=str(i), prompt=r["prompt"], seed=r["seed"], frames=frames,
+                          height=height, width=width, steps=int(train_kw.get("render_steps", 25)),
+                          cfg=guidance) for i, r in enumerate(rows)]
+        judged, videos = [], []
+        for i in range(0, len(samples), 32):
+            _, part = render_batch(model, samples[i:i + 32], sampler="euler", shift=shift)
+            for r, video in zip(rows[i:i + 32], part, strict=True):
+                videos.append(video)
+                judged.append(judge(detect(video), {k: r["meta"][k] for k in TRUTH_KEYS}))
+        return summarize(judged, VOCAB), videos
+
+    guidances = train_kw.get("cfg", 4.0)
+    guidances = guidances if isinstance(guidances, tuple) else (guidances,)
+    results = []
+    for guidance in guidances:
+        acc, videos = score(rows, float(guidance))
+        train_acc, _ = score(train_rows, float(guidance))
+        label = f"{name}@cfg{guidance:g}" if len(guidances) > 1 else name
+        results.append(({
+            "name": label, "overrides": model_kw | train_kw | {"cfg": guidance}, "steps": steps,
+            "batch": batch, "params_m": sum(p.numel() for p in dit.parameters()) / 1e6,
             "tokens": int(np.prod(dit.grid((1, *x0.shape[1:])))),
             "s_per_step": seconds / steps, "final_loss": final_loss,
-            **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")}}, videos
+            **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")},
+            **{f"train_{a}": train_acc[a]["accuracy"] for a in ("shape", "motion")}}, videos))
+    return results
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| variant | overrides | params | tokens | steps x batch | s/step | loss | colour "
-             "| shape | motion |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | motion | train shape | train motion |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
         lines.append(f"| {r['name']} | {over} | {r['params_m']:.2f}M | {r['tokens']} "
                      f"| {r['steps']} x {r['batch']} | {r['s_per_step']:.3f} "
                      f"| {r['final_loss']:.4f} | {r['colour']:.1%} | {r['shape']:.1%} "
-                     f"| {r['motion']:.1%} |")
+                     f"| {r['motion']:.1%} | {r.get('train_shape', float('nan')):.1%} "
+                     f"| {r.get('train_motion', float('nan')):.1%} |")
     return "\n".join(lines)
 
 
@@ -130,27 +148,35 @@ def main() -> None:
     x0, text, mask = encode_all(vae, encoder, demo["train"], demo["captions"])
     with torch.no_grad():
         empty = encoder([""])
-    rows = heldout_prompt_rows(heldout_combos(12), 8)
+    held = heldout_combos(12)
+    rows = heldout_prompt_rows(held, 8)
+    train_rows = heldout_prompt_rows(training_combos(12, held), 4, split="train")
     print(f"latents {tuple(x0.shape)}, text {tuple(text.shape)}; {len(rows)} held-out prompts",
           flush=True)
     results = []
     for spec in args.variant or DEFAULT_VARIANTS:
         name, model_kw, train_kw = parse_variant(spec)
         train_kw |= {k: model_kw.pop(k) for k in TRAIN_KEYS if k in model_kw}
-        result, videos = train_and_score(name, model_kw, train_kw, x0, text, mask, empty, vae,
-                                         encoder, rows, demo["train"].shape[1:4], args.steps,
-                                         args.batch)
-        results.append(result)
-        print(f"{name}: colour {result['colour']:.1%}, shape {result['shape']:.1%}, motion "
-              f"{result['motion']:.1%}, {result['s_per_step']:.3f} s/step", flush=True)
-        with open(out / "rows.jsonl", "a") as f:
-            f.write(json.dumps(result) + "\n")
-        sheet = contact_sheet(videos[::8], labels=[r["prompt"] for r in rows[::8]])
-        Image.fromarray(sheet).save(out / f"{name}.png")  # one seed per combination
+        for result, videos in train_and_score(
+                name, model_kw, train_kw, x0, text, mask, empty, vae, encoder, rows, train_rows,
+                demo["train"].shape[1:4], args.steps, args.batch):
+            results.append(result)
+            report(result, videos, rows, out)
     text_md = table(results)
     print(text_md)
     (out / "sweep_dit.md").write_text(text_md + "\n")
 
+
+def report(result: dict, videos: list[np.ndarray], rows: list[dict], out: Path) -> None:
+    """One row to the log and rows.jsonl, its contact sheet (one seed per combination)."""
+    name = result["name"]
+    print(f"{name}: colour {result['colour']:.1%}, shape {result['shape']:.1%}, motion "
+          f"{result['motion']:.1%} (train combinations: shape {result['train_shape']:.1%}, "
+          f"motion {result['train_motion']:.1%}), {result['s_per_step']:.3f} s/step", flush=True)
+    with open(out / "rows.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    sheet = contact_sheet(videos[::8], labels=[r["prompt"] for r in rows[::8]])
+    Image.fromarray(sheet).save(out / f"{name}.png")
 
 if __name__ == "__main__":
     main()
