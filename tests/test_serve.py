@@ -59,6 +59,15 @@ class Server:
     def stats(self) -> dict:
         return self.get("/v1/stats").json()
 
+    def start_long(self, body: dict, timeout: float = 60) -> str:
+        """POST a video and return its id once its first denoising step is reported."""
+        video = self.post(body).json()["id"]
+        deadline = time.time() + timeout
+        while self.get(f"/v1/videos/{video}").json()["progress"]["step"] < 1:
+            assert time.time() < deadline, "never started"
+            time.sleep(0.02)
+        return video
+
     def wait(self, video_id: str, timeout: float = 120) -> tuple[dict, list[str]]:
         """Poll until done or failed: (the last answer, every status seen on the way)."""
         seen, deadline = [], time.time() + timeout
@@ -187,12 +196,8 @@ def test_concurrent_requests_share_sampler_calls(server):
 def test_requests_arriving_during_a_batch_share_the_next_one(server):
     """Batches form when the sampler is free: requests arriving one by one (further apart than
     the batch window) behind a running video all go into the next sampler call."""
-    long = server.post({"prompt": "a red square still", **SMALL, "steps": 600, "seed": 50})
-    long_id = long.json()["id"]
-    deadline = time.time() + 60
-    while server.get(f"/v1/videos/{long_id}").json()["progress"]["step"] < 1:
-        assert time.time() < deadline, "never started"
-        time.sleep(0.02)
+    long_id = server.start_long({"prompt": "a red square still", **SMALL, "steps": 600,
+                                 "seed": 50})
     ids = []
     for k in range(3):
         ids.append(server.post({"prompt": f"a red square still {k}", **SMALL, "seed": 60 + k})
@@ -263,12 +268,8 @@ def test_a_renderer_replica_killed_mid_video_is_retried(server, ray_local):
     """SIGKILL-equivalent of the replica holding a video mid-sampling: the video is sent again
     to the replica Serve starts in its place and made once (one ok row, one decodable mp4)."""
     before = server.stats()
-    r = server.post({"prompt": "a yellow triangle moving left", **SMALL, "steps": 300, "seed": 9})
-    vid = r.json()["id"]
-    deadline = time.time() + 60
-    while server.get(f"/v1/videos/{vid}").json()["progress"]["step"] < 1:
-        assert time.time() < deadline, "never started"
-        time.sleep(0.02)
+    vid = server.start_long({"prompt": "a yellow triangle moving left", **SMALL, "steps": 300,
+                             "seed": 9})
     (replica,) = [a for a in ray_local.util.list_named_actors(all_namespaces=True)
                   if "VideoRenderer" in a["name"]]
     ray_local.kill(ray_local.get_actor(replica["name"], namespace=replica["namespace"]),
