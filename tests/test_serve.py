@@ -29,7 +29,7 @@ from t2v import storage
 from t2v.config import RenderConfig, ServeConfig
 from t2v.data.video import decode_video
 from t2v.render import manifest as mf
-from t2v.render.prompts import PromptRules, RowInvalid
+from t2v.render.prompts import PromptRules, RowInvalid, parse_prompts
 from t2v.render.rows import RenderJob
 from t2v.serve.api import VIDEO_ID, parse_request, video_id
 from tests.s3_fixtures import free_port
@@ -317,6 +317,29 @@ def test_request_ids_and_validation_without_a_server():
         with pytest.raises(RowInvalid) as e:
             parse_request(body, rules)
         assert e.value.field == field, (body, str(e.value))
+
+
+def test_a_prompt_the_encoder_would_cut_names_its_field():
+    """Too many tokens (truncate off): a 422-able problem naming prompt or negative_prompt for
+    a request, the same reason in a prompt file's error row."""
+    rules = PromptRules(frames=5, height=16, width=16, steps=2, max_tokens=4)
+
+    def words(texts: list[str]) -> list[int]:
+        return [len(t.split()) for t in texts]
+
+    assert parse_request(b'{"prompt": "a red circle"}', rules, words).prompt == "a red circle"
+    for body, field, count in ((b'{"prompt": "a red circle moving left"}', "prompt", 5),
+                               (b'{"prompt": "x", "negative_prompt": "blurry dark noisy '
+                                b'grainy ugly frames"}', "negative_prompt", 6)):
+        with pytest.raises(RowInvalid) as e:
+            parse_request(body, rules, words)
+        assert e.value.field == field and f"has {count} tokens" in str(e.value), str(e.value)
+    parsed = parse_prompts(b'{"prompt": "a red circle"}\n{"prompt": "a b c d e"}\n', ".jsonl",
+                           rules, count_tokens=words)
+    assert [r.prompt for r in parsed.rows] == ["a red circle"]
+    (error,) = parsed.errors
+    assert error.line == 2 and error.error == ("prompt has 5 tokens, more than the text "
+                                               "encoder's max_length=4 (truncate is off)")
 
 
 def test_serve_flags_and_autoscaling_options():

@@ -415,7 +415,7 @@ def parse_prompts(data: bytes, fmt: str, rules: PromptRules, source: str = "<pro
         names = [row_id] + [s.id for s in row.samples(rules.num_per_prompt)]
         taken = next((name for name in names if name in first_line), None)
         if n in too_long:
-            errors.append(RowError(n, too_long[n], row_id, row.prompt))
+            errors.append(RowError(n, str(too_long[n]), row_id, row.prompt))
         elif taken is not None:
             errors.append(RowError(n, f"repeated id {taken!r} (first on line {first_line[taken]})",
                                    row_id, row.prompt))
@@ -432,23 +432,24 @@ def parse_row(text: str, rules: PromptRules, line: int = 1,
     prompt file's line; RowInvalid (with its `field`) names the first problem."""
     fields = _typed(_json_object(text))
     row_id = _check_row(fields, rules)
-    if reason := _too_long([(line, fields, row_id)], rules, count_tokens).get(line):
-        raise RowInvalid(reason, "negative_prompt" if reason.startswith("negative") else "prompt")
+    if problem := _too_long([(line, fields, row_id)], rules, count_tokens).get(line):
+        raise problem
     return _make_row(line, fields, row_id, rules)
 
 
 def _too_long(checked: list[tuple[int, RowFields, str]], rules: PromptRules,
-              count_tokens: TokenCounter | None) -> dict[int, str]:
-    """Line -> reason, for rows whose prompt or negative prompt the encoder would have to cut."""
+              count_tokens: TokenCounter | None) -> dict[int, RowInvalid]:
+    """Line -> the problem (naming its field), for rows whose prompt or negative prompt the
+    encoder would have to cut."""
     if rules.max_tokens is None or count_tokens is None or not checked:
         return {}
     texts = [(n, key, text) for n, f, _ in checked for key, text in (
         ("prompt", f.prompt), ("negative_prompt", f.negative_prompt
                                if f.negative_prompt is not None else rules.negative_prompt))]
     counts = count_tokens([t for _, _, t in texts])
-    out: dict[int, str] = {}
+    out: dict[int, RowInvalid] = {}
     for (n, key, _), count in zip(texts, counts, strict=True):
         if count > rules.max_tokens and n not in out:
-            out[n] = (f"{key.replace('_', ' ')} has {count} tokens, more than the text encoder's "
-                      f"max_length={rules.max_tokens} (truncate is off)")
+            out[n] = RowInvalid(f"{key.replace('_', ' ')} has {count} tokens, more than the text "
+                                f"encoder's max_length={rules.max_tokens} (truncate is off)", key)
     return out

@@ -54,11 +54,11 @@ def prompt(i: int) -> str:
 def direct(pkg: str, out: str, videos: int, steps: int, batch: int) -> float:
     """Videos/s of render's Renderer called in this process (model load excluded)."""
     torch.set_num_threads(1)
-    job = RenderJob(model=pkg, package_hash=package_hash(pkg), sampler="euler", shift=1.0,
-                    fps=8.0, crf=23, run=mf.new_run_id(), source="bench")
     cfg = resolve_settings(RenderConfig(model=pkg, out=out, prompts="bench", steps=steps),
                            read_meta(pkg))  # the package's defaults, as `t2v serve` takes them
-    renderer = Renderer(cfg, job.model_copy(update={"sampler": cfg.sampler, "shift": cfg.shift}))
+    job = RenderJob(model=pkg, package_hash=package_hash(pkg), sampler=cfg.sampler,
+                    shift=cfg.shift, fps=cfg.fps, crf=cfg.crf, run=mf.new_run_id(), source="bench")
+    renderer = Renderer(cfg, job)
     samples = [Sample(id=f"d{batch}-{i}", prompt=prompt(i), seed=10_000 + i, steps=steps,
                       cfg=4.0, **SHAPE) for i in range(videos)]
     renderer.render_samples(0, samples[:batch])  # warm-up: first-call allocations
