@@ -2,6 +2,8 @@
 
 `t2v NAME [--config FILE.yaml] [--flag value ...] [dotted.key=value ...]`: the flags are aliases
 for config keys; `jobs/NAME.py` calls the same `main` so `ray job submit` runs identical code.
+`t2v NAME --help-config` lists every key (type, default, doc) from the config class itself.
+`python -m t2v` is the same command (t2v/__main__.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from t2v.config import (
     DemoConfig,
     EncodeConfig,
     EvalConfig,
+    ExportConfig,
     ImportConfig,
     PackConfig,
     RenderConfig,
@@ -28,7 +31,7 @@ from t2v.config import (
     SynthConfig,
     TrainConfig,
 )
-from t2v.configfile import ConfigError, load_config
+from t2v.configfile import ConfigError, config_help, load_config
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class Command:
     help: str
     flags: dict[str, str]
     """--flag -> dotted config key."""
+    positional: tuple[str, ...] = ()
+    """Keys given by position (`t2v export --diffusers PKG OUT`), in order."""
+    switches: tuple[tuple[str, str], ...] = ()
+    """(--flag, "key=value") pairs: a flag that sets a key to one value (`--diffusers`)."""
 
     def run(self, cfg: BaseModel) -> object:
         module, name = self.target.split(":")
@@ -72,6 +79,10 @@ COMMANDS: dict[str, Command] = {
                      "the online API and web page (Ray Serve) over a model package",
                      {"model": "model", "out": "out", "port": "port", "host": "host",
                       "replicas": "replicas", "address": "address"}),
+    "export": Command(ExportConfig, "t2v.models.wan_export:run_export_command",
+                      "a model package -> a diffusers WanPipeline folder (+ LoRA weights)",
+                      {"overwrite": "overwrite"}, positional=("package", "out"),
+                      switches=(("diffusers", "format=diffusers"),)),
     "eval": Command(EvalConfig, "t2v.eval.report:run_eval_command",
                     "score renders against prompt ground truth; VAE and flow-loss numbers",
                     {"renders": "renders", "prompts": "prompts", "out": "out", "model": "model",
@@ -89,6 +100,7 @@ COMMANDS: dict[str, Command] = {
 def _parser(name: str, cmd: Command) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"t2v {name}", description=cmd.help)
     p.add_argument("--config", help="YAML config file (local path or s3:// URI)")
+    p.set_defaults(switches=[])
     for flag, key in cmd.flags.items():
         field = cmd.config.model_fields.get(key)
         if field is not None and field.annotation is bool:
@@ -98,8 +110,36 @@ def _parser(name: str, cmd: Command) -> argparse.ArgumentParser:
         else:
             p.add_argument(f"--{flag}", dest=f"flag:{key}", metavar="VALUE",
                            help=f"= {key}=VALUE")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    for flag, setting in cmd.switches:
+        p.add_argument(f"--{flag}", dest="switches", action="append_const", const=setting,
+                       help=f"= {setting}")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key (type, default, doc) and exit")
+    names = " ".join(k.upper() for k in cmd.positional)
+    p.add_argument("overrides", nargs="*", metavar=f"{names + ' ' if names else ''}key=value",
+                   help="dotted config overrides" + (f"; {names} by position" if names else ""))
     return p
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: t2v COMMAND [--config FILE.yaml] [--flag VALUE ...] [key=value ...]",
+             "       t2v COMMAND --help | --help-config", "", "commands:"]
+    lines += [f"  {n:<{width}}  {c.help}" for n, c in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _settings(cmd: Command, args: argparse.Namespace) -> list[str]:
+    """The command line as overrides: flags, switches, positional values, key=value items."""
+    out = [f"{k[5:]}={v}" for k, v in vars(args).items()
+           if k.startswith("flag:") and v is not None]
+    out += args.switches
+    given = [a for a in args.overrides if "=" not in a]
+    if len(given) > len(cmd.positional):
+        raise ConfigError(f"unexpected argument {given[len(cmd.positional)]!r} (settings are "
+                          "key=value)")
+    out += [f"{key}={value}" for key, value in zip(cmd.positional, given, strict=False)]
+    return out + [a for a in args.overrides if "=" in a]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,15 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("botocore").setLevel(logging.WARNING)  # no "Found credentials" chatter
     name = " ".join(argv[:2]) if argv[:1] == ["data"] else (argv[0] if argv else "")
     if name not in COMMANDS:
-        print("usage: t2v {" + ",".join(COMMANDS) + "} [--config FILE] [key=value ...]",
-              file=sys.stderr)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        ok = not argv or argv[0] in ("-h", "--help")
+        if not ok:
+            print(f"t2v: unknown command {argv[0]!r}", file=sys.stderr)
+        print(_usage(), file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 2
     cmd = COMMANDS[name]
     args = _parser(name, cmd).parse_args(argv[len(name.split()):])
-    overrides = [f"{k[5:]}={v}" for k, v in vars(args).items()
-                 if k.startswith("flag:") and v is not None]
+    if args.help_config:
+        print(config_help(cmd.config, name, cmd.flags))
+        return 0
     try:
-        cfg = load_config(cmd.config, args.config, overrides + args.overrides)
+        cfg = load_config(cmd.config, args.config, _settings(cmd, args))
         result = cmd.run(cfg)
     except (ConfigError, storage.StorageError, ValueError) as e:
         if os.environ.get("T2V_DEBUG"):

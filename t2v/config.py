@@ -21,7 +21,9 @@ from pydantic import (
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              use_attribute_docstrings=True)
+    """The docstring under a field is its description (`t2v CMD --help-config`, JSON schema)."""
 
 
 def _check_min_max(v: list[int]) -> list[int]:
@@ -313,6 +315,15 @@ class TrainConfig(Section):
     peak_flops: float | None = Field(None, gt=0)
     """Per-worker peak FLOP/s for the MFU estimate; None: 989e12 on GPU (H100 bf16 dense),
     2.6e11 on CPU (this project's 2-core reference machine, fp32 matmul, NOTES-stack)."""
+    tracker: Literal["tensorboard", "mlflow", "wandb"] = "tensorboard"
+    """Where rank 0 also logs the config, metrics and validation videos / contact sheets
+    (RUN/tb/ is always written): mlflow (`tracker_uri`, else MLFLOW_TRACKING_URI, else a file
+    store in RUN/mlruns) or wandb (WANDB_MODE=offline works without a network). The tracked
+    run's id is kept in RUN/tracker.json, so a resumed run continues the same tracked run."""
+    tracker_uri: str | None = None
+    """MLflow tracking URI (a server URL or a local file store path)."""
+    tracker_project: str = "t2v"
+    """MLflow experiment / W&B project the run is logged under (the run is `name`)."""
     lora: LoRAConfig = LoRAConfig()
     fault: FaultConfig = FaultConfig()
     deepspeed: dict[str, Any] = {}
@@ -456,6 +467,21 @@ class ImportConfig(Section):
     """Default sampler steps (WanPipeline's default: 50)."""
     cfg: float = Field(5.0, ge=0, le=50)
     """Default guidance scale (WanPipeline's default: 5.0)."""
+
+
+class ExportConfig(Section):
+    """`t2v export --diffusers PKG OUT`: a model package -> a folder another library loads."""
+
+    package: str = ""
+    """The model package (local path or s3:// URI)."""
+    out: str = ""
+    """The folder written (local path or s3:// URI)."""
+    format: Literal["diffusers"] = "diffusers"
+    """diffusers: a WanPipeline folder (model_index.json, transformer/, vae/, text_encoder/,
+    tokenizer/, scheduler/) that `WanPipeline.from_pretrained` loads; a LoRA package becomes
+    `pytorch_lora_weights.safetensors` under diffusers/peft key names for `load_lora_weights`."""
+    overwrite: bool = False
+    """Replace an existing non-empty OUT (else it is an error)."""
 
 
 class EvalConfig(Section):

@@ -8,10 +8,14 @@ and the key, because the user's next action is to open that file at that key.
 from __future__ import annotations
 
 import json
+import textwrap
+import types
+import typing
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
 
 from t2v import storage
 
@@ -119,3 +123,69 @@ def to_yaml(cfg: BaseModel) -> str:
 def save_resolved(cfg: BaseModel, uri: str) -> None:
     """Write the resolved config beside a job's outputs (atomically)."""
     storage.write_text(uri, to_yaml(cfg))
+
+
+def type_name(annotation: Any) -> str:
+    """A config field's type as a user reads it: `int`, `str | None`, `"vae" | "dit"`,
+    `list[int]`, `dict[str, Any]`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return type_name(args[0])
+    if origin is typing.Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if annotation is type(None):
+        return "None"
+    if annotation is Any:
+        return "Any"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(metadata: list[Any]) -> str:
+    """Field constraints as " (>= 1, < 1)"."""
+    ops = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("pattern", "matching"))
+    parts = [f"{op} {getattr(m, attr)}" for m in metadata for attr, op in ops
+             if getattr(m, attr, None) is not None]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def config_keys(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every key of a config class, nested sections flattened to dotted keys, as
+    (key, type, default, doc) in declaration order."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in cls.model_fields.items():
+        key = prefix + name
+        if _is_section(field.annotation):
+            rows += config_keys(field.annotation, key + ".")
+            continue
+        if field.default is PydanticUndefined and field.default_factory is None:
+            default = "(required)"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = json.dumps(value, default=str)
+        doc = " ".join((field.description or "").split())
+        rows.append((key, type_name(field.annotation) + _bounds(field.metadata), default, doc))
+    return rows
+
+
+def config_help(cls: type[BaseModel], command: str, flags: dict[str, str] | None = None) -> str:
+    """`t2v COMMAND --help-config`: every key with its type, default and doc (and the
+    command-line flag that sets it, from `flags`: --flag -> key)."""
+    alias = {key: flag for flag, key in (flags or {}).items()}
+    head = cls.__doc__.strip().splitlines()[0] if cls.__doc__ else command
+    lines = [f"{head}", "",
+             f"Keys of `t2v {command}` (YAML via --config FILE, or key=value on the command "
+             "line; nested keys are dotted):", ""]
+    for key, kind, default, doc in config_keys(cls):
+        flag = f"  (--{alias[key]})" if key in alias else ""
+        lines.append(f"  {key}: {kind} = {default}{flag}")
+        lines += textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from t2v import storage
+from t2v import hub, storage
 
 log = logging.getLogger("t2v")
 
@@ -29,6 +29,9 @@ def check_output_uri(uri: str, what: str = "out") -> str:
     """Under a Ray job the working dir is Ray's temporary copy: refuse relative outputs."""
     if not uri:
         raise ValueError(f"{what}: an output location is required")
+    if hub.is_hub(uri):
+        raise ValueError(f"{what}={uri!r}: a Hugging Face Hub reference is read-only; give a "
+                         "path or an s3:// URI")
     if under_ray_job() and not storage.is_s3(uri) and not os.path.isabs(uri):
         raise ValueError(
             f"{what}={uri!r} is relative; under `ray job submit` it would land in Ray's temporary "

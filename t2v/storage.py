@@ -27,6 +27,8 @@ from botocore import exceptions as bx
 from botocore.config import Config
 from botocore.credentials import RefreshableCredentials
 
+from t2v import hub
+
 MiB = 1 << 20
 PART_MIB_ENV = "T2V_S3_PART_MIB"
 """Multipart part size and threshold in MiB (default 8; S3 allows 5 to 5120, and 10,000 parts:
@@ -81,6 +83,8 @@ def is_local(uri: str | os.PathLike[str]) -> bool:
 
 def local_path(uri: str | os.PathLike[str]) -> Path:
     s = os.fspath(uri)
+    if hub.is_hub(s):
+        return hub.local_path(s)
     if s.startswith("file://"):
         parts = urlsplit(s)
         return Path(unquote(parts.netloc + parts.path))
@@ -100,10 +104,20 @@ def join(uri: str, *parts: str) -> str:
 
 
 def _norm(uri: str | os.PathLike[str]) -> str:
-    """Accept Path objects too, and refuse schemes other than file:// and s3:// early."""
+    """Accept Path objects too, and refuse schemes other than file:// and s3:// early
+    (`hf:ORG/NAME/...` reads from the local Hugging Face cache, t2v/hub.py)."""
     s = os.fspath(uri)
     if not (is_s3(s) or is_local(s)):
         raise ValueError(f"unsupported URI scheme (use a path or s3://): {s!r}")
+    return s
+
+
+def _norm_write(uri: str | os.PathLike[str]) -> str:
+    """`_norm` for writes: a Hub reference is read-only."""
+    s = _norm(uri)
+    if hub.is_hub(s):
+        raise ValueError(f"{s}: a Hugging Face Hub reference is read-only; write to a path or "
+                         "an s3:// URI")
     return s
 
 
@@ -359,7 +373,7 @@ def remove_stale_temps(uri: str, max_age_s: float = 86400.0) -> int:
     whose writer on this host is gone, and on a shared filesystem any older than `max_age_s`.
     A live writer's temp file is kept. S3 has none: objects appear whole or not at all.
     Returns how many were removed."""
-    if is_s3(uri):
+    if is_s3(uri) or hub.is_hub(uri):
         return 0
     host, now, removed = _host(), time.time(), 0
     for dirpath, _dirs, files in os.walk(local_path(uri)):
@@ -380,7 +394,7 @@ def remove_stale_temps(uri: str, max_age_s: float = 86400.0) -> int:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomically replace ``uri`` with ``data`` (S3: one put_object, never a partial object)."""
-    uri = _norm(uri)
+    uri = _norm_write(uri)
     with _errors(uri):
         if is_s3(uri):
             bucket, key = split_s3(uri)
@@ -396,7 +410,7 @@ def write_text(uri: str, text: str) -> None:
 
 def upload_file(local: str | os.PathLike[str], uri: str) -> None:
     """Copy a local file to ``uri``; big S3 uploads are multipart and appear only when whole."""
-    uri, src = _norm(uri), local_path(local)
+    uri, src = _norm_write(uri), local_path(local)
     if not src.is_file():
         raise StorageError(f"{uri}: upload source {src} is not a file")
     with _errors(uri):
@@ -421,7 +435,7 @@ def download_file(uri: str, local: str | os.PathLike[str]) -> None:
 
 def delete(uri: str) -> None:
     """Delete one file/object; a missing one is fine (cleanup may run twice after a crash)."""
-    uri = _norm(uri)
+    uri = _norm_write(uri)
     with _errors(uri):
         if is_s3(uri):
             bucket, key = split_s3(uri)
@@ -437,7 +451,7 @@ def atomic_local_file(uri: str, suffix: str = "") -> Iterator[Path]:
     ``suffix`` defaults to the target's extension, since writers such as PyAV choose the
     container format from the file name.
     """
-    uri = _norm(uri)
+    uri = _norm_write(uri)
     suffix = suffix or Path(uri).suffix
     if not is_s3(uri):
         with _errors(uri):  # report an unwritable directory before the caller does the work
