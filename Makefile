@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test chaos lint bench venv clean
+.PHONY: demo test browser chaos lint bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,9 +35,19 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check t2v jobs tests cluster
 
-test: lint
+# The web page's test drives a real headless browser: Debian's chromium, installed here where
+# apt-get runs as root (~20 s, --no-install-recommends); elsewhere that one test skips, and says so.
+test: lint browser
 	$(BIN)/python -m compileall -q t2v jobs
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { export DEBIAN_FRONTEND=noninteractive; \
+	       apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends \
+	            chromium >/dev/null; }; }; } \
+	  || echo "note: chromium is not installed, so the browser test of the web page will skip"
 
 # Every chaos scenario (tests/chaos), the long ones too, ROUNDS times with a fresh random seed
 # each; then the ledger as the table of RELIABILITY.md.
@@ -59,6 +69,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_vae_tiling.py
 	$(BIN)/python tests/benchmarks/bench_sequence_parallel.py
 	$(BIN)/python tests/benchmarks/bench_quality.py
+	$(BIN)/python tests/benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

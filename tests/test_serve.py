@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -32,6 +33,7 @@ from t2v.render import manifest as mf
 from t2v.render.prompts import PromptRules, RowInvalid, parse_prompts
 from t2v.render.rows import RenderJob
 from t2v.serve.api import VIDEO_ID, parse_request, video_id
+from tests.browser import Browser, find_chromium
 from tests.s3_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,3 +369,56 @@ def test_serve_command_checks_before_starting_anything(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("t2v serve: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_page_in_a_headless_browser(server, tmp_path):
+    """The page at / in a real browser (Debian's chromium, driven over CDP, tests/browser.py):
+    type the token and a prompt, press Render; the status and progress bar go through the
+    denoising steps, the finished mp4 plays in the <video> element (decoded by the browser, at
+    the asked size), the gallery shows its poster, and a screenshot shows the video's frames
+    and the full bar."""
+    binary = find_chromium()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: `make test` installs it with apt-get")
+        pytest.skip("chromium is not installed (`make test` installs it where apt-get can)")
+    prompt = f"a green triangle moving up {uuid.uuid4().hex[:8]}"  # not rendered before
+    settings = {**SMALL, "steps": 150, "seed": 11}
+    with Browser(binary) as b:
+        b.goto(server.url + "/")
+        assert b.eval("!document.getElementById('tokenrow').hidden")  # a token is set
+        # Record every state the page shows on the way (status text and bar value).
+        b.eval("""const status = document.getElementById('status'), bar = document.getElementById('bar');
+                  window.seen = [];
+                  new MutationObserver(() => seen.push([status.textContent, bar.value]))
+                    .observe(status, {childList: true, characterData: true, subtree: true});
+                  true""")
+        fill = {"token": TOKEN, "prompt": prompt, **{k: str(v) for k, v in settings.items()}}
+        b.eval(f"""for (const [k, v] of Object.entries({json.dumps(fill)}))
+                     document.getElementById(k).value = v;
+                   document.getElementById('go').click(); true""")
+        size = b.wait_for("(() => {const v = document.getElementById('video');"
+                          "return v.readyState >= 2 && v.videoWidth > 0 &&"
+                          " [v.videoWidth, v.videoHeight, v.duration];})()", timeout=120)
+        seen = b.eval("window.seen")
+        caption = b.wait_for(f"[...document.querySelectorAll('#gallery figure')].some(f =>"
+                             f" f.textContent.includes({json.dumps(prompt)}) &&"
+                             f" f.querySelector('img').naturalWidth > 0)", timeout=30)
+        shot = b.screenshot()
+        shot.save(tmp_path / "page.png")  # kept with the test's tmp_path for a look
+        video_box, bar_box = b.box("#video"), b.box("#bar")
+        error = b.eval("document.getElementById('error').textContent")
+    assert not error and caption
+    assert size[:2] == [SMALL["width"], SMALL["height"]]
+    assert size[2] == pytest.approx(SMALL["frames"] / 8.0, rel=0.3)  # the package's 8 fps
+    steps = settings["steps"]
+    running = [(text, value) for text, value in seen if text.startswith("running")]
+    assert any(0 < value < 1 and f"/{steps}" in text for text, value in running), seen
+    assert seen[-1] == [f"done - step {steps}/{steps}", 1], seen
+    # The screenshot: the video element shows the decoded frames (not its black background),
+    # and the bar is filled across its whole width.
+    frame = np.asarray(shot.crop(video_box), dtype=np.float32)
+    assert frame.std() > 10 and frame.mean() > 5, (frame.std(), frame.mean())
+    bar = np.asarray(shot.crop(bar_box), dtype=np.int16)[(bar_box[3] - bar_box[1]) // 2]
+    left, right = bar[len(bar) // 10], bar[-len(bar) // 10]
+    assert (left == right).all() and left[2] - left[0] > 100, (left, right)  # one fill colour
