@@ -433,6 +433,14 @@ class ServeConfig(Section):
     variable, and no token at all when that is unset too."""
     retries: int = Field(1, ge=0)
     """Times a video is sent again when the renderer replica holding it dies."""
+    keep_videos: int = Field(10000, ge=1)
+    """Finished videos whose state the ingress keeps in memory (the newest); an older one is
+    read back from `out` (requests/ID.json) when asked for."""
+    upscale_delay_s: float | None = Field(None, ge=0)
+    """Seconds of queue above target before Serve adds a renderer replica (None: Serve's
+    default, 30 s)."""
+    downscale_delay_s: float | None = Field(None, ge=0)
+    """Seconds of queue below target before Serve removes one (None: Serve's default)."""
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     render: RenderConfig = RenderConfig()

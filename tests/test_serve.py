@@ -284,8 +284,100 @@ def test_a_renderer_replica_killed_mid_video_is_retried(server, ray_local):
     assert decode_video(server.get(v["urls"]["video"]).content).shape == (5, 16, 16, 3)
 
 
+def test_the_page_in_a_headless_browser(server, tmp_path):
+    """The page at / in a real browser (Debian's chromium, driven over CDP, tests/browser.py):
+    type the token and a prompt, press Render; the status and progress bar go through the
+    denoising steps, the finished mp4 plays in the <video> element (decoded by the browser, at
+    the asked size), the gallery shows its poster, and a screenshot shows the video's frames
+    and the full bar."""
+    binary = find_chromium()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: `make test` installs it with apt-get")
+        pytest.skip("chromium is not installed (`make test` installs it where apt-get can)")
+    prompt = f"a green triangle moving up {uuid.uuid4().hex[:8]}"  # not rendered before
+    settings = {**SMALL, "steps": 150, "seed": 11}
+    with Browser(binary) as b:
+        b.goto(server.url + "/")
+        assert b.eval("!document.getElementById('tokenrow').hidden")  # a token is set
+        # Record every state the page shows on the way (status text and bar value).
+        b.eval("""const status = document.getElementById('status'), bar = document.getElementById('bar');
+                  window.seen = [];
+                  new MutationObserver(() => seen.push([status.textContent, bar.value]))
+                    .observe(status, {childList: true, characterData: true, subtree: true});
+                  true""")
+        fill = {"token": TOKEN, "prompt": prompt, **{k: str(v) for k, v in settings.items()}}
+        b.eval(f"""for (const [k, v] of Object.entries({json.dumps(fill)}))
+                     document.getElementById(k).value = v;
+                   document.getElementById('go').click(); true""")
+        size = b.wait_for("(() => {const v = document.getElementById('video');"
+                          "return v.readyState >= 2 && v.videoWidth > 0 &&"
+                          " [v.videoWidth, v.videoHeight, v.duration];})()", timeout=120)
+        seen = b.eval("window.seen")
+        caption = b.wait_for(f"[...document.querySelectorAll('#gallery figure')].some(f =>"
+                             f" f.textContent.includes({json.dumps(prompt)}) &&"
+                             f" f.querySelector('img').naturalWidth > 0)", timeout=30)
+        shot = b.screenshot()
+        shot.save(tmp_path / "page.png")  # kept with the test's tmp_path for a look
+        video_box, bar_box = b.box("#video"), b.box("#bar")
+        error = b.eval("document.getElementById('error').textContent")
+    assert not error and caption
+    assert size[:2] == [SMALL["width"], SMALL["height"]]
+    assert size[2] == pytest.approx(SMALL["frames"] / 8.0, rel=0.3)  # the package's 8 fps
+    steps = settings["steps"]
+    running = [(text, value) for text, value in seen if text.startswith("running")]
+    assert any(0 < value < 1 and f"/{steps}" in text for text, value in running), seen
+    assert seen[-1] == [f"done - step {steps}/{steps}", 1], seen
+    # The screenshot: the video element shows the decoded frames (not its black background),
+    # and the bar is filled across its whole width.
+    frame = np.asarray(shot.crop(video_box), dtype=np.float32)
+    assert frame.std() > 10 and frame.mean() > 5, (frame.std(), frame.mean())
+    bar = np.asarray(shot.crop(bar_box), dtype=np.int16)[(bar_box[3] - bar_box[1]) // 2]
+    left, right = bar[len(bar) // 10], bar[-len(bar) // 10]
+    assert (left == right).all() and left[2] - left[0] > 100, (left, right)  # one fill colour
+
+
+def test_a_killed_ingress_finishes_what_it_had_accepted(server, ray_local):
+    """Ingress and renderer replicas killed (SIGKILL-equivalent) with one video mid-sampling
+    and one queued behind it: the ingress Serve starts in their place finds both recorded in
+    `out` as pending, drives them to done, and each is stored once."""
+    running = server.start_long({"prompt": "a blue circle moving up", **SMALL, "steps": 300,
+                                 "seed": 31})
+    queued = server.post({"prompt": "a blue circle moving up", **SMALL, "steps": 3,
+                          "seed": 32}).json()["id"]
+    assert server.get(f"/v1/videos/{queued}").json()["status"] == "queued"
+    pending = storage.list_prefix(storage.join(server.out, "api", "pending"))
+    assert {Path(u).stem for u in pending} >= {running, queued}
+    actors = [a for a in ray_local.util.list_named_actors(all_namespaces=True)
+              if "VideoAPI" in a["name"] or "VideoRenderer" in a["name"]]
+    assert len(actors) == 2, actors
+    for a in actors:
+        ray_local.kill(ray_local.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    deadline = time.time() + 120
+    while True:  # Serve replaces both replicas
+        try:
+            if requests.get(f"{server.url}/healthz", timeout=10).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert time.time() < deadline, "no new ingress"
+        time.sleep(0.5)
+    assert server.stats()["requeued"] == 2
+    for vid in (running, queued):
+        v, _ = server.wait(vid, timeout=180)
+        assert v["status"] == "done", v["error"]
+        assert decode_video(server.get(f"/v1/videos/{vid}.mp4").content).shape == (5, 16, 16, 3)
+        rows = [row for row in mf.read_manifest(server.out) if row["id"] == vid]
+        assert [row["status"] for row in rows] == ["ok"], rows
+        record = json.loads(storage.read_text(storage.join(server.out, "api", "requests",
+                                                           f"{vid}.json")))
+        assert record["status"] == "done" and record["sample"]["id"] == vid
+    assert not storage.list_prefix(storage.join(server.out, "api", "pending"))
+
+
 def test_a_restarted_server_serves_what_is_stored(server):
-    """A new deployment of the app (new ingress, new renderer) finds the videos in `out`."""
+    """A new deployment of the app (new ingress, new renderer) finds the videos in `out`; one
+    keeping a single finished video in memory reads older ones back from their records."""
     from ray import serve
 
     from t2v.serve.app import APP_NAME, build_app
@@ -293,13 +385,21 @@ def test_a_restarted_server_serves_what_is_stored(server):
     body = {"prompt": "a red circle moving left", **SMALL, "steps": 3, "seed": 7}
     vid = server.post(body).json()["id"]
     assert server.wait(vid)[0]["status"] == "done"
-    serve.run(build_app(server.cfg), name=APP_NAME, route_prefix="/")
-    assert server.stats()["sampler_calls"] == 0  # a fresh ingress: its counters start at 0
+    serve.run(build_app(server.cfg.model_copy(update={"keep_videos": 1})), name=APP_NAME,
+              route_prefix="/")
+    stats = server.stats()
+    assert stats["sampler_calls"] == 0  # a fresh ingress: its counters start at 0
+    assert stats["in_memory"] == 1 and stats["read_back"] == 0
     again = server.post(body)
     assert again.status_code == 200 and again.json()["id"] == vid, again.text
     assert again.json()["status"] == "done" and again.json()["deduplicated"]
     assert decode_video(server.get(f"/v1/videos/{vid}.mp4").content).shape == (5, 16, 16, 3)
-    assert server.stats()["sampler_calls"] == 0
+    other = server.post({**body, "seed": 8}).json()["id"]  # a new video pushes `vid` out
+    assert server.wait(other)[0]["status"] == "done"
+    v = server.get(f"/v1/videos/{vid}").json()  # ... and it is read back from its record
+    assert v["status"] == "done" and v["urls"]["video"].endswith(f"{vid}.mp4"), v
+    stats = server.stats()
+    assert stats["sampler_calls"] == 1 and stats["in_memory"] == 1 and stats["read_back"] >= 1
 
 
 def test_request_ids_and_validation_without_a_server():
@@ -370,55 +470,3 @@ def test_serve_command_checks_before_starting_anything(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("t2v serve: error:") and len(r.stderr.strip().splitlines()) == 1
 
-
-def test_the_page_in_a_headless_browser(server, tmp_path):
-    """The page at / in a real browser (Debian's chromium, driven over CDP, tests/browser.py):
-    type the token and a prompt, press Render; the status and progress bar go through the
-    denoising steps, the finished mp4 plays in the <video> element (decoded by the browser, at
-    the asked size), the gallery shows its poster, and a screenshot shows the video's frames
-    and the full bar."""
-    binary = find_chromium()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: `make test` installs it with apt-get")
-        pytest.skip("chromium is not installed (`make test` installs it where apt-get can)")
-    prompt = f"a green triangle moving up {uuid.uuid4().hex[:8]}"  # not rendered before
-    settings = {**SMALL, "steps": 150, "seed": 11}
-    with Browser(binary) as b:
-        b.goto(server.url + "/")
-        assert b.eval("!document.getElementById('tokenrow').hidden")  # a token is set
-        # Record every state the page shows on the way (status text and bar value).
-        b.eval("""const status = document.getElementById('status'), bar = document.getElementById('bar');
-                  window.seen = [];
-                  new MutationObserver(() => seen.push([status.textContent, bar.value]))
-                    .observe(status, {childList: true, characterData: true, subtree: true});
-                  true""")
-        fill = {"token": TOKEN, "prompt": prompt, **{k: str(v) for k, v in settings.items()}}
-        b.eval(f"""for (const [k, v] of Object.entries({json.dumps(fill)}))
-                     document.getElementById(k).value = v;
-                   document.getElementById('go').click(); true""")
-        size = b.wait_for("(() => {const v = document.getElementById('video');"
-                          "return v.readyState >= 2 && v.videoWidth > 0 &&"
-                          " [v.videoWidth, v.videoHeight, v.duration];})()", timeout=120)
-        seen = b.eval("window.seen")
-        caption = b.wait_for(f"[...document.querySelectorAll('#gallery figure')].some(f =>"
-                             f" f.textContent.includes({json.dumps(prompt)}) &&"
-                             f" f.querySelector('img').naturalWidth > 0)", timeout=30)
-        shot = b.screenshot()
-        shot.save(tmp_path / "page.png")  # kept with the test's tmp_path for a look
-        video_box, bar_box = b.box("#video"), b.box("#bar")
-        error = b.eval("document.getElementById('error').textContent")
-    assert not error and caption
-    assert size[:2] == [SMALL["width"], SMALL["height"]]
-    assert size[2] == pytest.approx(SMALL["frames"] / 8.0, rel=0.3)  # the package's 8 fps
-    steps = settings["steps"]
-    running = [(text, value) for text, value in seen if text.startswith("running")]
-    assert any(0 < value < 1 and f"/{steps}" in text for text, value in running), seen
-    assert seen[-1] == [f"done - step {steps}/{steps}", 1], seen
-    # The screenshot: the video element shows the decoded frames (not its black background),
-    # and the bar is filled across its whole width.
-    frame = np.asarray(shot.crop(video_box), dtype=np.float32)
-    assert frame.std() > 10 and frame.mean() > 5, (frame.std(), frame.mean())
-    bar = np.asarray(shot.crop(bar_box), dtype=np.int16)[(bar_box[3] - bar_box[1]) // 2]
-    left, right = bar[len(bar) // 10], bar[-len(bar) // 10]
-    assert (left == right).all() and left[2] - left[0] > 100, (left, right)  # one fill colour

@@ -100,6 +100,20 @@ class VideoJob:
         sample = Sample.model_validate({k: row[k] for k in Sample.model_fields if k in row})
         return cls(sample, status="done", step=sample.steps, created=0.0, row=row)
 
+    def record(self) -> str:
+        """The video as JSON for `out` (requests/ID.json, api-pending/ID.json): enough to
+        requeue it or to show it again after its state left the ingress's memory."""
+        return json.dumps({"sample": self.sample.model_dump(), "status": self.status,
+                           "step": self.step, "created": self.created, "started": self.started,
+                           "finished": self.finished, "error": self.error, "row": self.row,
+                           "attempts": self.attempts}, default=str)
+
+    @classmethod
+    def from_record(cls, text: str) -> VideoJob:
+        d = json.loads(text)
+        return cls(Sample.model_validate(d["sample"]), **{k: d[k] for k in (
+            "status", "step", "created", "started", "finished", "error", "row", "attempts")})
+
     def progress(self, step: int, steps: int) -> None:
         if self.status == "queued":
             self.status, self.started = "running", time.time()

@@ -10,8 +10,11 @@ MIN and MAX replicas on queued requests; whenever its sampler is free it takes t
 requests of one shape and step count (up to `max_batch_size`) into one sampler call. It streams
 each request's denoising steps back to the ingress, then its manifest row.
 
-State lives in the ingress's memory and, for finished videos, in `out` (the manifest): a new
-server serves every video found there.
+State lives in the ingress's memory and in `out`: every accepted video is recorded in
+OUT/api/pending/ID.json until it is finished, then in OUT/api/requests/ID.json (its final
+state). A new ingress (a restart, a redeploy, a moved replica) requeues what was pending, serves
+every video the manifest or the records hold, and keeps in memory only the newest `keep_videos`
+finished ones: an older one is read back from its record when asked for.
 """
 
 # No `from __future__ import annotations` here: Serve pickles the FastAPI routes to the ingress
@@ -24,8 +27,8 @@ import os
 import secrets
 import signal
 import time
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -34,12 +37,12 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from t2v import storage
-from t2v.config import RenderConfig, ServeConfig
+from t2v.config import ServeConfig
 from t2v.models.package import package_hash, read_meta
 from t2v.render import manifest as mf
-from t2v.render.pipeline import Renderer, preflight, prompt_rules, resolve_settings
+from t2v.render.pipeline import preflight, prompt_rules, resolve_settings
 from t2v.render.prompts import PromptRules, RowInvalid
-from t2v.render.rows import RenderJob, Sample
+from t2v.render.rows import RenderJob
 from t2v.runtime import check_output_uri, ensure_ray
 from t2v.serve.api import (
     VIDEO_ID,
@@ -51,115 +54,25 @@ from t2v.serve.api import (
     retry_after,
 )
 from t2v.serve.page import page_html
+from t2v.serve.renderer import VideoRenderer
 
 log = logging.getLogger("t2v.serve")
 
 APP_NAME = "t2v"
-PROGRESS_EVERY_S = 0.2
-"""Least seconds between two progress messages of one batch (the last step always goes)."""
 QUEUE_BATCHES = 4
 """Batches of requests one renderer replica takes at once (see `renderer_options`)."""
 FIRST_GUESS_S = 10.0
 """Seconds a video takes, for Retry-After before any video has finished."""
+PENDING_DIR, REQUESTS_DIR = "api/pending", "api/requests"
+"""Under `out`: accepted videos not finished yet; finished videos' final records."""
 
 
-# ----------------------------------------------------------------------------- renderer
+def pending_uri(out: str, video_id: str) -> str:
+    return storage.join(out, PENDING_DIR, f"{video_id}.json")
 
 
-@serve.deployment
-class VideoRenderer:
-    """A replica holding one package: requests -> batches -> videos, posters, manifest parts.
-
-    Batches are formed when the sampler is free, from every request waiting then (those of the
-    first waiting request's shape and steps, up to `max_batch_size`, after `batch_wait_s` for
-    companions when it is not full). Serve's `@serve.batch` forms them as requests arrive
-    instead: behind a running batch, late arrivals were locked into batches of 1 (measured with
-    a queue of 12 and max_batch_size 2), and the requests Serve's router holds back from a full
-    replica arrive one by one, after its back-off.
-    """
-
-    def __init__(self, render: RenderConfig, job: RenderJob, max_batch_size: int,
-                 batch_wait_s: float) -> None:
-        # Each replica writes its manifest parts under its own run id: `{run}-b{index}` never
-        # collides between replicas, and every row names the package hash that made it.
-        self.renderer = Renderer(render, job.model_copy(update={"run": mf.new_run_id()}))
-        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
-        self.index = 0
-        self.waiting: deque[tuple[Sample, asyncio.Queue, float]] = deque()
-        """(sample, its caller's event queue, arrival time), in arrival order."""
-        self.arrived: asyncio.Event | None = None  # made on the replica's event loop
-        self.worker: asyncio.Task | None = None
-
-    def ready(self) -> str:
-        return self.renderer.job.package_hash
-
-    async def render(self, sample: str) -> AsyncIterator[dict]:
-        """One video (a `Sample` as JSON) -> a stream: {"step", "steps"} messages while its
-        batch samples, then {"row", "batch", "batch_size"}."""
-        if self.worker is None or self.worker.done():
-            self.arrived = asyncio.Event()
-            self.worker = asyncio.create_task(self._work())
-        events: asyncio.Queue = asyncio.Queue()
-        self.waiting.append((Sample.model_validate_json(sample), events, time.monotonic()))
-        self.arrived.set()
-        while True:
-            event = await events.get()
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-            if "row" in event:
-                return
-
-    def _take(self) -> list[tuple[Sample, asyncio.Queue, float]]:
-        """The first waiting request and those of its batch key behind it, in arrival order."""
-        key = self.waiting[0][0].batch_key
-        batch = [w for w in self.waiting if w[0].batch_key == key][:self.max_batch_size]
-        self.waiting = deque(w for w in self.waiting if not any(w is b for b in batch))
-        return batch
-
-    async def _work(self) -> None:
-        """The replica's one sampling loop."""
-        while True:
-            while not self.waiting:
-                self.arrived.clear()
-                await self.arrived.wait()
-            first, _, since = self.waiting[0]
-            if sum(w[0].batch_key == first.batch_key for w in self.waiting) < self.max_batch_size:
-                # Not full: give companions arriving together the rest of the window.
-                await asyncio.sleep(max(0.0, self.batch_wait_s - (time.monotonic() - since)))
-            batch = self._take()
-            index, self.index = self.index, self.index + 1
-            try:
-                async for event in self._sample(index, [s for s, _, _ in batch]):
-                    if isinstance(event, list):  # the last message: the batch's manifest rows
-                        part = f"{self.renderer.job.run}-b{index:06d}"
-                        for (_, events, _), row in zip(batch, event, strict=True):
-                            events.put_nowait({"row": row.model_dump(), "batch": part,
-                                               "batch_size": len(batch)})
-                    else:
-                        for _, events, _ in batch:
-                            events.put_nowait(event)
-            except Exception as e:  # noqa: BLE001 - this batch's requests fail; the loop goes on
-                for _, events, _ in batch:
-                    events.put_nowait(e)
-
-    async def _sample(self, index: int, batch: list[Sample]) -> AsyncIterator:
-        """{"step", "steps"} while `batch` samples in a worker thread, then its manifest rows."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        self.renderer.progress = lambda k, n: loop.call_soon_threadsafe(queue.put_nowait, (k, n))
-        work = asyncio.ensure_future(asyncio.to_thread(self.renderer.render_samples, index, batch))
-        shown = 0.0
-        while not work.done() or not queue.empty():
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                continue
-            k, n = getter.result()
-            if k == n or time.time() - shown >= PROGRESS_EVERY_S:
-                shown = time.time()
-                yield {"step": k, "steps": n}
-        yield work.result()  # raises what the batch raised (a storage failure)
+def record_uri(out: str, video_id: str) -> str:
+    return storage.join(out, REQUESTS_DIR, f"{video_id}.json")
 
 
 # ----------------------------------------------------------------------------- the API
@@ -180,6 +93,8 @@ class VideoAPI:
         self.renderer, self.cfg, self.job, self.rules = renderer, cfg, job, rules
         self.token = cfg.api_token or os.environ.get("T2V_API_TOKEN") or None
         self.jobs: dict[str, VideoJob] = {}
+        self.finished: OrderedDict[str, None] = OrderedDict()
+        """Ids of the finished videos in `jobs`, oldest first (the table's pruning order)."""
         self.tasks: set[asyncio.Task] = set()
         self.stats: Counter = Counter()
         self.batch_sizes: Counter = Counter()
@@ -191,11 +106,66 @@ class VideoAPI:
         videos = set(storage.list_prefix(storage.join(cfg.out, mf.VIDEOS_DIR), suffix=".mp4"))
         for vid, row in ok.items():  # what earlier servers made: served, not made again
             if VIDEO_ID.fullmatch(vid) and row.get("video") in videos:
-                self.jobs[vid] = VideoJob.from_row(row)
+                self._keep(VideoJob.from_row(row))
+        self.requeue: list[VideoJob] = []
+        """Videos an earlier ingress accepted and never finished: driven again by this one."""
+        for uri in storage.list_prefix(storage.join(cfg.out, PENDING_DIR), suffix=".json"):
+            job = VideoJob.from_record(storage.read_text(uri))
+            if job.id not in self.jobs:  # (one the manifest holds finished after its record)
+                job.status, job.step, job.attempts = "queued", 0, 0
+                self.jobs[job.id] = job
+            self.requeue.append(self.jobs[job.id])
+        try:  # the replica's event loop runs this constructor: start them now
+            asyncio.get_running_loop().call_soon(self._resume)
+        except RuntimeError:  # (else the first request does)
+            pass
 
     # -- helpers
 
+    def _resume(self) -> None:
+        """Drive the videos an earlier ingress left pending (those finished meanwhile only
+        get their final record)."""
+        jobs, self.requeue = self.requeue, []
+        for job in jobs:
+            self.stats["requeued"] += job.status == "queued"
+            self._start(job)
+
+    def _start(self, job: VideoJob) -> None:
+        # A fresh context: the video's render belongs to no HTTP request, so a client that
+        # goes away cancels nothing.
+        task = asyncio.create_task(self._render(job), context=contextvars.Context())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _keep(self, job: VideoJob) -> None:
+        """A finished video into the table; the oldest finished leave it beyond keep_videos."""
+        self.jobs[job.id] = job
+        self.finished[job.id] = None
+        self.finished.move_to_end(job.id)
+        while len(self.finished) > self.cfg.keep_videos:
+            self.jobs.pop(self.finished.popitem(last=False)[0], None)
+
+    def _stored(self, video_id: str) -> VideoJob | None:
+        """A finished video no longer in memory, from its record in `out` (None: none)."""
+        uri = record_uri(self.cfg.out, video_id)
+        return VideoJob.from_record(storage.read_text(uri)) if storage.exists(uri) else None
+
+    async def _lookup(self, video_id: str) -> VideoJob | None:
+        job = self.jobs.get(video_id)
+        if job is None and VIDEO_ID.fullmatch(video_id):
+            job = await asyncio.to_thread(self._stored, video_id)
+            if job is not None:
+                self.stats["read_back"] += 1
+                self._keep(job)
+        return job
+
+    def _record_final(self, job: VideoJob) -> None:
+        storage.write_text(record_uri(self.cfg.out, job.id), job.record())
+        storage.delete(pending_uri(self.cfg.out, job.id))
+
     def _auth(self, request: Request) -> None:
+        if self.requeue:
+            self._resume()
         if self.token is None:
             return
         given = request.headers.get("authorization", "")
@@ -217,15 +187,15 @@ class VideoAPI:
     def _pending(self) -> int:
         return sum(j.status in ("queued", "running") for j in self.jobs.values())
 
-    def _job(self, video_id: str) -> VideoJob:
-        job = self.jobs.get(video_id) if VIDEO_ID.fullmatch(video_id) else None
+    async def _job(self, video_id: str) -> VideoJob:
+        job = await self._lookup(video_id)
         if job is None:
             raise HTTPException(404, f"no video {video_id[:40]!r}")
         return job
 
     async def _file(self, video_id: str, uri_of: Callable[[str, str], str],
                     media_type: str) -> Response:
-        job = self._job(video_id)
+        job = await self._job(video_id)
         if job.status != "done":
             raise HTTPException(409, f"video {video_id} is {job.status}")
         data = await asyncio.to_thread(storage.read_bytes, uri_of(self.cfg.out, job.id))
@@ -235,10 +205,16 @@ class VideoAPI:
     async def _render(self, job: VideoJob) -> None:
         """Drive one video to done or failed; a dead renderer replica is retried."""
         try:
-            await self._attempts(job)
+            if job.status in ("queued", "running"):
+                await self._attempts(job)
         finally:
             if job.status in ("queued", "running"):  # cancelled, or a bug here: say so
                 job.fail("the server stopped driving this video")
+        try:
+            await asyncio.to_thread(self._record_final, job)
+        except Exception as e:  # noqa: BLE001 - the video is made; only its record is missing
+            log.warning("video %s: final record not written: %s", job.id, e)
+        self._keep(job)
 
     async def _attempts(self, job: VideoJob) -> None:
         while True:
@@ -302,7 +278,7 @@ class VideoAPI:
         except RowInvalid as e:
             return JSONResponse({"detail": error_detail(e)}, 422)
         sample = make_sample(settings, self.job)
-        known = self.jobs.get(sample.id)
+        known = await self._lookup(sample.id)
         if known is not None and known.status != "failed":
             self.stats["deduplicated"] += 1
             return JSONResponse(known.view() | {"deduplicated": True},
@@ -314,11 +290,15 @@ class VideoAPI:
             return JSONResponse({"detail": f"queue full ({pending} videos pending); retry in "
                                            f"{wait} s"}, 503, headers={"Retry-After": str(wait)})
         job = self.jobs[sample.id] = VideoJob(sample)
-        # A fresh context: the video's render belongs to no HTTP request, so a client that
-        # goes away cancels nothing.
-        task = asyncio.create_task(self._render(job), context=contextvars.Context())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.finished.pop(job.id, None)  # (a failed one asked for again)
+        try:  # recorded before it is accepted: a restarted ingress finds and finishes it
+            await asyncio.to_thread(storage.write_text, pending_uri(self.cfg.out, job.id),
+                                    job.record())
+        except Exception as e:  # noqa: BLE001 - not accepted: the client may try again
+            del self.jobs[job.id]
+            return JSONResponse({"detail": f"cannot record the request: {_reason(e)}"}, 503,
+                                headers={"Retry-After": "5"})
+        self._start(job)
         return JSONResponse(job.view() | {"deduplicated": False}, 202,
                             headers={"Location": f"/v1/videos/{job.id}"})
 
@@ -343,7 +323,7 @@ class VideoAPI:
     async def status(self, video_id: str, request: Request) -> JSONResponse:
         """Status (queued, running, done, failed), progress in denoising steps, timings, URLs."""
         self._auth(request)
-        return JSONResponse(self._job(video_id).view())
+        return JSONResponse((await self._job(video_id)).view())
 
     @api.get("/v1/stats")
     async def counters(self, request: Request) -> JSONResponse:
@@ -354,6 +334,8 @@ class VideoAPI:
             "sampler_calls": self.stats["sampler_calls"], "rendered": self.stats["rendered"],
             "failed": self.stats["failed"], "deduplicated": self.stats["deduplicated"],
             "refused": self.stats["refused"], "retried": self.stats["retried"],
+            "requeued": self.stats["requeued"], "read_back": self.stats["read_back"],
+            "in_memory": len(self.jobs),
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "statuses": dict(statuses), "pending": self._pending(),
             "max_queue": self.cfg.max_queue,
@@ -405,8 +387,11 @@ def renderer_options(cfg: ServeConfig) -> dict:
     wait in it for the sampler); beyond that they wait in the ingress's handle for a replica
     with room. Both count for autoscaling (Serve's ongoing requests include handle queues)."""
     lo, hi = cfg.replicas
+    delays = {k: v for k, v in (("upscale_delay_s", cfg.upscale_delay_s),
+                                ("downscale_delay_s", cfg.downscale_delay_s)) if v is not None}
     scaling = ({"num_replicas": lo} if lo == hi else {"autoscaling_config": {
-        "min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": cfg.target_queue}})
+        "min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": cfg.target_queue,
+        **delays}})
     return {"max_ongoing_requests": QUEUE_BATCHES * cfg.max_batch_size, **scaling,
             "ray_actor_options": {"num_cpus": cfg.cpus_per_replica,
                                   "num_gpus": cfg.gpus_per_replica}}
