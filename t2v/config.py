@@ -436,11 +436,10 @@ class ServeConfig(Section):
     keep_videos: int = Field(10000, ge=1)
     """Finished videos whose state the ingress keeps in memory (the newest); an older one is
     read back from `out` (requests/ID.json) when asked for."""
-    upscale_delay_s: float | None = Field(None, ge=0)
-    """Seconds of queue above target before Serve adds a renderer replica (None: Serve's
-    default, 30 s)."""
-    downscale_delay_s: float | None = Field(None, ge=0)
-    """Seconds of queue below target before Serve removes one (None: Serve's default)."""
+    autoscaling: dict[str, Any] = {}
+    """Merged over the renderer's generated Serve `autoscaling_config` (with MIN < MAX), e.g.
+    `autoscaling.upscale_delay_s=5` (Serve's default 30 s), `downscale_delay_s`,
+    `metrics_interval_s`, `look_back_period_s`; validated by Serve's AutoscalingConfig."""
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     render: RenderConfig = RenderConfig()

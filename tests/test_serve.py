@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,8 +386,13 @@ def test_a_restarted_server_serves_what_is_stored(server):
     body = {"prompt": "a red circle moving left", **SMALL, "steps": 3, "seed": 7}
     vid = server.post(body).json()["id"]
     assert server.wait(vid)[0]["status"] == "done"
-    serve.run(build_app(server.cfg.model_copy(update={"keep_videos": 1})), name=APP_NAME,
-              route_prefix="/")
+    # Redeployed keeping one finished video in memory, and autoscaling 1-2 renderer replicas
+    # on a queue over one video per replica (for the live autoscaling at the end).
+    cfg = server.cfg.model_copy(update={
+        "keep_videos": 1, "replicas": [1, 2], "target_queue": 1.0, "cpus_per_replica": 0.5,
+        "max_queue": 64, "autoscaling": {"upscale_delay_s": 0.5, "downscale_delay_s": 600.0,
+                                         "metrics_interval_s": 0.5, "look_back_period_s": 2.0}})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     stats = server.stats()
     assert stats["sampler_calls"] == 0  # a fresh ingress: its counters start at 0
     assert stats["in_memory"] == 1 and stats["read_back"] == 0
@@ -400,6 +406,25 @@ def test_a_restarted_server_serves_what_is_stored(server):
     assert v["status"] == "done" and v["urls"]["video"].endswith(f"{vid}.mp4"), v
     stats = server.stats()
     assert stats["sampler_calls"] == 1 and stats["in_memory"] == 1 and stats["read_back"] >= 1
+
+    # Live autoscaling: a queue over target adds the second renderer replica.
+    def renderers() -> int:
+        app = serve.status().applications[APP_NAME]
+        return app.deployments["VideoRenderer"].replica_states.get("RUNNING", 0)
+
+    assert renderers() == 1
+    t0 = time.time()
+    ids = [server.post({**body, "steps": 300, "seed": 100 + i}).json()["id"] for i in range(16)]
+    while renderers() < 2:
+        assert time.time() - t0 < 120, "never scaled to 2 renderer replicas"
+        time.sleep(0.25)
+    print(f"scaled to 2 renderer replicas {time.time() - t0:.1f} s after 16 queued videos")
+    late = [server.post({**body, "steps": 3, "seed": 200 + i}).json()["id"] for i in range(4)]
+    for vid in ids + late:
+        assert server.wait(vid, timeout=300)[0]["status"] == "done"
+    rows = [r for r in mf.read_manifest(server.out) if r["id"] in set(ids + late)]
+    assert sorted(r["id"] for r in rows) == sorted(ids + late)  # each stored once
+    print("renderer runs:", Counter(r["run"] for r in rows))
 
 
 def test_request_ids_and_validation_without_a_server():
@@ -447,17 +472,21 @@ def test_a_prompt_the_encoder_would_cut_names_its_field():
 def test_serve_flags_and_autoscaling_options():
     from t2v.cli import COMMANDS, _parser
     from t2v.configfile import load_config
-    from t2v.serve.app import renderer_options
+    from t2v.serve.app import check_autoscaling, renderer_options
 
     args = _parser("serve", COMMANDS["serve"]).parse_args(
         ["--model", "s3://b/pkg", "--out", "/o", "--port", "8123", "--replicas", "1,3",
-         "max_batch_size=8", "render.steps=12"])
+         "max_batch_size=8", "render.steps=12", "autoscaling.upscale_delay_s=5"])
     flags = [f"{k[5:]}={v}" for k, v in vars(args).items() if k.startswith("flag:") and v]
     cfg = load_config(ServeConfig, None, flags + args.overrides)
     assert (cfg.port, cfg.replicas, cfg.render.steps) == (8123, [1, 3], 12)
     options = renderer_options(cfg)
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3,
-                                             "target_ongoing_requests": cfg.target_queue}
+                                             "target_ongoing_requests": cfg.target_queue,
+                                             "upscale_delay_s": 5}
+    bad = cfg.model_copy(update={"autoscaling": {"upscale_delay": 5}})
+    with pytest.raises(ValueError, match=r"^autoscaling: .*upscale_delay"):
+        check_autoscaling(bad)
     assert options["max_ongoing_requests"] >= cfg.max_batch_size  # a whole batch can gather
     fixed = renderer_options(cfg.model_copy(update={"replicas": [2, 2]}))
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed

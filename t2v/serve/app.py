@@ -363,6 +363,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         if not getattr(cfg, name):
             raise ValueError(f"serve needs {name}=URI (--{name})")
     check_output_uri(cfg.out)
+    check_autoscaling(cfg)
     meta = read_meta(cfg.model)
     render = resolve_settings(cfg.render.model_copy(update={"model": cfg.model, "out": cfg.out,
                                                             "prompts": "api"}), meta)
@@ -379,6 +380,26 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     return VideoAPI.bind(renderer, cfg, job, rules)
 
 
+def check_autoscaling(cfg: ServeConfig) -> None:
+    """Serve's own validation of the generated autoscaling config, as one line, before any
+    deployment starts (`autoscaling.` keys are passed through)."""
+    from ray.serve.config import AutoscalingConfig  # noqa: PLC0415 - Serve's own schema
+
+    scaling = renderer_options(cfg).get("autoscaling_config")
+    if scaling is None:
+        return
+    unknown = sorted(set(cfg.autoscaling) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise ValueError(f"autoscaling: unknown key {unknown[0]!r} (Serve's AutoscalingConfig "
+                         f"takes e.g. upscale_delay_s, downscale_delay_s, metrics_interval_s)")
+    try:
+        AutoscalingConfig(**scaling)
+    except (TypeError, ValueError) as e:  # (pydantic's ValidationError is a ValueError)
+        first = str(e).splitlines()
+        raise ValueError(f"autoscaling: {' '.join(first[1:3]) if len(first) > 2 else first[0]}"
+                         ) from None
+
+
 def renderer_options(cfg: ServeConfig) -> dict:
     """Serve options of the renderer deployment: a fixed count, or autoscaling between MIN and
     MAX replicas on requests queued or running per replica (`target_queue`).
@@ -387,11 +408,9 @@ def renderer_options(cfg: ServeConfig) -> dict:
     wait in it for the sampler); beyond that they wait in the ingress's handle for a replica
     with room. Both count for autoscaling (Serve's ongoing requests include handle queues)."""
     lo, hi = cfg.replicas
-    delays = {k: v for k, v in (("upscale_delay_s", cfg.upscale_delay_s),
-                                ("downscale_delay_s", cfg.downscale_delay_s)) if v is not None}
     scaling = ({"num_replicas": lo} if lo == hi else {"autoscaling_config": {
         "min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": cfg.target_queue,
-        **delays}})
+        **cfg.autoscaling}})
     return {"max_ongoing_requests": QUEUE_BATCHES * cfg.max_batch_size, **scaling,
             "ray_actor_options": {"num_cpus": cfg.cpus_per_replica,
                                   "num_gpus": cfg.gpus_per_replica}}
