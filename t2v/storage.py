@@ -392,6 +392,33 @@ def remove_stale_temps(uri: str, max_age_s: float = 86400.0) -> int:
     return removed
 
 
+_swept_tempdir = False
+
+
+def _owned_tempfile(suffix: str = "", directory: bool = False) -> Path:
+    """A temp file (or folder) in the system temp dir, named after its writer. The first one a
+    process makes also removes those whose writer on this host is dead: an upload or download
+    killed mid-way (SIGKILL, OOM) leaves its whole local copy behind, a package's size each."""
+    global _swept_tempdir
+    if not _swept_tempdir:
+        _swept_tempdir = True
+        host = _host()
+        with os.scandir(tempfile.gettempdir()) as entries:
+            for e in entries:
+                m = _TMP_OWNER.match(e.name)
+                if not m or m["host"] != host or _pid_alive(int(m["pid"])):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                else:
+                    Path(e.path).unlink(missing_ok=True)
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=_tmp_owner() + "."))
+    fd, name = tempfile.mkstemp(prefix=_tmp_owner() + ".", suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomically replace ``uri`` with ``data`` (S3: one put_object, never a partial object)."""
     uri = _norm_write(uri)
@@ -460,10 +487,9 @@ def atomic_local_file(uri: str, suffix: str = "") -> Iterator[Path]:
             yield tmp
         return
     split_s3(uri)  # refuse a malformed URI before the caller does the work
-    fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix)
-    os.close(fd)
+    name = _owned_tempfile(suffix)
     try:
-        yield Path(name)
+        yield name
         upload_file(name, uri)
     finally:
         Path(name).unlink(missing_ok=True)
@@ -478,7 +504,7 @@ def local_copy(uri: str) -> Iterator[Path]:
             raise StorageError(f"{uri}: no such file or directory")
         yield local_path(uri)
         return
-    tmpdir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+    tmpdir = _owned_tempfile(directory=True)
     try:
         dst = tmpdir / (Path(split_s3(uri)[1]).name or "object")
         download_file(uri, dst)

@@ -168,6 +168,38 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
     assert storage.remove_stale_temps("s3://bucket/out") == 0
 
 
+def test_local_copies_of_dead_writers_leave_the_temp_dir(tmp_path: Path, monkeypatch) -> None:
+    """An upload or download killed mid-way leaves its whole local copy in the system temp dir
+    (a package's size each); the first one the next process makes removes those of dead
+    writers on this host, never a live writer's or another host's."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(storage, "_swept_tempdir", False)
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                             capture_output=True, text=True, check=True).stdout)
+    host = socket.gethostname().replace(".", "-")
+    dead_file = tmp_path / f"{storage.TMP_PREFIX}{host}_{pid}.k2j4.safetensors"
+    dead_dir = tmp_path / f"{storage.TMP_PREFIX}{host}_{pid}.x8z1"
+    live = tmp_path / f"{storage.TMP_PREFIX}{host}_{os.getpid()}.q1.safetensors"
+    other = tmp_path / f"{storage.TMP_PREFIX}otherhost_{pid}.q2.safetensors"
+    unrelated = tmp_path / "someone-elses.tmp"
+    dead_dir.mkdir()
+    (dead_dir / "model.safetensors").write_bytes(b"x")
+    for f in (dead_file, live, other, unrelated):
+        f.write_bytes(b"x")
+    made = storage._owned_tempfile(".bin")
+    assert made.parent == tmp_path and made.name.startswith(live.name.split(".q1")[0] + ".")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, other.name, unrelated.name, made.name])
+    dead_file.write_bytes(b"x")  # one sweep a process: later temp files cost no directory scan
+    storage._owned_tempfile()
+    assert dead_file.exists()
+
+
 def test_large_transfer_is_multipart(root: str, tmp_path: Path, moto_s3: MotoS3) -> None:
     src = tmp_path / "big.bin"
     data = os.urandom(17 * storage.MiB)
