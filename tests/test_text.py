@@ -86,3 +86,19 @@ def test_model_from_s3_prefix(moto_s3, s3_bucket, tmp_path, monkeypatch):
     torch.testing.assert_close(enc(["a blue circle"])[0], ref(["a blue circle"])[0])
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         resolve_model_dir(storage.join(s3_bucket, "nothing-here"))
+
+
+def test_hidden_state_layer(minilm):
+    """`layer`: -1 is the last hidden state (the default); 0 the input embeddings, where a word
+    is the same vector whatever surrounds it (padding still zeroed); out of range: one line."""
+    prompts = ["a red triangle moving left", "a blue triangle moving up"]
+    last, mask = minilm(prompts)
+    again, _ = TextEncoder(TextEncoderConfig(max_length=16, layer=-1))(prompts)
+    torch.testing.assert_close(again, last, rtol=0, atol=0)
+    flat, flat_mask = TextEncoder(TextEncoderConfig(max_length=16, layer=0))(prompts)
+    assert torch.equal(flat_mask, mask) and (flat[~mask] == 0).all()
+    triangle = 3  # [CLS] a red|blue triangle ...
+    assert torch.equal(flat[0, triangle], flat[1, triangle])
+    assert not torch.allclose(last[0, triangle], last[1, triangle], atol=1e-3)
+    with pytest.raises(ValueError, match=r"layer=7: .* has hidden states 0\.\.6"):
+        TextEncoder(TextEncoderConfig(layer=7))

@@ -41,6 +41,10 @@ class TextEncoderConfig:
     clean: bool = False
     """Normalise prompts as Wan's pipeline does before tokenizing (`clean_prompt`); imported
     Wan packages set it, so the same prompt gives the same tokens as WanPipeline."""
+    layer: int | None = None
+    """The hidden state used as the prompt's token embeddings: None the encoder's last; k the
+    output of layer k (0: the input embeddings, free of context; -2 the penultimate, as
+    CLIP-skip)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,6 +163,11 @@ class TextEncoder(nn.Module):
         self.config = config
         self.tokenizer = load_tokenizer(config)
         self.model = _load_encoder(resolve_model_dir(config.ref)).eval().requires_grad_(False)
+        depth = getattr(self.model.config, "num_hidden_layers", None) or getattr(
+            self.model.config, "num_layers", None)
+        if config.layer is not None and depth and not -depth - 1 <= config.layer <= depth:
+            raise ValueError(f"text encoder layer={config.layer}: {config.ref} has hidden "
+                             f"states 0..{depth} (or -{depth + 1}..-1)")
 
     @property
     def dim(self) -> int:
@@ -188,7 +197,11 @@ class TextEncoder(nn.Module):
         device = next(self.model.parameters()).device
         ids = tok["input_ids"].to(device)  # (B, L)
         mask = tok["attention_mask"].to(device)  # (B, L)
-        out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
+        if self.config.layer is None:
+            out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
+        else:
+            out = self.model(input_ids=ids, attention_mask=mask,
+                             output_hidden_states=True).hidden_states[self.config.layer]
         # Padded positions carry whatever the encoder computed there; zero them so the stored
         # embeddings are a function of the real tokens only (Wan's pipeline does the same).
         out = out * mask[..., None].to(out.dtype)

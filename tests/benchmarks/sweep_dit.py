@@ -7,7 +7,8 @@ process, render the held-out prompts and score them as `t2v eval` does.
 PKG is a VAE package: the demo's (OUT/runs/vae/package) or one that tests/benchmarks/sweep_vae.py
 wrote (OUT/NAME/package). The clips are the default demo's (the cache sweep_vae.py keeps in
 OUT/demo_clips.npz, made if missing), encoded by that VAE (posterior means, normalised), their
-captions by the offline MiniLM encoder. Each variant is the `debug` DiT preset with its overrides
+captions by the offline MiniLM encoder (its last hidden state; `text_layer=k` takes hidden
+state k: 0 the context-free input embeddings). Each variant is the `debug` DiT preset with its overrides
 (DiTConfig fields, a/b/c for a tuple such as patch=1/1/1) plus training keys `steps`, `batch`,
 `lr`, `shift` (training timestep shift; the render uses the same), `cfg` (render guidance;
 `cfg=4/8` scores the one trained model at each), trained by a bare torch loop on the box's cores
@@ -48,20 +49,25 @@ from t2v.render.model import RenderModel, render_batch  # noqa: E402
 from t2v.render.rows import Sample  # noqa: E402
 
 DEFAULT_VARIANTS = ["demo:"]
-TRAIN_KEYS = ("steps", "batch", "lr", "shift", "cfg", "render_steps")
+TRAIN_KEYS = ("steps", "batch", "lr", "shift", "cfg", "render_steps", "text_layer")
 
 
-def encode_all(vae, text: TextEncoder, clips: np.ndarray,  # noqa: ANN001
-               captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalised latents (N, C, T', H', W'), text (N, L, D), mask (N, L)."""
-    zs, embs, masks = [], [], []
+def encode_latents(vae, clips: np.ndarray) -> torch.Tensor:  # noqa: ANN001
+    """Normalised latents (N, C, T', H', W')."""
     with torch.no_grad():
-        for i in range(0, len(clips), 64):
-            zs.append(vae.normalize(vae.encode(to_model_range(clips[i:i + 64])).mean))
+        return torch.cat([vae.normalize(vae.encode(to_model_range(clips[i:i + 64])).mean)
+                          for i in range(0, len(clips), 64)])
+
+
+def encode_text(text: TextEncoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text (N, L, D), mask (N, L)."""
+    embs, masks = [], []
+    with torch.no_grad():
+        for i in range(0, len(captions), 64):
             emb, mask = text(captions[i:i + 64])
             embs.append(emb)
             masks.append(mask)
-    return torch.cat(zs), torch.cat(embs), torch.cat(masks)
+    return torch.cat(embs), torch.cat(masks)
 
 
 def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
@@ -144,10 +150,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     demo = demo_data(out / "demo_clips.npz")
     vae = load_package(args.vae, load_text=False, load_dit=False).vae.eval()
-    encoder = TextEncoder(TextEncoderConfig())
-    x0, text, mask = encode_all(vae, encoder, demo["train"], demo["captions"])
-    with torch.no_grad():
-        empty = encoder([""])
+    x0 = encode_latents(vae, demo["train"])
+    encoders: dict[int | None, tuple] = {}
+
+    def text_for(layer: int | None) -> tuple:
+        """(encoder, text, mask, empty) with the MiniLM hidden state `layer` (None: last)."""
+        if layer not in encoders:
+            encoder = TextEncoder(TextEncoderConfig(layer=layer))
+            with torch.no_grad():
+                encoders[layer] = (encoder, *encode_text(encoder, demo["captions"]),
+                                   encoder([""]))
+        return encoders[layer]
+
+    encoder, text, mask, _ = text_for(None)
     held = heldout_combos(12)
     rows = heldout_prompt_rows(held, 8)
     train_rows = heldout_prompt_rows(training_combos(12, held), 4, split="train")
@@ -157,6 +172,8 @@ def main() -> None:
     for spec in args.variant or DEFAULT_VARIANTS:
         name, model_kw, train_kw = parse_variant(spec)
         train_kw |= {k: model_kw.pop(k) for k in TRAIN_KEYS if k in model_kw}
+        layer = train_kw.get("text_layer")
+        encoder, text, mask, empty = text_for(None if layer is None else int(layer))
         for result, videos in train_and_score(
                 name, model_kw, train_kw, x0, text, mask, empty, vae, encoder, rows, train_rows,
                 demo["train"].shape[1:4], args.steps, args.batch):
