@@ -17,7 +17,10 @@ log = logging.getLogger("t2v")
 # deliberately NOT forwarded (they would show in the dashboard): on a cluster they come from the
 # instance profile / service account, locally the workers inherit the driver's environment.
 _FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                "AWS_PROFILE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                "AWS_PROFILE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
+                "WANDB_MODE", "WANDB_DIR")
+"""Settings (never secrets) a local Ray's workers take from the driver: where S3 is, the Hub
+cache and offline switches (hf: ids resolve there), W&B's mode and directory."""
 
 
 def under_ray_job() -> bool:

@@ -277,13 +277,15 @@ class DebugRun:
 def debug_run(ray_cluster, train_latents, debug_vae_package, tmp_path_factory):
     """THE trained debug model package of the session, made as a user makes one: `ray job
     submit -- python jobs/train.py --config jobs/configs/debug.yaml ...` on the session cluster
-    (ZeRO-2, 2 workers, 4 steps on `train_latents`, uninterrupted). The job tests check the
-    submission, the training tests compare every other run with its losses."""
+    (ZeRO-2, 2 workers, 4 steps on `train_latents`, uninterrupted, tracked in MLflow's file
+    store in RUN/mlruns). The job tests check the submission, the training tests compare every
+    other run with its losses, tests/test_tracking.py reads its MLflow run."""
     out = str(tmp_path_factory.mktemp("runs"))  # absolute: the job runs in a copy of the repo
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
            ray_cluster.dashboard, "--working-dir", str(ROOT), "--", sys.executable,
            "jobs/train.py", "--config", "jobs/configs/debug.yaml", f"out={out}",
-           f"data.shards={train_latents}", f"vae={debug_vae_package}", *RUN_OVERRIDES]
+           f"data.shards={train_latents}", f"vae={debug_vae_package}", *RUN_OVERRIDES,
+           "tracker=mlflow"]
     job = submit_job(cmd, timeout=600, temp_dir=ray_cluster.temp_dir)
     assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
     return DebugRun(out=out, package=str(Path(out, "debug", "package")), job=job)

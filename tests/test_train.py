@@ -265,6 +265,9 @@ def test_resubmitted_run_resumes_from_a_checkpoint_ray_never_registered(referenc
     _, ref = reference
     runs = tmp_path / "runs"
     shutil.copytree(ref, runs / "debug")
+    for meta in (runs / "debug" / "mlruns").rglob("meta.yaml"):  # MLflow keeps absolute paths
+        meta.write_text(meta.read_text().replace(str(ref), str(runs / "debug")))
+    mlflow_run = json.loads((runs / "debug" / "tracker.json").read_text())["mlflow"]["run_id"]
     shutil.rmtree(runs / "debug" / "package")  # the kill came before the export
     run = str(runs / "debug")
     found = run_checkpoints(run)
@@ -283,9 +286,24 @@ def test_resubmitted_run_resumes_from_a_checkpoint_ray_never_registered(referenc
     partial = runs / "debug" / "checkpoint_2099-01-01_00-00-00.000000"
     shutil.copytree(runs / "debug" / found[1].name / "state", partial / "state")
     (partial / "state" / "rank-00001.safetensors").unlink()
-    result = run_train(config(str(runs), "debug", train_latents, debug_vae_package, steps=6))
+    result = run_train(config(str(runs), "debug", train_latents, debug_vae_package, steps=6,
+                              tracker="mlflow"))
     assert result["resumed_from"] == 4 and result["step"] == 6
     rows = [json.loads(x) for x in (runs / "debug" / "metrics.jsonl").read_text().splitlines()]
+    # The same MLflow run continues (RUN/tracker.json): steps 1-6 with metrics.jsonl's values,
+    # none twice, one run in the experiment, finished.
+    from tests.test_tracking import mlflow_client, steps_of
+
+    assert json.loads((runs / "debug" / "tracker.json").read_text())["mlflow"]["run_id"] == \
+        mlflow_run
+    client = mlflow_client((runs / "debug" / "mlruns").as_uri())
+    tracked = client.get_run(mlflow_run)
+    assert tracked.info.status == "FINISHED"
+    assert len(client.search_runs([tracked.info.experiment_id])) == 1
+    history = client.get_metric_history(mlflow_run, "train/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in history] == pytest.approx([r["loss"] for r in rows if "loss" in r])
+    assert steps_of(client, mlflow_run, "val/flow_loss")[-1] == 6
     starts = [r["step"] for r in rows if r.get("event") == "start"]
     assert starts == [0, 4]
     logged = [r["step"] for r in rows if "loss" in r]

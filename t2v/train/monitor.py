@@ -1,9 +1,10 @@
 """Progress and metrics of a training run: loss, grad norm, lr, throughput, data wait, MFU, ETA.
 
 Every rank calls the same methods at the same steps (the loss mean is an all-reduce); only rank 0
-prints and writes TensorBoard. Peak FLOP/s for MFU are stated, not guessed: `peak_flops` in the
-config, else 989e12 per GPU (H100 SXM bf16 dense) or 2.6e11 per CPU worker (fp32 matmul peak
-measured on the project's 2-core reference machine, NOTES-stack).
+prints and writes TensorBoard, and MLflow or W&B when the config names one (t2v/train/tracking.py).
+Peak FLOP/s for MFU are stated, not guessed: `peak_flops` in the config, else 989e12 per GPU
+(H100 SXM bf16 dense) or 2.6e11 per CPU worker (fp32 matmul peak measured on the project's 2-core
+reference machine, NOTES-stack).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from t2v import storage
 from t2v.config import TrainConfig
 from t2v.train.schedule import mfu
 from t2v.train.task import DataInfo
+from t2v.train.tracking import Tracking, open_tracking
 
 GPU_PEAK = 989e12
 CPU_PEAK = 2.6e11
@@ -75,6 +77,7 @@ class Monitor:
         self.peak = cfg.peak_flops or (GPU_PEAK if cfg.use_gpu else CPU_PEAK)
         self.run_uri = run_uri
         self.tb: TensorBoard | None = None  # rank 0, from start()
+        self.tracker: Tracking | None = None  # rank 0, from start(), when the config names one
         self.history_uri = storage.join(run_uri, "metrics.jsonl")
         self.history: list[dict] = []
         self.loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum, count) since last log
@@ -101,6 +104,7 @@ class Monitor:
         # Steps after the restored one (after 0 too: a restart before the first checkpoint)
         # were logged by an attempt that died: hidden from here.
         self.tb = TensorBoard(self.run_uri, purge_step=step + 1)
+        self.tracker = open_tracking(self.cfg, self.run_uri)
         if storage.exists(self.history_uri):
             rows = [json.loads(x) for x in storage.read_text(self.history_uri).splitlines() if x]
             self.history = [r for r in rows if r.get("step", 0) <= step]
@@ -186,8 +190,11 @@ class Monitor:
                   f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s "
                   f"wait {100 * metrics['data_wait_frac']:.1f}% MFU {100 * metrics['mfu']:.1f}% "
                   f"ETA {metrics['eta_s']:.0f}s", flush=True)
-            self.tb.scalars({f"train/{k}": v for k, v in metrics.items() if k != "logged"}, step)
+            scalars = {f"train/{k}": v for k, v in metrics.items() if k != "logged"}
+            self.tb.scalars(scalars, step)
             self.tb.flush()
+            if self.tracker is not None:
+                self.tracker.metrics(scalars, step)
             row = {"step": step, **{k: v for k, v in metrics.items() if k != "logged"}}
             if any(per_bucket):  # samples per bucket in this interval, every rank's
                 names = [*self.buckets, "other"]
@@ -199,6 +206,18 @@ class Monitor:
         self.last_logged = step
         self.bucket_samples.zero_()
         return metrics
+
+    def validated(self, step: int, val: dict[str, float]) -> None:
+        """Rank 0, after `record_validation` (t2v/train/validation.py) wrote RUN/samples/step_N/:
+        its metrics to metrics.jsonl, and they and the folder's files to the tracker."""
+        self.record({"step": step, "val": val})
+        if self.tracker is None:
+            return
+        self.tracker.metrics({f"val/{k}": v for k, v in val.items()}, step)
+        folder = f"samples/step_{step:06d}"
+        where = storage.join(self.run_uri, folder)
+        for uri in storage.list_prefix(where):  # mp4s, GIFs, sheet.png, captions.json
+            self.tracker.artifact(uri, f"{folder}/{uri[len(where):].lstrip('/')}", step)
 
     def pass_done(self, step: int, rows: int, passes: int = 1) -> None:
         """A full read of the training stream (`passes` passes over the data) gave `rows` on
@@ -225,3 +244,5 @@ class Monitor:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.tracker is not None:
+            self.tracker.finish()

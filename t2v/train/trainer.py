@@ -1,8 +1,9 @@
 """`t2v train`: the driver of a Ray Train run (TorchTrainer + DeepSpeed workers).
 
 Run directory (DESIGN.md "Contracts"): RUNS/NAME/checkpoint_* (Ray's), config.yaml (resolved),
-tb/, samples/, and package/ at the end. Submitting the same name again resumes the run from its
-latest checkpoint (Ray Train restores its checkpoint manager from RUNS/NAME).
+tb/, samples/, and package/ at the end; tracker.json (and mlruns/, MLflow's default store) with a
+`tracker` (t2v/train/tracking.py). Submitting the same name again resumes the run from its latest
+checkpoint (Ray Train restores its checkpoint manager from RUNS/NAME), and its tracked run.
 
 Data order on resume: a checkpoint records the pass over the data and how many micro-batches of
 it the workers had taken (trainer.json `data`). Pass p reads the shards in an order drawn from
@@ -35,6 +36,7 @@ from t2v.train import checkpoint
 from t2v.train.memory import dry_run
 from t2v.train.parallel import GroupedData
 from t2v.train.stages import task_for
+from t2v.train.tracking import check_tracker
 from t2v.train.worker import train_loop_per_worker
 
 
@@ -120,6 +122,7 @@ def passes_per_read(cfg: TrainConfig, train_samples: int | None) -> int:
 
 def run_train(cfg: TrainConfig) -> dict:
     check_output_uri(cfg.out)
+    cfg = check_tracker(cfg, storage.join(cfg.out, cfg.name))  # installed; MLflow's store
     if not cfg.data.shards:
         raise ValueError("train: data.shards is required")
     task = task_for(cfg)

@@ -375,7 +375,7 @@ def train_loop_per_worker(config: dict) -> None:
                     with torch.no_grad():
                         val = record_validation(run_uri, step, task.validate(module, step),
                                                 fps=info.fps)
-                    monitor.record({"step": step, "val": val})
+                    monitor.validated(step, val)
                     metrics |= {f"val_{k}": v for k, v in val.items()}
                 # Rank 0 holds a whole model only to validate, except after the last step: the
                 # export below reuses that one rather than gathering the same EMA again.
