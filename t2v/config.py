@@ -362,7 +362,8 @@ class RenderConfig(Section):
     cfg: float | None = Field(None, ge=0, le=50)
     """Guidance scale of a row without `cfg`; None: the package's render default, else 5."""
     sampler: str | None = None
-    """euler, heun or dpm_solver_2m; None: the package's render default, else euler."""
+    """euler, heun, dpm_solver_2m or unipc (Wan's default: diffusers' UniPC schedule and
+    timesteps); None: the package's render default, else euler."""
     shift: float | None = Field(None, gt=0)
     """Timestep shift of the sampling schedule (1 = none); None: the package's (the shift it was
     trained with; an imported Wan model records its scheduler's flow_shift)."""
@@ -454,7 +455,8 @@ class ImportConfig(Section):
 
     wan: str = ""
     """A diffusers-format Wan 2.1 T2V folder/prefix (transformer/, vae/, text_encoder/,
-    tokenizer/, model_index.json)."""
+    tokenizer/, model_index.json): a path, an s3:// URI, or a Hub id (hf:ORG/NAME[@REV], or
+    ORG/NAME when no such local folder exists) read through the local Hugging Face cache."""
     out: str = ""
     """Where the model package goes (local path or s3:// URI)."""
     text_max_length: int = Field(512, ge=1)

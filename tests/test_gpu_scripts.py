@@ -33,7 +33,7 @@ def test_gpu_check_reference_then_check_on_cpu(debug_run, tmp_path, monkeypatch,
                                 "--device", "cpu", "--out", str(out)], monkeypatch)
     got = json.loads(out.read_text())
     assert got["failed"] == []
-    assert set(got["render"]) == {"euler", "heun", "dpm_solver_2m"}
+    assert set(got["render"]) == {"euler", "heun", "dpm_solver_2m", "unipc"}
     for r in got["render"].values():
         assert r["fp32_latent_rel"] == 0.0 and r["bf16_video_psnr"] == float("inf")
     assert got["train"]["fp32_loss"] == got["train"]["cpu_loss"] > 0

@@ -129,3 +129,32 @@ def test_cli_names_what_to_download(hf_home, tmp_path) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "hf download acme/missing" in lines[0], lines
     assert not r.stdout.strip()
+
+
+def test_import_wan_by_bare_hub_id_pins_its_references(hf_home, tmp_path, monkeypatch) -> None:
+    """`t2v import --wan ORG/NAME` from a cached snapshot: the package refers to the snapshot by
+    pinned Hub ids (so any node resolves the same bytes), loads whole (DiT, Wan VAE, umT5), and
+    holds the same DiT as an import of the same folder from disk."""
+    from t2v.models.package import load_package
+    from t2v.models.wan_import import run_import_command
+    from tests.test_wan_import import import_config, make_wan_folder
+
+    folder = make_wan_folder(tmp_path / "wan")
+    commit = cache_repo(hf_home, "Wan-AI/Wan2.1-T2V-Tiny-Diffusers", folder)
+    monkeypatch.chdir(tmp_path)  # no local folder of that name here
+    result = run_import_command(import_config(Path("Wan-AI/Wan2.1-T2V-Tiny-Diffusers"),
+                                              tmp_path / "from-hub"))
+    pinned = f"hf:Wan-AI/Wan2.1-T2V-Tiny-Diffusers@{commit}"
+    meta = read_meta(str(tmp_path / "from-hub"))
+    assert meta.text.ref == f"{pinned}/text_encoder" and meta.text.tokenizer == f"{pinned}/tokenizer"
+    assert meta.vae_ref == f"diffusers:{pinned}/vae" and result["text_encoder"] == meta.text.ref
+    assert meta.run["imported_from"] == pinned
+    run_import_command(import_config(folder, tmp_path / "from-disk"))
+    hub_pkg = load_package(str(tmp_path / "from-hub"))
+    disk_pkg = load_package(str(tmp_path / "from-disk"))
+    assert hub_pkg.vae is not None and hub_pkg.text is not None
+    for (k, a), (_, b) in zip(hub_pkg.dit.state_dict().items(), disk_pkg.dit.state_dict().items(),
+                              strict=True):
+        assert torch.equal(a, b), k
+    prompts = ["a red circle"]
+    torch.testing.assert_close(hub_pkg.text(prompts)[0], disk_pkg.text(prompts)[0], rtol=0, atol=0)

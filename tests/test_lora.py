@@ -132,7 +132,7 @@ def test_lora_finetune_of_imported_wan_changes_only_adapters(ray_local, train_ra
     # Render defaults: the geometry of the clips it was tuned on (train_raw is 9x32x32 at 8 fps,
     # read at 5x16x16), the shift and sampling settings of the imported package it started from.
     assert meta.render == RenderDefaults(frames=5, height=16, width=16, fps=8.0, shift=3.0,
-                                         steps=50, cfg=5.0)
+                                         steps=50, cfg=5.0, sampler="unipc")
     rows = [json.loads(x) for x in (tmp_path / "runs" / "lora" / "metrics.jsonl")
             .read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]

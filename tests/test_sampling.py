@@ -70,7 +70,7 @@ def test_closed_form_flow_matches_a_fine_rk4_reference():
     torch.testing.assert_close(x, MU + S * eps, atol=1e-11, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpm_solver_2m"])
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm_solver_2m", "unipc"])
 def test_samplers_land_on_the_gaussian_target(name):
     # 20000 x 4 draws: the sampling error of the mean is ~0.002, of the std ~0.001. Euler at 50
     # steps is short of the std by ~0.013 (it contracts); the others by < 0.005.
@@ -211,7 +211,8 @@ def test_batched_cfg_equals_two_separate_forwards():
         cfg_velocity(model, x, t, text, mask, None, None, cfg=4.0)
 
 
-@pytest.mark.parametrize(("sampler", "calls"), [("euler", 6), ("heun", 11), ("dpm_solver_2m", 6)])
+@pytest.mark.parametrize(("sampler", "calls"),
+                         [("euler", 6), ("heun", 11), ("dpm_solver_2m", 6), ("unipc", 6)])
 def test_denoise_makes_one_batched_forward_per_velocity(sampler, calls):
     model = ToyModel()
     text, mask = _prompts(2, 4, seed=0)
@@ -252,5 +253,5 @@ def test_denoise_with_the_oracle_is_the_plain_sampler():
 
 def test_unknown_sampler_is_named():
     text, mask = _prompts(1, 2, seed=0)
-    with pytest.raises(ValueError, match=r"'rk45'.*euler.*heun"):
+    with pytest.raises(ValueError, match=r"'rk45'.*euler.*heun.*unipc"):
         denoise(ToyModel(), get_noise(SHAPE, [0]), text, mask, cfg=1.0, sampler="rk45")

@@ -23,11 +23,16 @@ from t2v.diffusion.sampling import get_noise  # noqa: E402
 from t2v.models.package import PackageError, RenderDefaults, load_package, read_meta  # noqa: E402
 from t2v.models.text import clean_prompt  # noqa: E402
 from t2v.models.tiling import Tiling  # noqa: E402
-from t2v.models.wan_import import WanImportError, run_import_command  # noqa: E402
+from t2v.models.wan_import import (  # noqa: E402
+    WanImportError,
+    run_import_command,
+    scheduler_sampler,
+)
 from t2v.models.wan_vae import WanVAE, WanVAEConfig, wan_vae_config  # noqa: E402
 from t2v.render.model import RenderModel, render_batch  # noqa: E402
 from t2v.render.pipeline import plan_render  # noqa: E402
 from t2v.render.rows import Sample  # noqa: E402
+from tests.test_unipc import WAN_UNIPC  # noqa: E402
 
 WORDS = ("a an the red green blue yellow circle square triangle moves left right up down on "
          "black white background").split()
@@ -70,7 +75,7 @@ def make_wan_folder(root: Path, weight_std: float = 0.1) -> Path:
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                      temperal_downsample=[False, True, True],
                                      latents_mean=LATENT_MEAN, latents_std=LATENT_STD).eval()
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT)
+    scheduler = diffusers.UniPCMultistepScheduler(**WAN_UNIPC, flow_shift=FLOW_SHIFT)  # Wan's
     pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
                                  transformer=transformer, vae=vae, scheduler=scheduler)
     pipe.save_pretrained(root)
@@ -93,20 +98,8 @@ def wan_package(wan_folder: Path, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("wan-pkg")
     result = run_import_command(import_config(wan_folder, out))
     assert result["shift"] == FLOW_SHIFT  # from scheduler/scheduler_config.json
+    assert result["sampler"] == "unipc"  # the scheduler is Wan's UniPC
     return str(out)
-
-
-class MatchedScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
-    """FlowMatchEuler on t2v's Euler schedule: shift(linspace(1, 0, steps + 1)).
-
-    The stock `set_timesteps` spaces the sigmas from 1 to shift(1/1000) and shifts them again,
-    so its last step differs from ours; given the unshifted sigmas, it shifts them once with
-    the same formula and appends 0, which is exactly `t2v.diffusion.sampling.get_schedule`.
-    """
-
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, **_: object):
-        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist()
-        super().set_timesteps(sigmas=sigmas, device=device)
 
 
 def test_package_contents(wan_package: str, wan_folder: Path) -> None:
@@ -120,26 +113,27 @@ def test_package_contents(wan_package: str, wan_folder: Path) -> None:
     assert meta.text.ref == f"{wan_folder.resolve()}/text_encoder" and meta.text.clean
     assert meta.text.max_length == TEXT_LEN
     assert meta.render == RenderDefaults(frames=5, height=32, width=32, fps=16.0,
-                                         shift=FLOW_SHIFT, steps=50, cfg=5.0)
+                                         shift=FLOW_SHIFT, steps=50, cfg=5.0, sampler="unipc")
     names = sorted(p.name for p in Path(wan_package).iterdir())
     assert names == ["dit.safetensors", "model.json"]  # VAE and text encoder are references
 
 
 def test_render_matches_wan_pipeline(wan_package: str, wan_folder: Path) -> None:
-    """Same prompts, initial noise, steps, guidance and (matched) scheduler -> same frames."""
+    """Same prompts, initial noise, steps and guidance -> the frames of the stock WanPipeline,
+    which runs the scheduler the folder ships (Wan's UniPC), unpatched."""
     model, _ = RenderModel.load(wan_package, device=torch.device("cpu"))
     assert isinstance(model.vae, WanVAE)
     prompts = ["a red  circle moves left", "the blue square on black background"]
-    samples = [Sample(id=f"w{i}", prompt=p, seed=3 + i, steps=4, cfg=5.0, frames=5, height=32,
+    samples = [Sample(id=f"w{i}", prompt=p, seed=3 + i, steps=5, cfg=5.0, frames=5, height=32,
                       width=32) for i, p in enumerate(prompts)]
-    z, videos = render_batch(model, samples, "euler", FLOW_SHIFT)
+    z, videos = render_batch(model, samples, "unipc", FLOW_SHIFT)
 
     pipe = diffusers.WanPipeline.from_pretrained(wan_folder)
-    pipe.scheduler = MatchedScheduler.from_config(pipe.scheduler.config)
+    assert type(pipe.scheduler) is diffusers.UniPCMultistepScheduler
     pipe.set_progress_bar_config(disable=True)
     noise = get_noise(model.vae.latent_shape(5, 32, 32), [3, 4])  # (B, C, T', H', W')
     kwargs = dict(prompt=prompts, negative_prompt=["", ""], height=32, width=32, num_frames=5,
-                  num_inference_steps=4, guidance_scale=5.0, latents=noise,
+                  num_inference_steps=5, guidance_scale=5.0, latents=noise,
                   max_sequence_length=TEXT_LEN)
     with torch.no_grad():
         ref_z = pipe(**kwargs, output_type="latent").frames  # (B, C, T', H', W')
@@ -153,7 +147,7 @@ def test_render_matches_wan_pipeline(wan_package: str, wan_folder: Path) -> None
 
     # The match rests on Wan's unmasked text convention: masking the padding changes the result.
     model.dit.config.text_mask = True
-    z_masked, _ = render_batch(model, samples[:1], "euler", FLOW_SHIFT)
+    z_masked, _ = render_batch(model, samples[:1], "unipc", FLOW_SHIFT)
     assert (z_masked - z[:1]).abs().max() > 100 * LATENT_ATOL
 
 
@@ -164,8 +158,25 @@ def test_plan_render_takes_the_package_defaults(wan_package: str, tmp_path: Path
                                     out=str(tmp_path / "out"), dry_run=True))
     assert plan.cfg.shift == FLOW_SHIFT and plan.job.shift == FLOW_SHIFT
     assert (plan.cfg.steps, plan.cfg.cfg, plan.job.fps) == (50, 5.0, 16.0)  # Wan's defaults
+    assert plan.cfg.sampler == plan.job.sampler == "unipc"
     (sample,) = plan.todo
     assert (sample.frames, sample.height, sample.width) == (5, 32, 32)
+
+
+def test_scheduler_sampler_is_unipc_only_for_wans_unipc() -> None:
+    wan = {"_class_name": "UniPCMultistepScheduler", **WAN_UNIPC, "flow_shift": 5.0}
+    assert scheduler_sampler(wan) == "unipc"
+    written = json.loads(diffusers.UniPCMultistepScheduler(**WAN_UNIPC).to_json_string())
+    assert written["_class_name"] == "UniPCMultistepScheduler"
+    assert scheduler_sampler(written) == "unipc"
+    for change in ({"solver_type": "bh1"}, {"solver_order": 3}, {"use_karras_sigmas": True},
+                   {"prediction_type": "epsilon"}, {"_class_name": "DPMSolverMultistepScheduler"},
+                   {"use_dynamic_shifting": True}):
+        assert scheduler_sampler({**wan, **change}) is None, change
+    no_flow = {k: v for k, v in wan.items() if k not in ("prediction_type", "use_flow_sigmas")}
+    assert scheduler_sampler(no_flow) is None  # diffusers' defaults: epsilon, no flow sigmas
+    euler = json.loads(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).to_json_string())
+    assert scheduler_sampler(euler) is None and scheduler_sampler(None) is None
 
 
 def test_wan_vae_backend_contract(wan_folder: Path) -> None:

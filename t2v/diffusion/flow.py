@@ -17,6 +17,11 @@ from torch import Tensor
 
 # model(x, t, text, text_mask) -> v, all shapes as in the module docstring.
 VelocityModel = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+# velocity_fn(x, t) -> v with x (B, C, T, H, W) and t (B,): a model with its text bound (the
+# samplers' view of it, t2v/diffusion/sampling.py).
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+# progress(done_steps, total_steps), called by a sampler after each step.
+Progress = Callable[[int, int], None]
 
 
 def timestep_shift(t: Tensor, shift: float) -> Tensor:

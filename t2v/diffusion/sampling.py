@@ -3,8 +3,9 @@
 Sampling integrates dx/dt = v(x, t) from pure noise at t = 1 to data at t = 0 (conventions in
 t2v/diffusion/flow.py). Small typed pure functions in the manner of flux's sampling.py:
 `get_noise` -> `get_schedule` -> `denoise`, which wraps the model in `cfg_velocity` and hands it
-to one of the `SAMPLERS`. Every sampler is deterministic: the only randomness is the noise, and
-each video's noise depends only on its own seed.
+to one of the `SAMPLERS` (UniPC, Wan's default, lives in t2v/diffusion/unipc.py). Every sampler
+is deterministic: the only randomness is the noise, and each video's noise depends only on its
+own seed.
 """
 
 from __future__ import annotations
@@ -15,12 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from t2v.diffusion.flow import VelocityModel, timestep_shift
-
-# velocity_fn(x, t) -> v with x (B, C, T, H, W) and t (B,).
-VelocityFn = Callable[[Tensor, Tensor], Tensor]
-# progress(done_steps, total_steps), called after each step.
-Progress = Callable[[int, int], None]
+from t2v.diffusion.flow import Progress, VelocityFn, VelocityModel, timestep_shift
+from t2v.diffusion.unipc import diffusers_flow_schedule, unipc
 
 
 def get_noise(
@@ -207,7 +204,11 @@ def dpm_solver_2m(
 
 
 Sampler = Callable[[VelocityFn, Tensor, Tensor, Progress | None], Tensor]
-SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun, "dpm_solver_2m": dpm_solver_2m}
+SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun, "dpm_solver_2m": dpm_solver_2m,
+                                 "unipc": unipc}
+DEFAULT_SAMPLER = "euler"
+"""What a package that names no sampler renders with (render's fallback, and the scheduler a
+diffusers export of it gets, so both render the same)."""
 
 
 @torch.no_grad()
@@ -228,12 +229,17 @@ def denoise(
 
     The unconditional input is the caller's: pass the encoded empty (or negative) prompt as
     neg_text / neg_mask. The state keeps noise's dtype; pass float32 noise for a bf16 model.
+    Every sampler runs on `get_schedule(steps, shift)` except "unipc", which is Wan's default
+    sampler as diffusers runs it, schedule and integer model timesteps included
+    (`diffusers_flow_schedule`): an imported Wan package renders what WanPipeline does.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
-    schedule = get_schedule(steps, shift)  # (steps + 1,)
 
     def velocity_fn(x: Tensor, t: Tensor) -> Tensor:
         return cfg_velocity(model, x, t, text, text_mask, neg_text, neg_mask, cfg)
 
-    return SAMPLERS[sampler](velocity_fn, noise, schedule, progress)
+    if sampler == "unipc":
+        schedule, model_times = diffusers_flow_schedule(steps, shift)  # (steps + 1,), (steps,)
+        return unipc(velocity_fn, noise, schedule, progress, model_times)
+    return SAMPLERS[sampler](velocity_fn, noise, get_schedule(steps, shift), progress)

@@ -10,8 +10,9 @@ disk or in a bucket. The package gets
   (t2v/models/wan_vae.py): the VAE stays where it is and is loaded through diffusers;
 - a text-encoder reference to URI/text_encoder + URI/tokenizer (umT5), with Wan's prompt
   cleaning and 512-token length;
-- render defaults in `run`: frames, height, width and the timestep shift of the folder's
-  scheduler (`flow_shift`).
+- render defaults: frames, height, width, the timestep shift of the folder's scheduler
+  (`flow_shift`) and, when that scheduler is Wan's UniPC, sampler "unipc", which renders what
+  WanPipeline does with it (t2v/diffusion/unipc.py).
 The source must therefore stay where it is: the package refers to its vae/ and text_encoder/.
 
 A folder that is incomplete or holds another model type is refused in one line naming what is
@@ -25,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from t2v import storage
+from t2v import hub, storage
 from t2v.config import ImportConfig
 from t2v.models.package import RenderDefaults, save_package
 from t2v.models.text import TextEncoderConfig, resolve_model_dir
@@ -95,20 +96,47 @@ def check_model_index(index: dict, where: str) -> None:
 
 
 def _absolute(uri: str) -> str:
-    """References in model.json must not depend on the cwd of whoever reads the package."""
+    """References in model.json must not depend on the cwd of whoever reads the package, nor,
+    for a Hub id, on which commit its branch points at when read (pinned to the one read now)."""
+    if hub.is_hub(uri):
+        return hub.pin(uri)
     return uri if storage.is_s3(uri) else str(storage.local_path(uri).resolve())
 
 
-def scheduler_shift(uri: str, files: list[str]) -> float | None:
-    """The timestep shift of the folder's scheduler (UniPC `flow_shift` or FlowMatch `shift`)."""
+# The UniPCMultistepScheduler that `sampler=unipc` reproduces (t2v/diffusion/unipc.py): Wan's
+# published configuration, as {setting: (diffusers' default, the value it must have)}.
+UNIPC_SETTINGS: dict[str, tuple[object, object]] = {
+    "prediction_type": ("epsilon", "flow_prediction"), "use_flow_sigmas": (False, True),
+    "predict_x0": (True, True), "solver_order": (2, 2), "solver_type": ("bh2", "bh2"),
+    "lower_order_final": (True, True), "final_sigmas_type": ("zero", "zero"),
+    "num_train_timesteps": (1000, 1000), "thresholding": (False, False),
+    "disable_corrector": ([], []), "solver_p": (None, None), "shift_terminal": (None, None),
+    "use_dynamic_shifting": (False, False), "use_karras_sigmas": (False, False),
+    "use_exponential_sigmas": (False, False), "use_beta_sigmas": (False, False),
+}
+
+
+def read_scheduler(uri: str, files: list[str]) -> dict | None:
+    """scheduler/scheduler_config.json of the folder, or None when it has none."""
     cfg_uri = storage.join(uri, "scheduler", "scheduler_config.json")
-    if cfg_uri not in files:
-        return None
-    cfg = json.loads(storage.read_text(cfg_uri))
-    if cfg.get("use_dynamic_shifting"):
+    return _read_json(cfg_uri) if cfg_uri in files else None
+
+
+def scheduler_shift(cfg: dict | None) -> float | None:
+    """The timestep shift of the folder's scheduler (UniPC `flow_shift` or FlowMatch `shift`)."""
+    if cfg is None or cfg.get("use_dynamic_shifting"):
         return None  # resolution-dependent: no single value to record
     value = cfg.get("flow_shift", cfg.get("shift"))
     return float(value) if value else None
+
+
+def scheduler_sampler(cfg: dict | None) -> str | None:
+    """The render sampler for the folder's scheduler: "unipc" for Wan's UniPC (flow prediction,
+    order 2, bh2, ...), which it reproduces exactly; None (the renderer's default) otherwise."""
+    if cfg is None or cfg.get("_class_name") != "UniPCMultistepScheduler":
+        return None
+    same = all(cfg.get(k, default) == want for k, (default, want) in UNIPC_SETTINGS.items())
+    return "unipc" if same else None
 
 
 def inspect_wan(uri: str) -> tuple[dict, list[str]]:
@@ -156,7 +184,9 @@ def import_wan(cfg: ImportConfig) -> dict:
         vae_cfg = wan_vae_config(_read_json(storage.join(uri, "vae", "config.json")))
     except ValueError as e:
         raise WanImportError(f"{uri}: {e}") from None
-    shift = cfg.shift if cfg.shift is not None else scheduler_shift(uri, files)
+    scheduler = read_scheduler(uri, files)
+    shift = cfg.shift if cfg.shift is not None else scheduler_shift(scheduler)
+    sampler = scheduler_sampler(scheduler)
     # A bucket's transformer/ is copied to the node's cache once; a local one is read in place.
     folder = resolve_model_dir(storage.join(uri, "transformer"))
     try:
@@ -174,7 +204,7 @@ def import_wan(cfg: ImportConfig) -> dict:
                              max_length=cfg.text_max_length, truncate=True, clean=True)
     run = {"stage": "import", "imported_from": uri, "source_format": f"diffusers {PIPELINE_CLASS}"}
     render = RenderDefaults(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps,
-                            shift=shift or 1.0, steps=cfg.steps, cfg=cfg.cfg)
+                            shift=shift or 1.0, steps=cfg.steps, cfg=cfg.cfg, sampler=sampler)
     vae_ref = DIFFUSERS_PREFIX + storage.join(uri, "vae")
     digest = save_package(cfg.out, vae=None, vae_ref=vae_ref, vae_config=vae_cfg, dit=dit,
                           text=text, render=render, run=run)
@@ -183,7 +213,8 @@ def import_wan(cfg: ImportConfig) -> dict:
           f"(dim {dit.config.dim}, depth {dit.config.depth}), VAE {vae_ref}, text "
           f"{text.ref} (sha256 {digest[:12]}, {time.time() - t0:.1f} s)", flush=True)
     return {"package": cfg.out, "sha256": digest, "dit_params": params, "vae_ref": vae_ref,
-            "text_encoder": text.ref, "shift": shift, "seconds": round(time.time() - t0, 2)}
+            "text_encoder": text.ref, "shift": shift, "sampler": sampler,
+            "seconds": round(time.time() - t0, 2)}
 
 
 def run_import_command(cfg: ImportConfig) -> dict:
@@ -191,5 +222,8 @@ def run_import_command(cfg: ImportConfig) -> dict:
     for name in ("wan", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"import needs {name}=URI (--{name})")
+    repo = hub.bare_repo_id(cfg.wan)  # `--wan Wan-AI/Wan2.1-T2V-1.3B-Diffusers`
+    if repo is not None:
+        cfg = cfg.model_copy(update={"wan": repo})
     check_output_uri(cfg.out)
     return import_wan(cfg)

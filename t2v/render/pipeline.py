@@ -29,7 +29,7 @@ import torch
 from t2v import storage
 from t2v.config import RenderConfig
 from t2v.data.video import encode_mp4, to_png
-from t2v.diffusion.sampling import SAMPLERS, Progress
+from t2v.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS, Progress
 from t2v.models.dit import VideoDiT
 from t2v.models.package import PackageError, PackageMeta, RenderDefaults, package_hash, read_meta
 from t2v.models.text import load_tokenizer, token_counts
@@ -42,7 +42,7 @@ from t2v.runtime import check_output_uri, ensure_ray
 
 log = logging.getLogger("t2v.render")
 
-FALLBACK_STEPS, FALLBACK_CFG, FALLBACK_SAMPLER = 30, 5.0, "euler"
+FALLBACK_STEPS, FALLBACK_CFG, FALLBACK_SAMPLER = 30, 5.0, DEFAULT_SAMPLER
 """Sampling settings when neither the job nor the package's render defaults give them. There is
 no fallback geometry: a video's size comes from the row, the job or the package."""
 MEASURE_MAX_PARAMS = 60_000_000
