@@ -68,8 +68,8 @@ def wan_config_to_dit(config: dict) -> DiTConfig:
     )
 
 
-# One-to-one renames, diffusers -> VideoDiT ("{}" is a block index in _BLOCK_RENAMES).
-_TOP_RENAMES = {
+# One-to-one renames, diffusers -> VideoDiT ("{}" is a block index in BLOCK_RENAMES).
+TOP_RENAMES = {
     "patch_embedding": "patch_embed",
     "condition_embedder.text_embedder.linear_1": "text_embed.fc1",
     "condition_embedder.text_embedder.linear_2": "text_embed.fc2",
@@ -78,7 +78,7 @@ _TOP_RENAMES = {
     "condition_embedder.time_proj": "time_proj",
     "proj_out": "head.linear",
 }
-_BLOCK_RENAMES = {
+BLOCK_RENAMES = {
     "attn1.norm_q": "self_attn.norm_q",
     "attn1.norm_k": "self_attn.norm_k",
     "attn1.to_out.0": "self_attn.out",
@@ -91,7 +91,7 @@ _BLOCK_RENAMES = {
     "ffn.net.2": "ffn.fc2",
 }
 # Separate diffusers projections that VideoDiT stores as one fused Linear.
-_BLOCK_FUSED = {
+BLOCK_FUSED = {
     "self_attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
     "cross_attn.kv": ("attn2.to_k", "attn2.to_v"),
 }
@@ -112,7 +112,7 @@ def convert_wan_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             missing.append(src)
 
-    for src, dst in _TOP_RENAMES.items():
+    for src, dst in TOP_RENAMES.items():
         for p in ("weight", "bias"):
             take(f"{src}.{p}", f"{dst}.{p}")
     take("scale_shift_table", "head.modulation")
@@ -120,13 +120,13 @@ def convert_wan_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     for i in range(depth):
         b = f"blocks.{i}"
         take(f"{b}.scale_shift_table", f"{b}.modulation")
-        for src, dst in _BLOCK_RENAMES.items():
+        for src, dst in BLOCK_RENAMES.items():
             if src == "norm2" and f"{b}.norm2.weight" not in sd:
                 continue  # cross_attn_norm=False: no affine norm before cross-attention
             params = ("weight",) if src.endswith(("norm_q", "norm_k")) else ("weight", "bias")
             for p in params:  # the QK RMSNorms have no bias
                 take(f"{b}.{src}.{p}", f"{b}.{dst}.{p}")
-        for dst, parts in _BLOCK_FUSED.items():
+        for dst, parts in BLOCK_FUSED.items():
             for p in ("weight", "bias"):
                 keys = [f"{b}.{s}.{p}" for s in parts]
                 absent = [k for k in keys if k not in left]
