@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +23,16 @@ from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bx
 from botocore.config import Config
-from botocore.credentials import RefreshableCredentials
 
 from t2v import hub
+from t2v.tempfiles import (
+    TMP_OWNER,
+    TMP_PREFIX,
+    owned_tempfile,
+    pid_alive,
+    replace_local,
+    writer_host,
+)
 
 MiB = 1 << 20
 PART_MIB_ENV = "T2V_S3_PART_MIB"
@@ -43,14 +48,11 @@ def transfer_config() -> TransferConfig:
 
 
 # Local temp files start with this, so that list_prefix can hide half-written outputs.
-TMP_PREFIX = ".t2v-tmp-"
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
            "ExpiredToken", "InvalidToken", "AllAccessDisabled"}
 _NETWORK = (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError)
-_UMASK = os.umask(0o022)  # read once at import: os.umask can only be read by setting it
-os.umask(_UMASK)
 
 
 class StorageError(Exception):
@@ -110,6 +112,11 @@ def _norm(uri: str | os.PathLike[str]) -> str:
     if not (is_s3(s) or is_local(s)):
         raise ValueError(f"unsupported URI scheme (use a path or s3://): {s!r}")
     return s
+
+
+def check_uri(uri: str | os.PathLike[str]) -> str:
+    """A path or URI t2v can use, as a string (ValueError for another scheme)."""
+    return _norm(uri)
 
 
 def _norm_write(uri: str | os.PathLike[str]) -> str:
@@ -227,12 +234,12 @@ def clear_client_cache() -> None:
         _clients.clear()
 
 
-def _max_attempts() -> int:
+def max_attempts() -> int:
     # AWS_MAX_ATTEMPTS is the standard variable; honour it (fail-fast tests, impatient users).
     return int(os.environ.get("AWS_MAX_ATTEMPTS") or 8)
 
 
-def _session_and_client() -> tuple[boto3.session.Session, Any]:
+def session_and_client() -> tuple[boto3.session.Session, Any]:
     env = os.environ.get
     # The pid keeps a forked child (Ray worker, DataLoader) from sharing its parent's sockets.
     key = (os.getpid(), env("AWS_ENDPOINT_URL_S3"), env("AWS_ENDPOINT_URL"), env("AWS_PROFILE"),
@@ -240,7 +247,7 @@ def _session_and_client() -> tuple[boto3.session.Session, Any]:
     with _lock:
         if key not in _clients:
             session = boto3.session.Session()  # a fresh session reads the current environment
-            config = Config(retries={"max_attempts": _max_attempts(), "mode": "adaptive"},
+            config = Config(retries={"max_attempts": max_attempts(), "mode": "adaptive"},
                             connect_timeout=10, read_timeout=120)
             _clients[key] = (session, session.client("s3", config=config))
         return _clients[key]
@@ -248,7 +255,7 @@ def _session_and_client() -> tuple[boto3.session.Session, Any]:
 
 def s3_client() -> Any:
     """A boto3 S3 client, cached per (process, endpoint, profile, credentials)."""
-    return _session_and_client()[1]
+    return session_and_client()[1]
 
 
 def read_bytes(uri: str) -> bytes:
@@ -318,56 +325,6 @@ def list_prefix(uri: str, suffix: str | None = None) -> list[str]:
     return sorted(u for u in out if not suffix or u.endswith(suffix))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # makes the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _replace_local(target: Path, suffix: str = "") -> Iterator[Path]:
-    """A temp file beside ``target`` (same filesystem: the rename is atomic); on clean exit
-    fsync + os.replace onto it, so after a crash ``target`` is the old file or the new one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{_tmp_owner()}.{target.name}.",
-                                suffix=suffix)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; match what open() would create
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _host() -> str:
-    return socket.gethostname().replace(".", "-")  # no "." in a temp file's owner part
-
-
-def _tmp_owner() -> str:
-    """A temp file's name starts with its writer: TMP_PREFIX + host + "_" + pid."""
-    return f"{TMP_PREFIX}{_host()}_{os.getpid()}"
-
-
-_TMP_OWNER = re.compile(rf"^{re.escape(TMP_PREFIX)}(?P<host>[^.]*)_(?P<pid>\d+)\.")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def remove_stale_temps(uri: str, max_age_s: float = 86400.0) -> int:
     """Delete the temp files a killed writer left under a local directory (recursively): those
     whose writer on this host is gone, and on a shared filesystem any older than `max_age_s`.
@@ -375,48 +332,21 @@ def remove_stale_temps(uri: str, max_age_s: float = 86400.0) -> int:
     Returns how many were removed."""
     if is_s3(uri) or hub.is_hub(uri):
         return 0
-    host, now, removed = _host(), time.time(), 0
+    host, now, removed = writer_host(), time.time(), 0
     for dirpath, _dirs, files in os.walk(local_path(uri)):
         for f in files:
             if not f.startswith(TMP_PREFIX):
                 continue
             path = Path(dirpath, f)
-            m = _TMP_OWNER.match(f)
+            m = TMP_OWNER.match(f)
             try:
-                dead = m is not None and m["host"] == host and not _pid_alive(int(m["pid"]))
+                dead = m is not None and m["host"] == host and not pid_alive(int(m["pid"]))
                 if dead or now - path.stat().st_mtime > max_age_s:
                     path.unlink()
                     removed += 1
             except FileNotFoundError:  # its writer finished meanwhile
                 continue
     return removed
-
-
-_swept_tempdir = False
-
-
-def _owned_tempfile(suffix: str = "", directory: bool = False) -> Path:
-    """A temp file (or folder) in the system temp dir, named after its writer. The first one a
-    process makes also removes those whose writer on this host is dead: an upload or download
-    killed mid-way (SIGKILL, OOM) leaves its whole local copy behind, a package's size each."""
-    global _swept_tempdir
-    if not _swept_tempdir:
-        _swept_tempdir = True
-        host = _host()
-        with os.scandir(tempfile.gettempdir()) as entries:
-            for e in entries:
-                m = _TMP_OWNER.match(e.name)
-                if not m or m["host"] != host or _pid_alive(int(m["pid"])):
-                    continue
-                if e.is_dir(follow_symlinks=False):
-                    shutil.rmtree(e.path, ignore_errors=True)
-                else:
-                    Path(e.path).unlink(missing_ok=True)
-    if directory:
-        return Path(tempfile.mkdtemp(prefix=_tmp_owner() + "."))
-    fd, name = tempfile.mkstemp(prefix=_tmp_owner() + ".", suffix=suffix)
-    os.close(fd)
-    return Path(name)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -427,7 +357,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             bucket, key = split_s3(uri)
             s3_client().put_object(Bucket=bucket, Key=key, Body=data)
             return
-        with _replace_local(local_path(uri)) as tmp:
+        with replace_local(local_path(uri)) as tmp:
             tmp.write_bytes(data)
 
 
@@ -445,14 +375,14 @@ def upload_file(local: str | os.PathLike[str], uri: str) -> None:
             bucket, key = split_s3(uri)
             s3_client().upload_file(str(src), bucket, key, Config=transfer_config())
             return
-        with _replace_local(local_path(uri), src.suffix) as tmp:
+        with replace_local(local_path(uri), src.suffix) as tmp:
             shutil.copyfile(src, tmp)
 
 
 def download_file(uri: str, local: str | os.PathLike[str]) -> None:
     """Copy ``uri`` to a local file through a temp file in the same directory."""
     uri, target = _norm(uri), local_path(local)
-    with _errors(uri), _replace_local(target, target.suffix) as tmp:
+    with _errors(uri), replace_local(target, target.suffix) as tmp:
         if is_s3(uri):
             bucket, key = split_s3(uri)
             s3_client().download_file(bucket, key, str(tmp), Config=transfer_config())
@@ -483,11 +413,11 @@ def atomic_local_file(uri: str, suffix: str = "") -> Iterator[Path]:
     if not is_s3(uri):
         with _errors(uri):  # report an unwritable directory before the caller does the work
             local_path(uri).parent.mkdir(parents=True, exist_ok=True)
-        with _replace_local(local_path(uri), suffix) as tmp:
+        with replace_local(local_path(uri), suffix) as tmp:
             yield tmp
         return
     split_s3(uri)  # refuse a malformed URI before the caller does the work
-    name = _owned_tempfile(suffix)
+    name = owned_tempfile(suffix)
     try:
         yield name
         upload_file(name, uri)
@@ -504,64 +434,10 @@ def local_copy(uri: str) -> Iterator[Path]:
             raise StorageError(f"{uri}: no such file or directory")
         yield local_path(uri)
         return
-    tmpdir = _owned_tempfile(directory=True)
+    tmpdir = owned_tempfile(directory=True)
     try:
         dst = tmpdir / (Path(split_s3(uri)[1]).name or "object")
         download_file(uri, dst)
         yield dst
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _pyarrow_path(uri: str) -> str:
-    uri = _norm(uri)
-    if is_s3(uri):
-        return "/".join(split_s3(uri)).rstrip("/")
-    return str(local_path(uri).absolute())
-
-
-def pyarrow_filesystem(uri: str) -> tuple[Any, str]:
-    """``(filesystem, path)`` for pyarrow/Ray Data: local -> ``(None, "/abs/path")``.
-
-    For S3 an ``S3FileSystem`` from the same boto3 session as ``s3_client`` (region, endpoint;
-    static credentials passed on, refreshable ones left to Arrow's default chain), so Ray Data
-    reads what boto3 writes, on AWS, moto or any S3-compatible server, for as long as it runs.
-    """
-    if not is_s3(uri):
-        return None, _pyarrow_path(uri)
-    import pyarrow.fs as pafs  # noqa: PLC0415 - heavy; only the readers need it
-
-    session, client = _session_and_client()
-    kwargs: dict[str, Any] = {
-        "region": client.meta.region_name or session.region_name or "us-east-1",
-        "connect_timeout": 10, "request_timeout": 120,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_max_attempts()),
-    }
-    creds = session.get_credentials()
-    if creds is None:
-        kwargs["anonymous"] = True
-    elif not isinstance(creds, RefreshableCredentials):  # static keys: env, files, explicit
-        frozen = creds.get_frozen_credentials()
-        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
-                      session_token=frozen.token)
-    # Keys that expire (web identity / IRSA, instance or container role, assume-role,
-    # credential_process with an Expiration) are NOT frozen into the filesystem: they last
-    # about an hour and a run lasts days. Arrow's own default chain (the AWS SDK's: env,
-    # profile, credential_process, web identity, container, instance metadata) finds the same
-    # source wherever the filesystem is unpickled (every Ray worker) and refreshes it.
-    env = os.environ.get
-    endpoint = urlsplit(env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL")
-                        or client.meta.endpoint_url or "")
-    if endpoint.hostname and not endpoint.hostname.endswith("amazonaws.com"):
-        kwargs["endpoint_override"] = endpoint.netloc.rpartition("@")[2] + endpoint.path.rstrip("/")
-        kwargs["scheme"] = endpoint.scheme or "https"
-    return pafs.S3FileSystem(**kwargs), _pyarrow_path(uri)
-
-
-def pyarrow_paths(uris: list[str]) -> tuple[Any, list[str]]:
-    """One filesystem for a list of URIs (all local or all S3) and the paths inside it."""
-    if not uris:
-        return None, []
-    if len({is_s3(u) for u in uris}) > 1:
-        raise ValueError(f"cannot mix local and s3:// URIs in one read: {uris[0]!r} ...")
-    return pyarrow_filesystem(uris[0])[0], [_pyarrow_path(u) for u in uris]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from t2v import storage
+from t2v import arrowfs, storage, tempfiles
 from t2v.storage import StorageError
 from tests.s3_fixtures import MotoS3, free_port
 
@@ -178,7 +178,7 @@ def test_local_copies_of_dead_writers_leave_the_temp_dir(tmp_path: Path, monkeyp
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(storage, "_swept_tempdir", False)
+    monkeypatch.setattr(tempfiles, "_swept_tempdir", False)
     pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                              capture_output=True, text=True, check=True).stdout)
     host = socket.gethostname().replace(".", "-")
@@ -191,12 +191,12 @@ def test_local_copies_of_dead_writers_leave_the_temp_dir(tmp_path: Path, monkeyp
     (dead_dir / "model.safetensors").write_bytes(b"x")
     for f in (dead_file, live, other, unrelated):
         f.write_bytes(b"x")
-    made = storage._owned_tempfile(".bin")
+    made = tempfiles.owned_tempfile(".bin")
     assert made.parent == tmp_path and made.name.startswith(live.name.split(".q1")[0] + ".")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [live.name, other.name, unrelated.name, made.name])
     dead_file.write_bytes(b"x")  # one sweep a process: later temp files cost no directory scan
-    storage._owned_tempfile()
+    tempfiles.owned_tempfile()
     assert dead_file.exists()
 
 
@@ -233,16 +233,16 @@ def test_list_prefix_paginates(s3_bucket: str) -> None:
 def test_pyarrow_filesystem_reads_moto(s3_bucket: str, tmp_path: Path) -> None:
     uri = storage.join(s3_bucket, "pa/obj.bin")
     storage.s3_client().put_object(Bucket=storage.split_s3(uri)[0], Key="pa/obj.bin", Body=b"abc")
-    fs, path = storage.pyarrow_filesystem(uri)
+    fs, path = arrowfs.pyarrow_filesystem(uri)
     assert path == f"{storage.split_s3(uri)[0]}/pa/obj.bin"
     with fs.open_input_stream(path) as f:
         assert f.read() == b"abc"
-    fs2, paths = storage.pyarrow_paths([uri, uri])
+    fs2, paths = arrowfs.pyarrow_paths([uri, uri])
     assert paths == [path, path] and fs2 is not None
-    assert storage.pyarrow_filesystem(str(tmp_path)) == (None, str(tmp_path))
-    assert storage.pyarrow_paths([]) == (None, [])
+    assert arrowfs.pyarrow_filesystem(str(tmp_path)) == (None, str(tmp_path))
+    assert arrowfs.pyarrow_paths([]) == (None, [])
     with pytest.raises(ValueError, match="mix"):
-        storage.pyarrow_paths([uri, str(tmp_path)])
+        arrowfs.pyarrow_paths([uri, str(tmp_path)])
 
 
 CREDENTIAL_PROCESS = """
@@ -280,7 +280,7 @@ def test_expiring_credentials_are_refreshed_not_frozen(s3_bucket: str, tmp_path:
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254
     storage.clear_client_cache()
     try:
-        fs, path = storage.pyarrow_filesystem(f"{s3_bucket}/obj.bin")
+        fs, path = arrowfs.pyarrow_filesystem(f"{s3_bucket}/obj.bin")
         options = pickle.loads(pickle.dumps(fs))  # what a Ray worker gets
         assert "AKIAROTATING" not in repr(pickle.dumps(fs))  # no key travels with it
         before = int(calls.read_text())  # boto3 ran the process to learn the source

@@ -26,7 +26,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from t2v import storage
+from t2v import arrowfs, storage
 from t2v.data.shards import DamagedShard, indexed_shards, read_tar_samples
 
 BLOCK_ROWS = 16
@@ -134,7 +134,7 @@ class TarShards(Datasource):
         super().__init__()
         self.uris, self.columns, self.seed, self.clock = list(uris), tuple(columns), seed, clock
         self.expected, self.on_damage, self.decode = expected or {}, on_damage, decode
-        self.filesystem, self.paths = storage.pyarrow_paths(self.uris)
+        self.filesystem, self.paths = arrowfs.pyarrow_paths(self.uris)
 
     def get_name(self) -> str:
         return "ReadTarShards"

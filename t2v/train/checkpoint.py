@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from t2v import storage
+from t2v import arrowfs, storage
 from t2v.train.schedule import EMA
 from t2v.train.zero import is_partitioned, piece
 
@@ -173,7 +173,7 @@ def open_uri(uri: str) -> tuple[dict, Pieces]:
     """`open_checkpoint` of a checkpoint directory given by URI (local path or s3://)."""
     import pyarrow.fs as pafs  # noqa: PLC0415 - heavy; only checkpoint readers need it
 
-    fs, path = storage.pyarrow_filesystem(uri)
+    fs, path = arrowfs.pyarrow_filesystem(uri)
     return open_checkpoint(fs or pafs.LocalFileSystem(), path)
 
 

@@ -26,7 +26,7 @@ from ray.data import DataContext
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from t2v import storage
+from t2v import arrowfs, storage
 from t2v.config import TrainConfig
 from t2v.configfile import save_resolved
 from t2v.data.shards import bucket_counts, index_samples, indexed_shards, shard_uris
@@ -154,7 +154,7 @@ def run_train(cfg: TrainConfig) -> dict:
     clock = PassClock.remote(passes_per_read(cfg, info.train_samples))
     dataset, collate = task.dataset(train, clock)
     ingest = ingest_options(cfg.data.ordered)
-    fs, storage_path = storage.pyarrow_filesystem(cfg.out)
+    fs, storage_path = arrowfs.pyarrow_filesystem(cfg.out)
     resources = {"CPU": cfg.cpus_per_worker}
     sp = cfg.sequence_parallel
     # One sequence-parallel group is one node; more groups: PACK fills nodes in rank order and
