@@ -45,7 +45,7 @@ def test_checkpoint_pieces_read_only_their_bytes_from_s3(moto_s3, s3_bucket, tmp
     a 3-file checkpoint reads exactly those bytes (plus the headers), and the values are exact."""
     from safetensors.torch import save_file
 
-    from t2v import storage
+    from t2v import arrowfs, storage
     from t2v.train.checkpoint import open_checkpoint
 
     n = 3 << 20  # 3 x 4 MiB of float32 per kind: pieces far apart, as in a real checkpoint
@@ -57,7 +57,7 @@ def test_checkpoint_pieces_read_only_their_bytes_from_s3(moto_s3, s3_bucket, tmp
         save_file({f"{k}@{lo}": t[lo:hi].clone() for k, t in whole.items()}, str(path))
         storage.upload_file(path, storage.join(uri, "state", path.name))
     storage.write_text(storage.join(uri, "trainer.json"), '{"step": 7}')
-    fs, path = storage.pyarrow_filesystem(uri)
+    fs, path = arrowfs.pyarrow_filesystem(uri)
     saved, pieces = open_checkpoint(fs, path)
     assert saved == {"step": 7} and len(pieces.paths) == 3
     headers, reads = pieces.bytes_read, pieces.reads
