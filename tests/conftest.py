@@ -224,6 +224,27 @@ def render_package(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def wan_folder(tmp_path_factory):
+    """A tiny random Wan 2.1 T2V diffusers folder (tests/test_wan_import.py `make_wan_folder`:
+    WanPipeline's layout, Wan's UniPC scheduler), shared read-only by the Wan tests."""
+    pytest.importorskip("diffusers")
+    from tests.test_wan_import import make_wan_folder
+
+    return make_wan_folder(tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-tiny-Diffusers")
+
+
+@pytest.fixture(scope="session")
+def wan_package(wan_folder, tmp_path_factory) -> str:
+    """`wan_folder` imported (`t2v import --wan`), shared read-only."""
+    from t2v.models.wan_import import run_import_command
+    from tests.test_wan_import import import_config
+
+    out = tmp_path_factory.mktemp("wan-pkg")
+    run_import_command(import_config(wan_folder, out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def train_raw(tmp_path_factory):
     """Raw shards behind `train_latents`: 5 clips in shards of 2 (the last one held out)."""
     from t2v.config import SynthConfig

@@ -131,16 +131,16 @@ def test_cli_names_what_to_download(hf_home, tmp_path) -> None:
     assert not r.stdout.strip()
 
 
-def test_import_wan_by_bare_hub_id_pins_its_references(hf_home, tmp_path, monkeypatch) -> None:
+def test_import_wan_by_bare_hub_id_pins_its_references(hf_home, tmp_path, monkeypatch,
+                                                       wan_folder, wan_package) -> None:
     """`t2v import --wan ORG/NAME` from a cached snapshot: the package refers to the snapshot by
     pinned Hub ids (so any node resolves the same bytes), loads whole (DiT, Wan VAE, umT5), and
     holds the same DiT as an import of the same folder from disk."""
     from t2v.models.package import load_package
     from t2v.models.wan_import import run_import_command
-    from tests.test_wan_import import import_config, make_wan_folder
+    from tests.test_wan_import import import_config
 
-    folder = make_wan_folder(tmp_path / "wan")
-    commit = cache_repo(hf_home, "Wan-AI/Wan2.1-T2V-Tiny-Diffusers", folder)
+    commit = cache_repo(hf_home, "Wan-AI/Wan2.1-T2V-Tiny-Diffusers", wan_folder)
     monkeypatch.chdir(tmp_path)  # no local folder of that name here
     result = run_import_command(import_config(Path("Wan-AI/Wan2.1-T2V-Tiny-Diffusers"),
                                               tmp_path / "from-hub"))
@@ -149,9 +149,8 @@ def test_import_wan_by_bare_hub_id_pins_its_references(hf_home, tmp_path, monkey
     assert meta.text.ref == f"{pinned}/text_encoder" and meta.text.tokenizer == f"{pinned}/tokenizer"
     assert meta.vae_ref == f"diffusers:{pinned}/vae" and result["text_encoder"] == meta.text.ref
     assert meta.run["imported_from"] == pinned
-    run_import_command(import_config(folder, tmp_path / "from-disk"))
     hub_pkg = load_package(str(tmp_path / "from-hub"))
-    disk_pkg = load_package(str(tmp_path / "from-disk"))
+    disk_pkg = load_package(wan_package)  # the same folder imported from disk
     assert hub_pkg.vae is not None and hub_pkg.text is not None
     for (k, a), (_, b) in zip(hub_pkg.dit.state_dict().items(), disk_pkg.dit.state_dict().items(),
                               strict=True):

@@ -95,18 +95,6 @@ def test_merge_refuses_adapters_that_do_not_fit() -> None:
 # ----------------------------------------------------------------------------- Ray Train
 
 
-@pytest.fixture(scope="module")
-def wan_package(tmp_path_factory) -> str:
-    pytest.importorskip("diffusers")
-    from t2v.models.wan_import import run_import_command
-    from tests.test_wan_import import import_config, make_wan_folder
-
-    folder = make_wan_folder(tmp_path_factory.mktemp("wan") / "wan")
-    out = tmp_path_factory.mktemp("wan-pkg")
-    run_import_command(import_config(folder, out))
-    return str(out)
-
-
 def test_lora_finetune_of_imported_wan_changes_only_adapters(ray_local, train_raw, wan_package,
                                                              tmp_path: Path) -> None:
     """LoRA-train 3 steps on 2 workers from RAW shards, each batch encoded in the worker by the

@@ -41,7 +41,7 @@ from t2v.render.model import RenderModel, render_batch  # noqa: E402
 from t2v.render.rows import Sample  # noqa: E402
 from t2v.train.trainer import run_train  # noqa: E402
 from tests.s3_fixtures import copy_tree  # noqa: E402
-from tests.test_wan_import import import_config, make_wan_folder  # noqa: E402
+from tests.test_wan_import import import_config  # noqa: E402
 
 RANK, ALPHA = 4, 8.0  # scale 2: a LoRA export that ignored alpha would not match
 PROMPTS = ["a red  circle moves left", "the blue square on black background"]
@@ -62,18 +62,6 @@ class MatchedScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory) -> Path:
-    return make_wan_folder(tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-tiny-Diffusers")
-
-
-@pytest.fixture(scope="module")
-def wan_package(wan_folder: Path, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("wan-pkg")
-    run_import_command(import_config(wan_folder, out))
-    return str(out)
 
 
 def _finetune(name: str, wan_package: str, train_raw: str, runs: Path, **over: object) -> str:

@@ -88,20 +88,6 @@ def import_config(wan: Path, out: Path, **over: object) -> ImportConfig:
     return ImportConfig(**{**base, **over})
 
 
-@pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory) -> Path:
-    return make_wan_folder(tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-tiny-Diffusers")
-
-
-@pytest.fixture(scope="module")
-def wan_package(wan_folder: Path, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("wan-pkg")
-    result = run_import_command(import_config(wan_folder, out))
-    assert result["shift"] == FLOW_SHIFT  # from scheduler/scheduler_config.json
-    assert result["sampler"] == "unipc"  # the scheduler is Wan's UniPC
-    return str(out)
-
-
 def test_package_contents(wan_package: str, wan_folder: Path) -> None:
     meta = read_meta(wan_package)
     assert meta.dit.text_mask is False and meta.dit.text_dim == 32 and meta.dit.in_channels == 4
