@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import (
-    Field,
-)
+from pydantic import Field
 
 from t2v.config.base import ActorPool, Section
 from t2v.config.data import EncodeConfig, SynthConfig
