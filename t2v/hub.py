@@ -3,8 +3,9 @@
 A Hub reference resolves to a folder of the local Hugging Face cache (`huggingface_hub`'s own
 layout and rules: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), read at call
 time so a job's environment decides. With `HF_HUB_OFFLINE=1` nothing is fetched: a cached
-snapshot is used, and a missing one is one line saying what to download where. Online, only the
-files asked for are downloaded, once per machine (the cache is shared by every process on it).
+snapshot is used, and a missing one is one line saying what to download where. Online, the repo
+is downloaded into the cache once per machine (shared by every process on it); a process
+resolves each repo once.
 
 Packages refer to what they import by a *pinned* reference (`hf:ORG/NAME@COMMIT/text_encoder`),
 so every node of a cluster resolves the same bytes from its own cache.
@@ -39,10 +40,6 @@ class HubRef:
         rev = f"@{self.revision}" if self.revision else ""
         sub = f"/{self.subpath}" if self.subpath else ""
         return f"{PREFIX}{self.repo_id}{rev}{sub}"
-
-    def join(self, *parts: str) -> HubRef:
-        sub = "/".join(p.strip("/") for p in (self.subpath, *parts) if p.strip("/"))
-        return HubRef(self.repo_id, self.revision, sub)
 
     def pinned(self, commit: str) -> HubRef:
         return HubRef(self.repo_id, commit, self.subpath)
@@ -82,9 +79,9 @@ def cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def snapshot(ref: HubRef, allow_patterns: list[str] | None = None) -> tuple[Path, str]:
-    """(the local snapshot folder of `ref`'s repo, its commit hash), downloading the allowed
-    files first unless offline. HubError (one line) when it is not there and cannot be had."""
+def snapshot(ref: HubRef) -> tuple[Path, str]:
+    """(the local snapshot folder of `ref`'s repo, its commit hash), downloading the repo first
+    unless offline. HubError (one line) when it is not there and cannot be had."""
     # heavy-ish and optional at run time: only a Hub reference needs it.
     from huggingface_hub import snapshot_download  # noqa: PLC0415
     from huggingface_hub.errors import (  # noqa: PLC0415
@@ -99,8 +96,7 @@ def snapshot(ref: HubRef, allow_patterns: list[str] | None = None) -> tuple[Path
     is_offline = offline()
     try:
         folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=cache,
-                                        local_files_only=is_offline,
-                                        allow_patterns=allow_patterns))
+                                        local_files_only=is_offline))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, FileNotFoundError):
         why = "HF_HUB_OFFLINE=1" if is_offline else "the Hub cannot be reached"
         rev = f" --revision {ref.revision}" if ref.revision else ""
