@@ -89,3 +89,22 @@ def test_sample_fields_round_trip():
     assert video.shape == (9, 32, 32, 3)
     spec = S.clip_spec(5, seed=2, frames=9, size=32, allowed=S.all_combos())
     assert np.abs(video.astype(float) - S.render_clip(spec)).mean() < 4.0
+
+
+def test_travel_sets_the_path_length_and_is_checked():
+    """`travel`: a moving object's path over the clip, as fractions of the frame side (the
+    default draws are unchanged); the config refuses a range the detector could call still."""
+    from t2v.config import SynthConfig
+
+    allowed = S.allowed_combos((), ())
+    for travel in ((0.2, 0.2), (0.4, 0.4)):
+        for i in range(20):
+            spec = S.clip_spec(i, seed=3, frames=9, size=32, allowed=allowed, travel=travel)
+            obj = spec.objects[0]
+            path = obj.speed * (9 - 1)
+            assert path == pytest.approx(0.0 if obj.motion == "still" else travel[0] * 32)
+    assert S.clip_spec(5, seed=3, frames=9, size=32, allowed=allowed) == S.clip_spec(
+        5, seed=3, frames=9, size=32, allowed=allowed, travel=S.TRAVEL)
+    assert SynthConfig().travel == S.TRAVEL
+    with pytest.raises(ValueError, match="travel must be"):
+        SynthConfig(travel=(0.3, 0.2))

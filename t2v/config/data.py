@@ -30,6 +30,16 @@ class SynthConfig(Section):
     only: list[str] = []
     """If set, generate only these combinations (the held-out set)."""
     crf: int = Field(18, ge=0, le=51)
+    travel: tuple[float, float] = (0.35, 0.5)
+    """How far a moving object goes over a clip: [min, max] fractions of the frame side, one
+    drawn per object (the detector calls under 0.15 "still")."""
+
+    @field_validator("travel")
+    @classmethod
+    def _travel(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 0.6:
+            raise ValueError(f"travel must be [min, max] with 0 < min <= max <= 0.6, got {list(v)}")
+        return v
 
 
 class PackConfig(Section):

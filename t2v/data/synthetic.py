@@ -163,11 +163,16 @@ class ClipSpec:
         }
 
 
-def _place(combo: Combo, size: int, frames: int, rng: np.random.Generator) -> ObjectSpec:
+TRAVEL = (0.35, 0.5)
+"""How far a moving object goes over a clip, as a range of fractions of the frame side."""
+
+
+def _place(combo: Combo, size: int, frames: int, rng: np.random.Generator,
+           travel_range: tuple[float, float] = TRAVEL) -> ObjectSpec:
     radius = float(rng.uniform(0.14, 0.2) * size)
     margin = radius + 1.0
     # Travel at least a third of the frame so the direction is unambiguous even at 32x32.
-    travel = float(rng.uniform(0.35, 0.5) * size) if combo.motion != "still" else 0.0
+    travel = float(rng.uniform(*travel_range) * size) if combo.motion != "still" else 0.0
     speed = travel / max(frames - 1, 1)
     dx, dy = MOTION_VECTORS[combo.motion]
     lo_x, hi_x = margin, size - margin
@@ -194,11 +199,11 @@ def _apart(a: ObjectSpec, b: ObjectSpec, frames: int) -> bool:
 
 def clip_spec(index: int, *, seed: int, frames: int, size: int, fps: float = 8.0,
               allowed: list[Combo], two_object_prob: float = 0.0,
-              key_prefix: str = "synth") -> ClipSpec:
+              key_prefix: str = "synth", travel: tuple[float, float] = TRAVEL) -> ClipSpec:
     """The deterministic description of clip `index` of the data set with this `seed`."""
     rng = np.random.default_rng([seed, index])
     main = allowed[int(rng.integers(len(allowed)))]
-    objects = [_place(main, size, frames, rng)]
+    objects = [_place(main, size, frames, rng, travel)]
     if rng.random() < two_object_prob:
         others = [c for c in allowed if c.colour != main.colour and c.shape != main.shape]
         if others:
@@ -206,7 +211,7 @@ def clip_spec(index: int, *, seed: int, frames: int, size: int, fps: float = 8.0
             # Keep both objects whole: redraw the second one's path (up to 50 tries) until the
             # two never overlap, so "count" and each object's shape are in every frame.
             for _ in range(50):
-                second = _place(combo, size, frames, rng)
+                second = _place(combo, size, frames, rng, travel)
                 if _apart(objects[0], second, frames):
                     objects.append(second)
                     break
@@ -270,13 +275,14 @@ def allowed_combos(exclude: Iterable[str] = (), only: Iterable[str] = ()) -> lis
 
 def generate_samples(num: int, *, seed: int, frames: int, size: int, fps: float = 8.0,
                      exclude: Iterable[str] = (), only: Iterable[str] = (),
-                     two_object_prob: float = 0.0, crf: int = 18,
-                     start: int = 0) -> Iterator[tuple[str, dict[str, bytes]]]:
+                     two_object_prob: float = 0.0, crf: int = 18, start: int = 0,
+                     travel: tuple[float, float] = TRAVEL,
+                     ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {"mp4": bytes, "txt": bytes, "json": bytes}) for clips start..start+num-1."""
     allowed = allowed_combos(exclude, only)
     for i in range(start, start + num):
         spec = clip_spec(i, seed=seed, frames=frames, size=size, fps=fps, allowed=allowed,
-                         two_object_prob=two_object_prob)
+                         two_object_prob=two_object_prob, travel=travel)
         frames_u8 = render_clip(spec)
         meta = spec.meta() | {"caption": spec.caption, "seed": seed, "index": i}
         yield spec.key, {
@@ -294,7 +300,8 @@ def run_synth(cfg: SynthConfig) -> dict:
                          extra_index={"source": "synthetic", "seed": cfg.seed})
     samples = generate_samples(cfg.num, seed=cfg.seed, frames=cfg.frames, size=cfg.size,
                                fps=cfg.fps, exclude=cfg.exclude, only=cfg.only,
-                               two_object_prob=cfg.two_object_prob, crf=cfg.crf)
+                               two_object_prob=cfg.two_object_prob, crf=cfg.crf,
+                               travel=tuple(cfg.travel))
     for i, (key, fields) in enumerate(samples, 1):
         writer.write(key, fields)
         if i % cfg.shard_size == 0 or i == cfg.num:

@@ -148,7 +148,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    demo = demo_data(out / "demo_clips.npz")
+    demo = demo_data(out / "demo_clips.npz", args.travel)
     vae = load_package(args.vae, load_text=False, load_dit=False).vae.eval()
     x0 = encode_latents(vae, demo["train"])
     encoders: dict[int | None, tuple] = {}

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from t2v.data.synthetic import generate_samples, heldout_combos  # noqa: E402
+from t2v.data.synthetic import TRAVEL, generate_samples, heldout_combos  # noqa: E402
 from t2v.data.tensors import to_model_range, to_uint8  # noqa: E402
 from t2v.data.video import decode_video  # noqa: E402
 from t2v.eval.detector import detect  # noqa: E402
@@ -80,13 +80,13 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
     return name, model, train
 
 
-def clips(num: int, *, seed: int, exclude=(), only=()) -> tuple[np.ndarray, list[str],
-                                                                 list[dict]]:
+def clips(num: int, *, seed: int, exclude=(), only=(), travel=TRAVEL,
+          ) -> tuple[np.ndarray, list[str], list[dict]]:
     """Synthesised clips through the demo's mp4 round trip: uint8 (N, 9, 32, 32, 3), captions,
     truths."""
     frames, captions, truths = [], [], []
     for _, fields in generate_samples(num, seed=seed, frames=9, size=32, exclude=exclude,
-                                      only=only):
+                                      only=only, travel=travel):
         frames.append(decode_video(fields["mp4"]))
         captions.append(fields["txt"].decode())
         meta = json.loads(fields["json"])
@@ -94,17 +94,20 @@ def clips(num: int, *, seed: int, exclude=(), only=()) -> tuple[np.ndarray, list
     return np.stack(frames), captions, truths
 
 
-def demo_data(cache: Path) -> dict:
+def demo_data(cache: Path, travel: tuple[float, float] = TRAVEL) -> dict:
     """The default demo's training clips (held-out combinations excluded) with their captions,
-    and its held-out clips with their truths: {train, captions, held, truths}."""
+    and its held-out clips with their truths: {train, captions, held, truths}. `travel`: the
+    synthetic objects' path length (`SynthConfig.travel`; another one is cached apart)."""
+    if tuple(travel) != TRAVEL:
+        cache = cache.with_name(f"{cache.stem}-travel{travel[0]:g}-{travel[1]:g}{cache.suffix}")
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         if "captions" in z:
             return {"train": z["train"], "captions": json.loads(str(z["captions"])),
                     "held": z["held"], "truths": json.loads(str(z["truths"]))}
     held_names = [str(c) for c in heldout_combos(12)]
-    train, captions, _ = clips(1024, seed=0, exclude=held_names)  # SynthConfig's seed 0
-    held, _, truths = clips(96, seed=7919, only=held_names)  # the demo's held-out seed
+    train, captions, _ = clips(1024, seed=0, exclude=held_names, travel=travel)  # seed 0
+    held, _, truths = clips(96, seed=7919, only=held_names, travel=travel)  # held-out seed
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, train=train, captions=json.dumps(captions), held=held,
              truths=json.dumps(truths))
@@ -200,6 +203,9 @@ def sweep_parser(doc: str, stage: str, steps: int, batch: int) -> argparse.Argum
     ap.add_argument("--batch", type=int, default=batch, help="the demo stage's global batch")
     ap.add_argument("--variant", action="append", help="NAME:key=value,... (repeatable)")
     ap.add_argument("--out", default=f"/tmp/t2v-sweep-{stage.lower()}")
+    ap.add_argument("--travel", type=lambda v: tuple(float(x) for x in v.split("/")),
+                    default=TRAVEL, help="MIN/MAX path length of the synthetic objects, as "
+                    f"fractions of the frame (SynthConfig.travel; default {TRAVEL[0]}/{TRAVEL[1]})")
     torch.set_num_threads(os.cpu_count() or 1)
     return ap
 
@@ -208,7 +214,7 @@ def main() -> None:
     args = sweep_parser(__doc__, "VAE", 550, 8).parse_args()
     out = Path(args.out)
     t0 = time.time()
-    demo = demo_data(out / "demo_clips.npz")
+    demo = demo_data(out / "demo_clips.npz", args.travel)
     data, held, truths = demo["train"], demo["held"], demo["truths"]
     print(f"data: {len(data)} training clips, {len(held)} held-out ({time.time() - t0:.0f} s)",
           flush=True)
