@@ -199,8 +199,10 @@ def test_concurrent_requests_share_sampler_calls(server):
 def test_requests_arriving_during_a_batch_share_the_next_one(server):
     """Batches form when the sampler is free: requests arriving one by one (further apart than
     the batch window) behind a running video all go into the next sampler call."""
-    long_id = server.start_long({"prompt": "a red square still", **SMALL, "steps": 600,
-                                 "seed": 50})
+    # Long enough to outlast the three arrivals (1.8 s) on a fast box: 600 steps at 5x16x16
+    # did not always (the test then skips); 1000 at 9x32x32 take several seconds.
+    long_id = server.start_long({"prompt": "a red square still", "frames": 9, "height": 32,
+                                 "width": 32, "steps": 1000, "seed": 50})
     ids = []
     for k in range(3):
         ids.append(server.post({"prompt": f"a red square still {k}", **SMALL, "seed": 60 + k})
