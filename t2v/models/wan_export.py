@@ -38,7 +38,12 @@ from t2v.config import ExportConfig
 from t2v.diffusion.sampling import DEFAULT_SAMPLER
 from t2v.models.lora import lora_scale
 from t2v.models.package import PackageMeta, RenderDefaults, package_hash, read_meta
-from t2v.models.wan_import import PIPELINE_CLASS, TEXT_MODEL_TYPES, TOKENIZER_FILES
+from t2v.models.wan_import import (
+    PIPELINE_CLASS,
+    TEXT_MODEL_TYPES,
+    TOKENIZER_FILES,
+    read_json_object,
+)
 from t2v.models.wan_keys import (
     TRANSFORMER_CLASS,
     lora_to_diffusers,
@@ -142,12 +147,9 @@ def check_exportable(uri: str, meta: PackageMeta) -> tuple[dict, dict]:
 
 def _read_json(uri: str) -> dict:
     try:
-        data = json.loads(storage.read_text(uri))
-    except (storage.StorageError, json.JSONDecodeError) as e:
+        return read_json_object(uri, WanExportError)
+    except storage.StorageError as e:
         raise WanExportError(f"{uri}: cannot read it ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise WanExportError(f"{uri}: expected a JSON object")
-    return data
 
 
 def _absolute(uri: str) -> str:

@@ -119,7 +119,7 @@ UNIPC_SETTINGS: dict[str, tuple[object, object]] = {
 def read_scheduler(uri: str, files: list[str]) -> dict | None:
     """scheduler/scheduler_config.json of the folder, or None when it has none."""
     cfg_uri = storage.join(uri, "scheduler", "scheduler_config.json")
-    return _read_json(cfg_uri) if cfg_uri in files else None
+    return read_json_object(cfg_uri) if cfg_uri in files else None
 
 
 def scheduler_shift(cfg: dict | None) -> float | None:
@@ -153,22 +153,23 @@ def inspect_wan(uri: str) -> tuple[dict, list[str]]:
     if missing:
         raise WanImportError(f"{uri}: not a complete Wan 2.1 T2V folder: missing "
                              f"{', '.join(missing)}")
-    index = _read_json(storage.join(uri, "model_index.json"))
+    index = read_json_object(storage.join(uri, "model_index.json"))
     check_model_index(index, f"{uri}/model_index.json")
-    text_cfg = _read_json(storage.join(uri, "text_encoder", "config.json"))
+    text_cfg = read_json_object(storage.join(uri, "text_encoder", "config.json"))
     if text_cfg.get("model_type") not in TEXT_MODEL_TYPES:
         raise WanImportError(f"{uri}/text_encoder/config.json: model_type="
                              f"{text_cfg.get('model_type')!r}, expected umt5 or t5")
     return index, files
 
 
-def _read_json(uri: str) -> dict:
+def read_json_object(uri: str, error: type[ValueError] = WanImportError) -> dict:
+    """A folder's JSON config, or `error` in one line (invalid JSON, not an object)."""
     try:
         data = json.loads(storage.read_text(uri))
     except json.JSONDecodeError as e:
-        raise WanImportError(f"{uri}: invalid JSON ({e})") from None
+        raise error(f"{uri}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise WanImportError(f"{uri}: expected a JSON object")
+        raise error(f"{uri}: expected a JSON object")
     return data
 
 
@@ -181,7 +182,7 @@ def import_wan(cfg: ImportConfig) -> dict:
     uri = _absolute(cfg.wan.rstrip("/"))
     _index, files = inspect_wan(uri)
     try:
-        vae_cfg = wan_vae_config(_read_json(storage.join(uri, "vae", "config.json")))
+        vae_cfg = wan_vae_config(read_json_object(storage.join(uri, "vae", "config.json")))
     except ValueError as e:
         raise WanImportError(f"{uri}: {e}") from None
     scheduler = read_scheduler(uri, files)
