@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = str(ROOT / "jobs" / "configs" / "debug.yaml")
 # On top of jobs/configs/debug.yaml for every training test's run: caption dropout exercised,
 # workers spread over both nodes, a failure is a failure (the fault test sets its own).
-RUN_OVERRIDES = ["caption_dropout=0.25", "placement_strategy=SPREAD", "max_failures=0"]
+RUN_OVERRIDES = ["caption_dropout=0.25", "alt_caption_prob=0.5", "placement_strategy=SPREAD",
+                 "max_failures=0"]
 
 
 @dataclass
@@ -176,7 +177,8 @@ def shapes_shards(tmp_path_factory):
     from t2v.data.synthetic import run_synth
 
     out = str(tmp_path_factory.mktemp("shapes"))
-    run_synth(SynthConfig(out=out, num=24, frames=9, size=32, shard_size=10, seed=11))
+    run_synth(SynthConfig(out=out, num=24, frames=9, size=32, shard_size=10, seed=11,
+                          alt_captions=True))
     return out
 
 
@@ -245,13 +247,40 @@ def wan_package(wan_folder, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def wan_lora_run(ray_local, train_raw, wan_package, tmp_path_factory):
+    """A LoRA fine-tune of `wan_package` (rank 4, alpha 8, every linear layer of the blocks):
+    3 steps on 2 Ray Train workers from RAW shards encoded in the workers (imported VAE + umT5,
+    the clips' alternative captions too) at 5x16x16, ZeRO-2, activation checkpointing,
+    validation at step 3; exported unmerged.
+    (run dir, package), shared read-only by test_lora and test_wan_export."""
+    from t2v.config import TrainConfig
+    from t2v.train.trainer import run_train
+
+    runs = tmp_path_factory.mktemp("wan-lora")
+    lora = {"rank": 4, "alpha": 8.0, "merge_on_export": False,
+            "target_modules": ["qkv", "q", "kv", "out", "ffn.fc1", "ffn.fc2"]}
+    cfg = TrainConfig.model_validate(dict(
+        stage="dit", name="lora", out=str(runs), init_from=wan_package, vae=wan_package,
+        steps=3, batch_size=2, num_workers=2, cpus_per_worker=0.5, zero_stage=2,
+        activation_checkpointing=True, log_every=1, ckpt_every=3, val_every=3, val_samples=1,
+        val_steps=2, max_failures=0, caption_dropout=0.25, alt_caption_prob=0.5,
+        optim={"lr": 1e-2}, lora=lora,
+        data={"shards": train_raw, "encode_on_the_fly": True, "text_max_length": 16,
+              "frames": 5, "size": 16}))
+    result = run_train(cfg)
+    assert result["step"] == 3
+    return runs / "lora", str(result["package"])
+
+
+@pytest.fixture(scope="session")
 def train_raw(tmp_path_factory):
     """Raw shards behind `train_latents`: 5 clips in shards of 2 (the last one held out)."""
     from t2v.config import SynthConfig
     from t2v.data.synthetic import run_synth
 
     raw = str(tmp_path_factory.mktemp("train-raw"))
-    run_synth(SynthConfig(out=raw, num=5, frames=9, size=32, shard_size=2, seed=21))
+    run_synth(SynthConfig(out=raw, num=5, frames=9, size=32, shard_size=2, seed=21,
+                          alt_captions=True))
     return raw
 
 

@@ -29,7 +29,7 @@ from t2v.models.text import TextEncoder, TextEncoderConfig
 from t2v.models.vae import CausalVideoVAE, vae_config
 
 MAX_LENGTH = 16
-FIELDS = {"latent.npy", "text.npy", "mask.npy", "txt", "json"}
+FIELDS = {"latent.npy", "text.npy", "mask.npy", "txt", "json", "text_alt.npy", "mask_alt.npy"}
 
 
 def npy(data: bytes) -> np.ndarray:
@@ -84,10 +84,14 @@ def test_encode_shapes_contract(encoded, shapes_shards, package):
     raw = dict(iter_shard_samples(shard_uris(shapes_shards)))
     out = dict(iter_shard_samples(shard_uris(cfg.out)))
     assert set(out) == set(raw)
-    # Each caption went through the text encoder once: 23 unique captions among 24 clips.
+    # Each caption went through the text encoder once: 23 unique captions among 24 clips, and
+    # the synthetic clips' 3 shorter captions each (json `captions`), many shared.
     captions = [f["txt"].decode() for f in raw.values()]
-    assert report["captions_encoded"] == len(set(captions)) == 23
-    assert report["caption_cache_hits"] == 24 - 23
+    alternatives = {k: json.loads(f["json"])["captions"] for k, f in raw.items()}
+    every = captions + [a for alts in alternatives.values() for a in alts]
+    assert len(set(captions)) == 23 and all(len(a) == 3 for a in alternatives.values())
+    assert report["captions_encoded"] == len(set(every))
+    assert report["caption_cache_hits"] == len(every) - len(set(every))
     text_encoder = TextEncoder(TextEncoderConfig(max_length=MAX_LENGTH))
     for key in sorted(out)[:4]:
         fields = out[key]
@@ -116,6 +120,14 @@ def test_encode_shapes_contract(encoded, shapes_shards, package):
         np.testing.assert_allclose(text.astype(np.float32), emb[0].numpy(), rtol=2e-3,
                                    atol=2e-3)
         assert 0 < mask.sum() < MAX_LENGTH and not text[mask == 0].any()
+        # The alternatives, in their order: (K, L, D) / (K, L), each as the encoder embeds it.
+        alt_text, alt_mask = npy(fields["text_alt.npy"]), npy(fields["mask_alt.npy"])
+        assert alt_text.dtype == np.float16 and alt_text.shape == (3, MAX_LENGTH, 384)
+        assert alt_mask.dtype == np.uint8 and alt_mask.shape == (3, MAX_LENGTH)
+        with torch.no_grad():
+            emb, ref_mask = text_encoder(alternatives[key])
+        np.testing.assert_array_equal(alt_mask, ref_mask.numpy().astype(np.uint8))
+        np.testing.assert_allclose(alt_text.astype(np.float32), emb.numpy(), rtol=2e-3, atol=2e-3)
     # The index records the width that holds every caption's tokens (the reader trims to it).
     widths = [int(np.flatnonzero(npy(f["mask.npy"]))[-1]) + 1 for f in out.values()]
     assert index["text_tokens"] == max(widths) < MAX_LENGTH
@@ -203,6 +215,44 @@ def test_read_tasks_decode_rows_into_one_block_per_shape_and_skip_damage(capsys)
     assert "k4: mask: a token past the index's text_tokens=6" in said
 
 
+def test_alternative_captions_read_and_padded_by_the_collate(capsys):
+    """text_alt / mask_alt: a sample without them reads as K = 0; blocks split by K; the
+    collate pads a batch mixing K (Ray's ragged columns) to its largest K and L with zeros /
+    False; alternatives whose shape does not fit the caption's are damage."""
+    from ray.data._internal.arrow_ops.transform_pyarrow import concat
+    from ray.data.block import BlockAccessor
+
+    rng = np.random.default_rng(1)
+    rows, arrays = [], {}
+    for i, k in enumerate([2, 0, 1]):
+        a = {"latent": rng.standard_normal((4, 3, 8, 8)).astype(np.float16),
+             "text": rng.standard_normal((16, 8)).astype(np.float16),
+             "mask": (np.arange(16) < 4).astype(np.uint8),
+             "text_alt": rng.standard_normal((k, 16, 8)).astype(np.float16),
+             "mask_alt": (np.arange(16)[None] < 2 + np.arange(k)[:, None]).astype(np.uint8)}
+        a["text_alt"] *= a["mask_alt"][..., None]  # zero past each caption's tokens, as encoded
+        arrays[f"k{i}"] = a
+        stored = a if k else {c: a[c] for c in ("latent", "text", "mask")}
+        rows.append({"__key__": f"k{i}", "__url__": "s/shard-000000.tar", "txt": b"cap",
+                     **{f"{c}.npy": _npy_bytes(v) for c, v in stored.items()}})
+    rows.append({**rows[0], "__key__": "misfit",
+                 "text_alt.npy": _npy_bytes(np.zeros((2, 15, 8), np.float16))})
+    blocks = decode_latent_rows(rows, text_tokens=8)
+    assert "misfit: text_alt: shape (2, 15, 8)" in capsys.readouterr().out
+    assert [[r["key"] for r in b.to_pylist()] for b in blocks] == [["k0"], ["k1"], ["k2"]]
+    batch = BlockAccessor.for_block(concat(blocks)).to_numpy()
+    got = LatentCollate(text_length=16)(batch)
+    assert got.alt_text.shape == (3, 2, 16, 8) and got.alt_mask.shape == (3, 2, 16)
+    for j, key in enumerate(got.keys):
+        a, k = arrays[key], len(arrays[key]["text_alt"])
+        np.testing.assert_array_equal(got.alt_text[j, :k].numpy(), a["text_alt"].astype(np.float32))
+        np.testing.assert_array_equal(got.alt_mask[j, :k].numpy(), a["mask_alt"] > 0)
+        assert not got.alt_text[j, k:].any() and not got.alt_mask[j, k:].any()
+    # A batch where no sample has alternatives carries none.
+    plain = LatentCollate()(BlockAccessor.for_block(blocks[1]).to_numpy())
+    assert plain.alt_text is None and plain.alt_mask is None
+
+
 def test_rerun_resumes_and_recomputes_a_deleted_shard(encoded):
     cfg, _ = encoded
     before = {u: storage.read_bytes(u) for u in shard_uris(cfg.out)}
@@ -237,7 +287,10 @@ def test_bad_samples_skipped_and_captions_encoded_once(ray_local, package, tmp_p
              ("short", {"mp4": clip_bytes(2, frames=3), "txt": b"a red circle"})]
     second = [("d", {"mp4": good, "txt": b"a blue square"}),
               ("mute", {"mp4": good}),
-              ("e", {"mp4": good, "txt": b"a red circle", "json": b'{"colour": "green"}'})]
+              ("e", {"mp4": good, "txt": b"a red circle", "json": b'{"colour": "green"}'}),
+              ("f", {"mp4": good, "txt": b"a red circle", "json": b'{"captions": "a circle"}'}),
+              ("g", {"mp4": good, "txt": b"a blue square",
+                     "json": b'{"captions": ["a square", " ", "a blue square", "a square "]}'})]
     write_shard(storage.join(src, "shard-000000.tar"), first)
     write_shard(storage.join(src, "shard-000001.tar"), second)
     # A tar cut off mid-member (an interrupted copy): what precedes the cut is still usable.
@@ -246,22 +299,32 @@ def test_bad_samples_skipped_and_captions_encoded_once(ray_local, package, tmp_p
     cut = whole.index(b"t1.mp4") + 512 + 100  # inside t1's video data
     storage.write_bytes(storage.join(src, "shard-000002.tar"), whole[:cut])
     write_index(src, [{"name": f"shard-00000{i}.tar", "samples": n}
-                      for i, n in enumerate([5, 3, 3])])
+                      for i, n in enumerate([5, 5, 3])])
     report = run_encode(EncodeConfig(src=src, out=out, vae=package[0], frames=5, size=16))
     reasons = {s["key"]: s["reason"] for s in report["skips"]}
     assert reasons.pop("*").startswith("unreadable tar")
-    assert report["encoded"] == 5 + 1 and report["skipped"] == 4
-    assert report["captions_encoded"] == 2 and report["caption_cache_hits"] == 6 - 2
-    assert set(reasons) == {"broken", "short", "mute"}
+    assert report["encoded"] == 5 + 2 and report["skipped"] == 5
+    # "a red circle", "a blue square" and g's one usable alternative, "a square"
+    assert report["captions_encoded"] == 3 and report["caption_cache_hits"] == 8 - 3
+    assert set(reasons) == {"broken", "short", "mute", "f"}
+    assert reasons["f"] == "json captions: expected a list of strings"
     assert reasons["broken"].startswith("undecodable video")
     assert reasons["short"] == "too short: 3 < 5 frames" and reasons["mute"].startswith(
         "no caption")
     assert report["skip_reasons"] == {"undecodable video": 1, "too short": 1,
-                                      "no caption (txt member)": 1, "unreadable tar": 1}
+                                      "no caption (txt member)": 1, "unreadable tar": 1,
+                                      "json captions": 1}
     on_disk = json.loads(storage.read_text(storage.join(out, "encode_report.json")))
-    assert on_disk["skipped"] == 4 and read_index(out)["skipped"] == 4
+    assert on_disk["skipped"] == 5 and read_index(out)["skipped"] == 5
     samples = dict(iter_shard_samples(shard_uris(out)))
-    assert sorted(samples) == ["a", "b", "c", "d", "e", "t0"]
+    assert sorted(samples) == ["a", "b", "c", "d", "e", "g", "t0"]
+    # g's alternatives: blank, repeated and the caption itself left out; none for the others.
+    assert npy(samples["g"]["text_alt.npy"]).shape == (1, MAX_LENGTH, 384)
+    with torch.no_grad():
+        emb, _ = TextEncoder(TextEncoderConfig(max_length=MAX_LENGTH))(["a square"])
+    np.testing.assert_allclose(npy(samples["g"]["text_alt.npy"])[0].astype(np.float32),
+                               emb[0].numpy(), rtol=2e-3, atol=2e-3)
+    assert "text_alt.npy" not in samples["a"] and "mask_alt.npy" not in samples["d"]
     assert npy(samples["b"]["latent.npy"]).shape == (4, 2, 4, 4)  # 5 frames of 16x16
     assert json.loads(samples["e"]["json"])["colour"] == "green"
     # Same caption, same stored embedding, wherever it came from (cache or encoder).

@@ -46,6 +46,7 @@ def video_folder(tmp_path):
     rows = [{"path": p, "caption": f"caption of {p}"} for p in
             ["a.mp4", "c.mkv", "d.mov", "e.avi", "short.mp4", "empty.mp4", "truncated.mp4",
              "notes.mp4"]]
+    rows[0]["captions"] = ["a short one", "another"]  # alternatives, for alt_caption_prob
     (src / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (src / "nested" / "b.txt").write_text("sidecar caption of b\n")
     return src
@@ -72,6 +73,8 @@ def test_pack_folder(ray_local, video_folder, tmp_path):
     assert set(samples) == {"a", "nested_b", "c", "d", "e"}
     assert samples["nested_b"]["txt"].decode() == "sidecar caption of b"
     assert samples["e"]["txt"].decode() == "caption of e.avi"
+    assert json.loads(samples["a"]["json"])["captions"] == ["a short one", "another"]
+    assert "captions" not in json.loads(samples["e"]["json"])
     for key, fields in samples.items():
         video = decode_video(fields["mp4"])
         assert video.shape == (8, 32, 32, 3), key
@@ -111,3 +114,8 @@ def test_pack_errors(ray_local, tmp_path):
     (src / "captions.csv").write_text("file,text\n")
     with pytest.raises(ValueError, match=r"captions.csv:1: header"):
         run_pack(PackConfig(src=str(src), out=str(tmp_path / "o")))
+    (src / "captions.jsonl").write_text('{"path": "a.mp4", "caption": "x"}\n'
+                                        '{"path": "b.mp4", "caption": "y", "captions": "z"}\n')
+    with pytest.raises(ValueError, match=r"captions.jsonl:2: captions: expected a list of "):
+        run_pack(PackConfig(src=str(src), out=str(tmp_path / "o"),
+                            captions=str(src / "captions.jsonl")))

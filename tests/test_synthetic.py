@@ -108,3 +108,27 @@ def test_travel_sets_the_path_length_and_is_checked():
     assert SynthConfig().travel == S.TRAVEL
     with pytest.raises(ValueError, match="travel must be"):
         SynthConfig(travel=(0.3, 0.2))
+
+
+def test_alternative_captions_leave_out_colour_motion_or_both():
+    """Each clip's json `captions`: without its colour, without its motion, its shape alone
+    (every object of a two-object clip alike), the words of the clip's own template."""
+    allowed = S.allowed_combos()
+    for i in range(40):
+        spec = S.clip_spec(i, seed=3, frames=9, size=32, allowed=allowed, two_object_prob=0.5)
+        no_colour, no_motion, shape_only = spec.alternative_captions
+        words = lambda text: set(text.split())  # noqa: E731
+        for obj in spec.objects:
+            assert obj.shape in words(no_colour) & words(no_motion) & words(shape_only)
+            assert obj.colour not in words(no_colour) | words(shape_only)
+            assert obj.colour in words(no_motion) and obj.colour in words(spec.caption)
+            assert obj.motion not in words(no_motion) | words(shape_only)
+            moving = obj.motion != "still"
+            assert not moving or obj.motion in words(no_colour)
+        assert shape_only.count(" and ") == len(spec.objects) - 1
+    plain = dict(S.generate_samples(1, seed=3, frames=9, size=32))
+    assert "captions" not in json.loads(next(iter(plain.values()))["json"])  # unless asked
+    fields = dict(S.generate_samples(1, seed=3, frames=9, size=32, alt_captions=True))
+    meta = json.loads(next(iter(fields.values()))["json"])
+    assert meta["captions"] == S.clip_spec(0, seed=3, frames=9, size=32,
+                                         allowed=allowed).alternative_captions

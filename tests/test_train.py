@@ -107,6 +107,10 @@ def test_reference_run_layout(reference):
                 "eta_s"):
         assert key in logged[-1]
     assert any("val" in r and "flow_loss" in r["val"] for r in rows)
+    # RUN_OVERRIDES' alt_caption_prob=0.5: the synthetic clips' shorter captions (encoded into
+    # the latent shards' text_alt) replaced about half the captions (16 samples in all).
+    share = sum(r["alt_caption_frac"] for r in logged) / len(logged)
+    assert 0.2 < share < 0.8
 
 
 def test_zero3_sequence_parallel_run_resumes_without_it_on_s3_exactly(
@@ -136,6 +140,8 @@ def test_zero3_sequence_parallel_run_resumes_without_it_on_s3_exactly(
              r["global_batch"]) for r in starts] == [(0, 2, 2, 4, 4), (2, 1, 1, 4, 4)]
     assert starts[1]["note"] == "elastic resume, 2 -> 1 workers, data-parallel 1 -> 1"
     assert_same_losses(run, ref, range(1, STEPS + 1))
+    # The same alternative captions, counted once per sequence-parallel group.
+    assert_same_losses(run, ref, range(1, STEPS + 1), key="alt_caption_frac")
     # AdamW hardly minds a gradient off by a constant factor; the clipped norm does.
     assert_same_losses(run, ref, range(1, STEPS + 1), key="grad_norm")
     params, ema = final_state(run, tmp_path / "z3")

@@ -321,6 +321,47 @@ def test_per_sample_randomness_depends_only_on_seed_step_key():
     assert sample_seed(0, 3, "x") != sample_seed(0, 4, "x") != sample_seed(1, 3, "x")
 
 
+def test_alternative_captions_drawn_per_sample_at_the_asked_rate():
+    """alt_caption_prob: each sample trains on one of the alternatives it has (never a padded
+    slot) with probability p, uniformly among them, the choice a function of (seed, step, key):
+    the same sample gets the same caption in a smaller batch, whatever its neighbours."""
+    from t2v.train.dit_task import alternative_captions
+
+    b, k, L, D = 400, 3, 5, 2
+    text = torch.zeros(b, L, D)  # the caption: 0; alternative j of sample i: 1 + j
+    mask = torch.ones(b, L, dtype=torch.bool)
+    alt_text = (1 + torch.arange(k, dtype=torch.float32))[None, :, None, None].expand(b, k, L, D)
+    alt_mask = torch.zeros(b, k, L, dtype=torch.bool)
+    have = torch.arange(b) % 4  # samples with 0, 1, 2, 3 alternatives
+    for i in range(b):
+        alt_mask[i, :have[i], :3] = True
+    keys = [f"k{i}" for i in range(b)]
+
+    def chosen(prob: float, idx: list[int]) -> list[float]:
+        out, _, used = alternative_captions(text[idx], mask[idx], alt_text[idx], alt_mask[idx],
+                                            per_sample_generators(0, 7, [keys[i] for i in idx]),
+                                            prob)
+        assert used == sum(float(row[0, 0]) > 0 for row in out)
+        for row in out:  # the whole row is one caption's
+            assert row.unique().numel() == 1
+        return [float(row[0, 0]) for row in out]
+
+    everyone = list(range(b))
+    assert chosen(0.0, everyone) == [0.0] * b
+    always = chosen(1.0, everyone)
+    assert all(c == 0 for c, h in zip(always, have, strict=True) if h == 0)  # none to take
+    assert all(1 <= c <= h for c, h in zip(always, have, strict=True) if h > 0)  # never padding
+    picked = [c for c, h in zip(always, have, strict=True) if h == 3]
+    assert {1.0, 2.0, 3.0} == set(picked)  # uniformly among the 3 (100 samples)
+    half = chosen(0.5, everyone)
+    rate = sum(c > 0 for c, h in zip(half, have, strict=True) if h) / int((have > 0).sum())
+    assert 0.4 < rate < 0.6
+    assert chosen(0.5, everyone[::7]) == half[::7]  # not the batch: the (seed, step, key)
+    out, m, _ = alternative_captions(text[:4], mask[:4], alt_text[:4], alt_mask[:4],
+                                     per_sample_generators(0, 7, keys[:4]), 1.0)
+    assert torch.equal(m[3], alt_mask[3, int(out[3, 0, 0]) - 1])  # the mask comes along
+
+
 DS_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0",

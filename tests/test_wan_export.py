@@ -83,10 +83,9 @@ def full_package(ray_local, train_raw, wan_package, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def lora_package(ray_local, train_raw, wan_package, tmp_path_factory) -> str:
-    lora = {"rank": RANK, "alpha": ALPHA, "merge_on_export": False,
-            "target_modules": ["qkv", "q", "kv", "out", "ffn.fc1", "ffn.fc2"]}
-    return _finetune("lora", wan_package, train_raw, tmp_path_factory.mktemp("runs"), lora=lora)
+def lora_package(wan_lora_run) -> str:
+    """The session's LoRA fine-tune (conftest `wan_lora_run`: rank 4, alpha 8, every linear)."""
+    return wan_lora_run[1]
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,9 @@ class SynthConfig(Section):
     travel: tuple[float, float] = (0.35, 0.5)
     """How far a moving object goes over a clip: [min, max] fractions of the frame side, one
     drawn per object (the detector calls under 0.15 "still")."""
+    alt_captions: bool = False
+    """Also write each clip's shorter captions (without colour, without motion, the shape
+    alone) to its json `captions`, for training with alt_caption_prob."""
 
     @field_validator("travel")
     @classmethod
@@ -50,7 +53,8 @@ class PackConfig(Section):
     out: str = ""
     """Where the shards go."""
     captions: str | None = None
-    """A captions.jsonl / .csv (path, caption); default: SRC/captions.{jsonl,csv} or NAME.txt."""
+    """A captions.jsonl / .csv (path, caption; a jsonl row may add `captions`, a list of other
+    captions of the clip); default: SRC/captions.{jsonl,csv} or NAME.txt."""
     shard_size: int = Field(64, ge=1)
     fps: float | None = Field(None, gt=0)
     """Resample to this frame rate (None keeps the source rate)."""

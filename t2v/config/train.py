@@ -128,6 +128,10 @@ class TrainConfig(Section):
     seed: int = 0
     caption_dropout: float = Field(0.1, ge=0, le=1)
     """Probability a caption is replaced by "" (the unconditional input, for CFG)."""
+    alt_caption_prob: float = Field(0.0, ge=0, le=1)
+    """Stage dit: probability a sample trains on one of its alternative captions (the raw
+    sample's json `captions`, e.g. shorter ones; latent shards' text_alt), drawn uniformly,
+    instead of its caption. Samples without alternatives keep theirs."""
     shift: float | None = Field(None, gt=0)
     """Stage dit: timestep shift of the logit-normal training t (SD3/Wan; 1 = none); None takes
     init_from's render shift, else 1. The package records it as its render shift."""

@@ -53,6 +53,28 @@ class LatentBatch:
     """(B, L) bool, True at real tokens."""
     captions: list[str]
     keys: list[str]
+    alt_text: torch.Tensor | None = None
+    """(B, K, L, D) float32: each sample's alternative captions (latent shards' text_alt), K the
+    most any sample of the batch has; None when none has any."""
+    alt_mask: torch.Tensor | None = None
+    """(B, K, L) bool; all False for the alternatives a sample does not have."""
+
+
+def _stack_alternatives(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """text_alt / mask_alt of the rows, padded to the batch's most alternatives (K); None if
+    no row has one (or the rows carry no such columns)."""
+    if "text_alt" not in batch:
+        return None
+    texts, masks = list(batch["text_alt"]), list(batch["mask_alt"])
+    k = max(len(t) for t in texts)
+    if k == 0:
+        return None
+    shape = texts[0].shape[1:]
+    text = np.zeros((len(texts), k, *shape), np.float32)
+    mask = np.zeros((len(texts), k, shape[0]), bool)
+    for i, (t, m) in enumerate(zip(texts, masks, strict=True)):
+        text[i, :len(t)], mask[i, :len(m)] = t, m
+    return text, mask
 
 
 def _stack(batch: dict[str, np.ndarray], column: str) -> torch.Tensor:
@@ -81,13 +103,19 @@ class LatentCollate(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> LatentBatch:
         text, mask = _stack(batch, "text").float(), _stack(batch, "mask").bool()  # (B, W, ..)
+        alt = _stack_alternatives(batch)
+        alt_text, alt_mask = (None, None) if alt is None else map(torch.from_numpy, alt)
         pad = (self.text_length or 0) - text.shape[1]
         if pad > 0:
             text = torch.nn.functional.pad(text, (0, 0, 0, pad))  # (B, L, D)
             mask = torch.nn.functional.pad(mask, (0, pad))  # (B, L)
+            if alt_text is not None:
+                alt_text = torch.nn.functional.pad(alt_text, (0, 0, 0, pad))  # (B, K, L, D)
+                alt_mask = torch.nn.functional.pad(alt_mask, (0, pad))  # (B, K, L)
         return LatentBatch(
             latent=_stack(batch, "latent").float(),  # (B, C, T', H', W')
             text=text, mask=mask,
             captions=[str(c) for c in batch["caption"]],
             keys=[str(k) for k in batch["key"]],
+            alt_text=alt_text, alt_mask=alt_mask,
         )

@@ -103,6 +103,8 @@ class Clip:
     meta: dict
     latent: np.ndarray | None = None
     """float16 (C, T', H', W'), once encoded."""
+    alternatives: tuple[str, ...] = ()
+    """Other captions of the clip (its json `captions`), e.g. shorter ones."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -140,6 +142,11 @@ class EncodeShard:
         caption = caption or str(meta.get("caption") or "").strip()
         if not caption:
             raise SkipSample("no caption (txt member)")
+        alternatives = meta.get("captions", [])
+        if not isinstance(alternatives, list) or not all(isinstance(a, str) for a in alternatives):
+            raise SkipSample("json captions: expected a list of strings")
+        alternatives = tuple(a for a in dict.fromkeys(a.strip() for a in alternatives)
+                             if a and a != caption)
         if not fields.get("mp4"):
             raise SkipSample("no mp4 member")
         try:  # the record names shard and key; the reason need not repeat them
@@ -157,7 +164,7 @@ class EncodeShard:
         # batches samples of one bucket together.
         meta |= {"frames": frames.shape[0], "height": h, "width": w,
                  "bucket": f"{frames.shape[0]}x{h}x{w}"}
-        return Clip(key, frames, caption, meta)
+        return Clip(key, frames, caption, meta, alternatives=alternatives)
 
     @torch.no_grad()
     def _encode_videos(self, clips: list[Clip], generator: torch.Generator) -> None:
@@ -203,16 +210,21 @@ class EncodeShard:
             self.cache.put(caption, (e, m))
         return out
 
-    def _fields(self, clip: Clip, text: tuple[np.ndarray, np.ndarray],
+    def _fields(self, clip: Clip, texts: dict[str, tuple[np.ndarray, np.ndarray]],
                 source: str) -> dict[str, bytes]:
-        latent = clip.latent
+        latent, text = clip.latent, texts[clip.caption]
         meta = {**clip.meta, "key": clip.key, "caption": clip.caption, "source_key": clip.key,
                 "source_shard": source, "latent_shape": list(latent.shape), "vae": self.cfg.vae,
                 "vae_hash": self.settings["vae_hash"], "text_encoder": self.text_config.ref,
                 "text_max_length": self.text_config.max_length, "sampled": self.cfg.sample}
-        return {"latent.npy": npy_bytes(latent), "text.npy": npy_bytes(text[0]),
-                "mask.npy": npy_bytes(text[1]), "txt": clip.caption.encode(),
-                "json": json.dumps(meta).encode()}
+        fields = {"latent.npy": npy_bytes(latent), "text.npy": npy_bytes(text[0]),
+                  "mask.npy": npy_bytes(text[1]), "txt": clip.caption.encode(),
+                  "json": json.dumps(meta).encode()}
+        alternatives = usable_alternatives(clip, texts)
+        if alternatives:  # (K, L, D) and (K, L): what training's alt_caption_prob draws from
+            fields["text_alt.npy"] = npy_bytes(np.stack([texts[a][0] for a in alternatives]))
+            fields["mask_alt.npy"] = npy_bytes(np.stack([texts[a][1] for a in alternatives]))
+        return fields
 
     # ---- one shard
 
@@ -240,15 +252,16 @@ class EncodeShard:
                 skipped.append({"shard": name, "key": "*", "reason": f"unreadable tar: {_line(e)}"})
         for group in pending.values():
             self._encode_videos(group, generator)
-        texts = self._encode_captions([c.caption for c in clips])
+        texts = self._encode_captions([c.caption for c in clips]
+                                      + [a for c in clips for a in c.alternatives])
         samples, masks, buckets = [], [], Counter()
         for clip in clips:
             reason = _unusable(clip, texts)
             if reason:
                 skipped.append({"shard": name, "key": clip.key, "reason": reason})
                 continue
-            samples.append((clip.key, self._fields(clip, texts[clip.caption], source)))
-            masks.append(texts[clip.caption][1])
+            samples.append((clip.key, self._fields(clip, texts, source)))
+            masks += [texts[c][1] for c in (clip.caption, *usable_alternatives(clip, texts))]
             buckets[clip.meta["bucket"]] += 1
         n = write_shard(target, samples) if samples else 0
         record = {"name": name, "samples": n, "buckets": dict(sorted(buckets.items())),
@@ -271,6 +284,13 @@ def _unusable(clip: Clip, texts: dict[str, tuple[np.ndarray, np.ndarray]]) -> st
     if not np.isfinite(texts[clip.caption][0]).all():
         return "non-finite text embedding (float16 overflow?)"
     return None
+
+
+def usable_alternatives(clip: Clip, texts: dict[str, tuple[np.ndarray, np.ndarray]],
+                        ) -> list[str]:
+    """The clip's alternative captions that encoded to finite values (one too long for the
+    encoder is left out, not the clip)."""
+    return [a for a in clip.alternatives if a in texts and np.isfinite(texts[a][0]).all()]
 
 
 def _line(e: BaseException) -> str:

@@ -24,12 +24,17 @@ from t2v.data.tarsource import tar_dataset
 LATENT_FORMAT = "t2v-latents-v1"
 MEMBERS = ("latent.npy", "text.npy", "mask.npy", "txt")
 """The members of a sample read for training; the json member stays in the tar (provenance)."""
+ALT_MEMBERS = ("text_alt.npy", "mask_alt.npy")
+"""Read too when training draws alternative captions (only clips with some have them)."""
 
 
 def latent_stream(uri: str | list[str], shuffle_seed: int | None = None,
                   clock=None,  # noqa: ANN001 - a PassClock handle
-                  text_tokens: int | None = None) -> ray.data.Dataset:
-    """Rows {latent (C,T',H',W') f16, text (W,D) f16, mask (W,) u8, caption, key}; lazy.
+                  text_tokens: int | None = None,
+                  alternatives: bool = False) -> ray.data.Dataset:
+    """Rows {latent (C,T',H',W') f16, text (W,D) f16, mask (W,) u8, text_alt (K,W,D) f16,
+    mask_alt (K,W) u8, caption, key}; lazy. K: the sample's alternative captions (0: none, and
+    always 0 unless `alternatives`: a run that does not draw them does not move their bytes).
 
     `uri` is a latent data set's root, or a list of its shard URIs (training keeps its held-out
     shard out this way). With a `shuffle_seed`, each pass reads the shard files in the order
@@ -56,11 +61,15 @@ def latent_stream(uri: str | list[str], shuffle_seed: int | None = None,
     # skipped sample naming its shard, not a failed read task that ends the run; a damaged
     # shard is one line naming it (t2v/data/tarsource.py).
     decode = partial(decode_latent_rows, text_tokens=text_tokens or None)
-    return tar_dataset(uris, MEMBERS, seed=shuffle_seed, clock=clock, decode=decode)
+    members = MEMBERS + ALT_MEMBERS if alternatives else MEMBERS
+    return tar_dataset(uris, members, seed=shuffle_seed, clock=clock, decode=decode)
 
 
 NDIM = {"latent": 4, "text": 2, "mask": 1}
 """Dimensions of each array member: latent (C, T', H', W'), text (L, D), mask (L,)."""
+ALT_NDIM = {"text_alt": 3, "mask_alt": 2}
+"""The optional alternative captions: text_alt (K, L, D), mask_alt (K, L)."""
+COLUMNS = (*NDIM, *ALT_NDIM)
 
 
 _HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
@@ -104,9 +113,10 @@ def _array(data: object, column: str) -> np.ndarray:
         array = _npy(bytes(data))
     except ValueError as e:
         raise ValueError(f"{column}: {e}") from None
-    if array.ndim != NDIM[column]:
-        raise ValueError(f"{column}: {array.ndim}-D array, expected {NDIM[column]}-D")
-    if column != "mask" and not np.isfinite(array).all():
+    ndim = (NDIM | ALT_NDIM)[column]
+    if array.ndim != ndim:
+        raise ValueError(f"{column}: {array.ndim}-D array, expected {ndim}-D")
+    if not column.startswith("mask") and not np.isfinite(array).all():
         raise ValueError(f"{column}: non-finite values")
     return array
 
@@ -119,10 +129,12 @@ def decode_latent_row(row: dict, text_tokens: int | None = None) -> list[dict]:
     key = _text(row.get("__key__"))
     try:
         out = {column: _array(row.get(f"{column}.npy"), column) for column in NDIM}
+        out |= _alternatives(row, out["text"])
         if text_tokens and len(out["mask"]) > text_tokens:
-            if out["mask"][text_tokens:].any():
+            if out["mask"][text_tokens:].any() or out["mask_alt"][:, text_tokens:].any():
                 raise ValueError(f"mask: a token past the index's text_tokens={text_tokens}")
-            out["text"], out["mask"] = out["text"][:text_tokens], out["mask"][:text_tokens]
+            for c in ("text", "mask"):
+                out[c], out[c + "_alt"] = out[c][:text_tokens], out[c + "_alt"][:, :text_tokens]
         caption = row.get("txt")
         out["caption"] = (bytes(caption).decode("utf-8") if isinstance(caption, bytes | bytearray)
                           else _text(caption))
@@ -135,6 +147,18 @@ def decode_latent_row(row: dict, text_tokens: int | None = None) -> list[dict]:
     return [out]
 
 
+def _alternatives(row: dict, text: np.ndarray) -> dict[str, np.ndarray]:
+    """text_alt (K, L, D) and mask_alt (K, L) of a row; K = 0 where the sample has none."""
+    if row.get("text_alt.npy") is None and row.get("mask_alt.npy") is None:
+        return {"text_alt": np.zeros((0, *text.shape), text.dtype),
+                "mask_alt": np.zeros((0, text.shape[0]), np.uint8)}
+    alt = {c: _array(row.get(f"{c}.npy"), c) for c in ALT_NDIM}
+    if alt["text_alt"].shape[1:] != text.shape or alt["mask_alt"].shape != alt["text_alt"].shape[:2]:
+        raise ValueError(f"text_alt: shape {alt['text_alt'].shape} / mask_alt "
+                         f"{alt['mask_alt'].shape} do not fit text {text.shape}")
+    return alt
+
+
 def decode_latent_rows(rows: list[dict], text_tokens: int | None = None) -> list[pa.Table]:
     """A read task's rows of raw members -> training blocks (`decode_latent_row` each, damaged
     samples skipped), one block per array geometry in the order first seen (a bucketed data set
@@ -142,9 +166,9 @@ def decode_latent_rows(rows: list[dict], text_tokens: int | None = None) -> list
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         for out in decode_latent_row(row, text_tokens):
-            groups.setdefault(tuple(out[c].shape for c in NDIM), []).append(out)
+            groups.setdefault(tuple(out[c].shape for c in COLUMNS), []).append(out)
     return [BlockAccessor.batch_to_block(
-        {**{c: np.stack([r[c] for r in group]) for c in NDIM},
+        {**{c: np.stack([r[c] for r in group]) for c in COLUMNS},
          "caption": np.array([r["caption"] for r in group], dtype=object),
          "key": np.array([r["key"] for r in group], dtype=object)})
         for group in groups.values()]

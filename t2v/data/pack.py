@@ -37,8 +37,10 @@ def _rel(root: str, uri: str) -> str:
     return uri[len(root.rstrip("/")) + 1:]
 
 
-def load_captions(cfg: PackConfig, files: list[str]) -> dict[str, str]:
-    """Relative video path -> caption, from a captions.jsonl/.csv table (sidecars come later)."""
+def load_captions(cfg: PackConfig, files: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """Relative video path -> (caption, alternative captions), from a captions.jsonl/.csv table
+    (sidecars come later). A jsonl row may list other captions of the clip under `captions`
+    (e.g. shorter ones): they go to the sample's json for TrainConfig.alt_caption_prob."""
     root = cfg.src.rstrip("/")
     table = cfg.captions
     if table is None:
@@ -50,22 +52,26 @@ def load_captions(cfg: PackConfig, files: list[str]) -> dict[str, str]:
     if table is None:
         return {}
     text = storage.read_text(table)
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, list[str]]] = {}
     if table.endswith(".jsonl"):
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                out[str(row["path"])] = str(row["caption"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                out[str(row["path"])] = (str(row["caption"]), row.get("captions", []))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{table}:{n}: expected {{\"path\", \"caption\"}}: {e}") from None
+            alternatives = out[str(row["path"])][1]
+            if not isinstance(alternatives, list) or not all(isinstance(a, str)
+                                                             for a in alternatives):
+                raise ValueError(f"{table}:{n}: captions: expected a list of strings")
     elif table.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
             raise ValueError(f"{table}:1: header must have 'path' and 'caption' columns")
         for row in reader:
-            out[row["path"]] = row["caption"]
+            out[row["path"]] = (row["caption"], [])
     else:
         raise ValueError(f"{table}: captions table must be .jsonl or .csv")
     return out
@@ -89,8 +95,9 @@ def plan_shards(cfg: PackConfig) -> tuple[list[dict], int]:
         seen.add(key)
         sidecar = str(PurePosixPath(uri).with_suffix(".txt")) if not storage.is_s3(uri) else (
             uri.rsplit(".", 1)[0] + ".txt")
-        items.append({"uri": uri, "rel": rel, "key": key, "caption": captions.get(rel),
-                      "sidecar": sidecar if sidecar in file_set else None})
+        caption, alternatives = captions.get(rel, (None, []))
+        items.append({"uri": uri, "rel": rel, "key": key, "caption": caption,
+                      "captions": alternatives, "sidecar": sidecar if sidecar in file_set else None})
     # Items travel as JSON text: Arrow would otherwise infer (and then clash on) nested schemas.
     plans = [{"index": i // cfg.shard_size, "items": json.dumps(items[i:i + cfg.shard_size])}
              for i in range(0, len(items), cfg.shard_size)]
@@ -141,6 +148,7 @@ class PackShard:
             raise ValueError(f"too short: {frames.shape[0]} frames < min_frames={cfg.min_frames}")
         fps = cfg.fps or info.fps
         meta = {"key": item["key"], "source": item["uri"], "caption": caption,
+                **({"captions": item["captions"]} if item.get("captions") else {}),
                 "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                 "width": int(frames.shape[2]), "fps": fps, **({"bucket": bucket} if bucket else {}),
                 "source_info": {"width": info.width, "height": info.height, "fps": info.fps,

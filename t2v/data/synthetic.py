@@ -54,6 +54,21 @@ STILL_TEMPLATES: tuple[str, ...] = (
     "video of a {colour} {shape} that is still",
 )
 
+# Shorter captions of a clip, each leaving out attributes (keyed by what they leave out; the
+# moving templates, then the still ones, matched to the clip's template): what a recaptioner's
+# short captions are to its long one. Training on them now and then (the clip's json
+# `captions`, TrainConfig.alt_caption_prob) makes each word drive its attribute on its own,
+# where full captions alone let a model bind shape to the colour and motion it was seen with.
+PARTIAL_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "colour": (("a {shape} moving {motion}", "{shape} moves {motion}", "a {shape} going {motion}",
+                "video of a {shape} sliding {motion}"),
+               ("a {shape} staying still", "a still {shape}", "a {shape} standing still",
+                "video of a {shape} that is still")),
+    "motion": (("a {colour} {shape}", "{colour} {shape}", "a {shape} in {colour}",
+                "video of a {colour} {shape}"),) * 2,
+    "colour+motion": (("a {shape}", "{shape}", "a {shape}", "video of a {shape}"),) * 2,
+}
+
 
 @dataclass(frozen=True)
 class Combo:
@@ -113,6 +128,16 @@ def caption(objects: list[ObjectSpec], template: int) -> str:
     return " and ".join(parts)
 
 
+def alternative_captions(objects: list[ObjectSpec], template: int) -> list[str]:
+    """The clip's shorter captions: without colour, without motion, shape alone (PARTIAL_TEMPLATES)."""
+    out = []
+    for moving, still in PARTIAL_TEMPLATES.values():
+        out.append(" and ".join(
+            (still if obj.motion == "still" else moving)[template % len(moving)].format(
+                colour=obj.colour, shape=obj.shape, motion=obj.motion) for obj in objects))
+    return list(dict.fromkeys(out))
+
+
 @dataclass(frozen=True)
 class ObjectSpec:
     colour: str
@@ -143,6 +168,10 @@ class ClipSpec:
     @property
     def caption(self) -> str:
         return caption(self.objects, self.template)
+
+    @property
+    def alternative_captions(self) -> list[str]:
+        return alternative_captions(self.objects, self.template)
 
     def meta(self) -> dict:
         """Ground truth stored in the sample's json (the main object is objects[0])."""
@@ -276,15 +305,18 @@ def allowed_combos(exclude: Iterable[str] = (), only: Iterable[str] = ()) -> lis
 def generate_samples(num: int, *, seed: int, frames: int, size: int, fps: float = 8.0,
                      exclude: Iterable[str] = (), only: Iterable[str] = (),
                      two_object_prob: float = 0.0, crf: int = 18, start: int = 0,
-                     travel: tuple[float, float] = TRAVEL,
+                     travel: tuple[float, float] = TRAVEL, alt_captions: bool = False,
                      ) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {"mp4": bytes, "txt": bytes, "json": bytes}) for clips start..start+num-1."""
+    """Yield (key, {"mp4": bytes, "txt": bytes, "json": bytes}) for clips start..start+num-1;
+    with `alt_captions` the json lists the clip's shorter captions (`captions`)."""
     allowed = allowed_combos(exclude, only)
     for i in range(start, start + num):
         spec = clip_spec(i, seed=seed, frames=frames, size=size, fps=fps, allowed=allowed,
                          two_object_prob=two_object_prob, travel=travel)
         frames_u8 = render_clip(spec)
         meta = spec.meta() | {"caption": spec.caption, "seed": seed, "index": i}
+        if alt_captions:
+            meta["captions"] = spec.alternative_captions
         yield spec.key, {
             "mp4": encode_mp4(frames_u8, fps=fps, crf=crf),
             "txt": spec.caption.encode(),
@@ -301,7 +333,7 @@ def run_synth(cfg: SynthConfig) -> dict:
     samples = generate_samples(cfg.num, seed=cfg.seed, frames=cfg.frames, size=cfg.size,
                                fps=cfg.fps, exclude=cfg.exclude, only=cfg.only,
                                two_object_prob=cfg.two_object_prob, crf=cfg.crf,
-                               travel=tuple(cfg.travel))
+                               travel=tuple(cfg.travel), alt_captions=cfg.alt_captions)
     for i, (key, fields) in enumerate(samples, 1):
         writer.write(key, fields)
         if i % cfg.shard_size == 0 or i == cfg.num:

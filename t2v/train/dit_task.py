@@ -103,11 +103,53 @@ class OnTheFlyEncoder:
         self.device = device
 
     @torch.no_grad()
-    def __call__(self, batch: VideoBatch) -> LatentBatch:
+    def __call__(self, batch: VideoBatch, alternatives: bool = False) -> LatentBatch:
+        """With `alternatives`, the clips' json `captions` are embedded too (alt_text)."""
         emb, mask = self.text(batch.captions)  # (B, L, D), (B, L)
         latent = self.vae.encode_latents(batch.video.to(self.device))  # (B, C, T', H', W')
+        alt_text = alt_mask = None
+        alts = [_captions(m) if alternatives else [] for m in batch.meta]
+        if any(alts):
+            k = max(map(len, alts))
+            flat = [c for a in alts for c in a]
+            e, m = self.text(flat)  # (N, L, D), (N, L)
+            alt_text = e.new_zeros(len(alts), k, *e.shape[1:])
+            alt_mask = m.new_zeros(len(alts), k, m.shape[1])
+            at = 0
+            for i, a in enumerate(alts):
+                alt_text[i, :len(a)], alt_mask[i, :len(a)] = e[at:at + len(a)], m[at:at + len(a)]
+                at += len(a)
         return LatentBatch(latent=latent, text=emb, mask=mask, captions=batch.captions,
-                           keys=batch.keys)
+                           keys=batch.keys, alt_text=alt_text, alt_mask=alt_mask)
+
+
+def alternative_captions(text: Tensor, mask: Tensor, alt_text: Tensor, alt_mask: Tensor,
+                         gens: list[torch.Generator], prob: float) -> tuple[Tensor, Tensor, int]:
+    """Each sample's caption, or with probability `prob` one of its alternatives (uniformly):
+    text (B, L, D), mask (B, L) from alt_text (B, K, L, D), alt_mask (B, K, L) (an alternative
+    a sample lacks has an all-False mask). Two draws from each sample's generator (keyed by
+    seed, step and key: the same choice whatever the worker count or micro-batch split).
+    Returns (text, mask, how many samples took an alternative)."""
+    have = alt_mask.any(-1).cpu()  # (B, K)
+    text, mask, used = text.clone(), mask.clone(), 0
+    for i, g in enumerate(gens):
+        use, pick = torch.rand((), generator=g).item() < prob, torch.rand((), generator=g).item()
+        choices = torch.nonzero(have[i]).flatten()
+        if use and len(choices):
+            k = int(choices[min(int(pick * len(choices)), len(choices) - 1)])
+            text[i], mask[i] = alt_text[i, k], alt_mask[i, k]
+            used += 1
+    return text, mask, used
+
+
+def _captions(meta: dict) -> list[str]:
+    """A raw clip's alternative captions (json `captions`, as encode reads them)."""
+    alts = meta.get("captions")
+    if not isinstance(alts, list):
+        return []
+    caption = str(meta.get("caption") or "").strip()
+    return [a for a in dict.fromkeys(str(a).strip() for a in alts if isinstance(a, str))
+            if a and a != caption]
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -121,6 +163,10 @@ class DiTTask(StageTask):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         self.init_meta: PackageMeta | None = read_meta(cfg.init_from) if cfg.init_from else None
+
+    @property
+    def count_names(self) -> tuple[str, ...]:
+        return ("alt_caption",) if self.cfg.alt_caption_prob else ()
 
     def check(self) -> None:
         if not self.cfg.vae:
@@ -226,7 +272,8 @@ class DiTTask(StageTask):
             return video_stream(reader, uris=train, clock=clock).dataset, VideoCollate()
         index = read_index(data.shards)
         return (latent_stream(train, shuffle_seed=data.shuffle_seed, clock=clock,
-                              text_tokens=index.get("text_tokens")),
+                              text_tokens=index.get("text_tokens"),
+                              alternatives=bool(self.cfg.alt_caption_prob)),
                 LatentCollate(text_length=index.get("max_length")))
 
     # ------------------------------------------------------------------------- workers
@@ -265,7 +312,7 @@ class DiTTask(StageTask):
         """Rectified flow with per-sample (eps, t, caption dropout) keyed by (seed, step, key):
         the same signal whatever the worker count, ZeRO stage or micro-batch split."""
         if self.encoder is not None:
-            batch = self.encoder(batch)
+            batch = self.encoder(batch, alternatives=bool(self.cfg.alt_caption_prob))
         x = batch.latent.to(self.device, self.dtype)  # (B, C, T', H', W')
         text = batch.text.to(self.device, self.dtype)  # (B, L, D)
         mask = batch.mask.to(self.device)  # (B, L)
@@ -274,6 +321,11 @@ class DiTTask(StageTask):
         t = torch.cat([sample_t(1, generator=g, shift=self.info.shift) for g in gens]).to(x)
         drop = torch.tensor([torch.rand((), generator=g).item() < self.cfg.caption_dropout
                              for g in gens], device=x.device)  # (B,)
+        if self.cfg.alt_caption_prob and batch.alt_text is not None:
+            text, mask, used = alternative_captions(text, mask, batch.alt_text.to(text),
+                                                    batch.alt_mask.to(mask), gens,
+                                                    self.cfg.alt_caption_prob)
+            self.counted["alt_caption"] += used
         text = torch.where(drop[:, None, None], self.empty[0].to(text), text)
         mask = torch.where(drop[:, None], self.empty[1], mask)
         return flow_loss(engine, x, text, mask, t=t, eps=eps)

@@ -67,7 +67,8 @@ class TensorBoard:
 
 class Monitor:
     def __init__(self, cfg: TrainConfig, info: DataInfo, run_uri: str, rank: int,
-                 world: int, data_parallel: int | None = None) -> None:
+                 world: int, data_parallel: int | None = None,
+                 count_names: tuple[str, ...] = ()) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.data_parallel = data_parallel or world
         """Replicas reading different samples (world / sequence_parallel)."""
@@ -91,6 +92,9 @@ class Monitor:
         """Seconds in each phase of a step since the last log (`lap`)."""
         self.grad_norm: float | None = None
         """Set by the worker when the engine keeps no gradient norm (fp32 ZeRO-0)."""
+        self.count_names = tuple(count_names)
+        self.counts = torch.zeros(len(self.count_names), dtype=torch.float64)
+        """The task's per-sample events since the last log (StageTask.count_names)."""
         self._lap0 = time.perf_counter()
         self.t_log = self.t_start = time.perf_counter()
         self.steps_at_start: int | None = None
@@ -139,6 +143,10 @@ class Monitor:
             i = self.buckets.index(bucket) if bucket in self.buckets else len(self.buckets)
             self.bucket_samples[i] += n
 
+    def add_counts(self, counts: dict[str, int]) -> None:
+        for name, n in counts.items():
+            self.counts[self.count_names.index(name)] += n
+
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += torch.tensor([float(loss), 1.0], dtype=torch.float64)
 
@@ -155,14 +163,16 @@ class Monitor:
         elapsed = max(now - self.t_log, 1e-9)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
         stats = torch.tensor([*self.loss_sum.tolist(), self.samples, self.wait,
-                              *self.phases.values(), *self.bucket_samples.tolist()],
+                              *self.phases.values(), *self.counts.tolist(),
+                              *self.bucket_samples.tolist()],
                              dtype=torch.float64)
         peak = torch.tensor([rss], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)  # sums over ranks
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         loss_sum, count, samples, wait, *rest = stats.tolist()
-        phases, per_bucket = rest[:len(PHASES)], rest[len(PHASES):]
+        phases, rest = rest[:len(PHASES)], rest[len(PHASES):]
+        counts, per_bucket = rest[:len(self.count_names)], rest[len(self.count_names):]
         steps = max(step - self.last_logged, 1)
         per_worker = samples / self.world / elapsed
         gnorm = engine.get_global_grad_norm()
@@ -180,6 +190,9 @@ class Monitor:
             # Seconds per step in each phase, the mean over ranks (data: waiting for a batch).
             "phase_data": wait / self.world / steps,
             **{f"phase_{k}": v / self.world / steps for k, v in zip(PHASES, phases, strict=True)},
+            # e.g. alt_caption_frac: the share of samples that trained on an alternative caption
+            **{f"{k}_frac": v / max(samples, 1)
+               for k, v in zip(self.count_names, counts, strict=True)},
         }
         done = step - (self.steps_at_start or 0)
         rate = done / max(now - self.t_start, 1e-9)
@@ -205,6 +218,7 @@ class Monitor:
         self.phases = dict.fromkeys(PHASES, 0.0)
         self.last_logged = step
         self.bucket_samples.zero_()
+        self.counts.zero_()
         return metrics
 
     def validated(self, step: int, val: dict[str, float]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -138,6 +139,19 @@ class StageTask(ABC):
         self.cfg = cfg
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.counted: Counter[str] = Counter()
+        """Per-sample events `loss` counts (names in `count_names`); the worker hands them to
+        the monitor, which logs each as a fraction of the interval's samples (NAME_frac)."""
+
+    @property
+    def count_names(self) -> tuple[str, ...]:
+        """The events `loss` counts in this run (fixed for the run: summed over ranks)."""
+        return ()
+
+    def pop_counts(self) -> dict[str, int]:
+        out = dict(self.counted)
+        self.counted.clear()
+        return out
 
     # ------------------------------------------------------------------------- driver
 

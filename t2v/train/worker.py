@@ -324,7 +324,7 @@ def train_loop_per_worker(config: dict) -> None:
               f"{f'; {elastic}' if elastic else ''}", flush=True)
         if position_note:
             print(f"[t2v] data position: {position_note}", flush=True)
-    monitor = Monitor(cfg, info, run_uri, rank, world, dp)
+    monitor = Monitor(cfg, info, run_uri, rank, world, dp, task.count_names)
     monitor.start(step, elastic)
 
     micro, module, gathered_at = 0, None, None
@@ -352,6 +352,8 @@ def train_loop_per_worker(config: dict) -> None:
             monitor.got_batch(len(batch.keys) if layout.is_leader else 0,  # once per group
                               task.bucket_of(batch) if column else None)
             loss = task.loss(engine, batch, step)
+            counts = task.pop_counts()  # once per group, as the samples above
+            monitor.add_counts(counts if layout.is_leader else {})
             engine.backward(loss * layout.loss_scale)  # see t2v/train/parallel.py
             monitor.add_loss(loss.detach())
             monitor.lap("forward_backward")

@@ -17,7 +17,11 @@ to the empty prompt, AdamW with the demo's betas, warm-up 50, cosine LR, clippin
 (the EMA weights render). The 96 held-out prompts (12 combinations x 8 seeds, the demo's prompt
 file) then render with 25 Euler steps and are judged by the eval's detector; so are 48 prompts of
 combinations the training data has (12 x 4 seeds, the demo's `train` split: the `train shape` /
-`train motion` columns; held-out close to train means the model composes). A row measures what the
+`train motion` columns; held-out close to train means the model composes). More keys: `wd` (AdamW
+weight decay), `clips=N` (N training clips of the same seed instead of 1024, cached apart),
+`seed` (the model's init, noise and batch order), `attr_drop=p` / `colour_drop` / `motion_drop`
+(train on the clips' shorter captions: t2v.data.synthetic.alternative_captions). rows.jsonl also
+keeps the shapes drawn per held-out combination and the right/asked count per shape. A row measures what the
 model and recipe learn in that many steps, not Ray Train's cost (bench_overhead.py)."""
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from sweep_vae import demo_data, fit, parse_variant, sweep_parser  # noqa: E402
 
-from t2v.data.synthetic import heldout_combos  # noqa: E402
+from t2v.data.synthetic import allowed_combos, clip_spec, heldout_combos  # noqa: E402
 from t2v.data.tensors import to_model_range  # noqa: E402
 from t2v.data.video import contact_sheet  # noqa: E402
 from t2v.demo import heldout_prompt_rows, training_combos  # noqa: E402
@@ -49,7 +53,23 @@ from t2v.render.model import RenderModel, render_batch  # noqa: E402
 from t2v.render.rows import Sample  # noqa: E402
 
 DEFAULT_VARIANTS = ["demo:"]
-TRAIN_KEYS = ("steps", "batch", "lr", "shift", "cfg", "render_steps", "text_layer")
+TRAIN_KEYS = ("steps", "batch", "lr", "shift", "cfg", "render_steps", "text_layer", "wd",
+              "clips", "seed", "attr_drop", "colour_drop", "motion_drop")
+# `attr_drop=p` trains on the clips' shorter captions (t2v.data.synthetic's
+# alternative_captions: without colour, without motion, the shape alone), each of colour and
+# motion left out with probability p; `colour_drop` / `motion_drop` set the two apart.
+
+
+def partial_captions(count: int, captions: list[str], travel: tuple[float, float]) -> list[list[str]]:
+    """Per training clip: [full, no colour, no motion, shape only] captions of its object."""
+    allowed = allowed_combos(exclude=[str(c) for c in heldout_combos(12)])
+    out = []
+    for i in range(count):
+        spec = clip_spec(i, seed=0, frames=9, size=32, allowed=allowed, travel=travel)
+        assert spec.caption == captions[i], (spec.caption, captions[i])
+        assert len(spec.alternative_captions) == 3, spec.alternative_captions
+        out.append([captions[i], *spec.alternative_captions])
+    return out
 
 
 def encode_latents(vae, clips: np.ndarray) -> torch.Tensor:  # noqa: ANN001
@@ -73,33 +93,45 @@ def encode_text(text: TextEncoder, captions: list[str]) -> tuple[torch.Tensor, t
 def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
                     text: torch.Tensor, mask: torch.Tensor, empty: tuple, vae, encoder,  # noqa: ANN001
                     rows: list[dict], train_rows: list[dict], clip_shape: tuple[int, int, int],
-                    steps: int, batch: int) -> list[tuple[dict, list[np.ndarray]]]:
+                    steps: int, batch: int, partial: tuple | None = None,
+                    ) -> list[tuple[dict, list[np.ndarray]]]:
     """One (row, held-out videos) per render guidance: `cfg=4/8` scores one trained model at
-    guidance 4 and 8 (rows NAME@cfg4, NAME@cfg8)."""
+    guidance 4 and 8 (rows NAME@cfg4, NAME@cfg8). `partial`: (text (N, 4, L, D), mask (N, 4, L))
+    of `partial_captions`, for `attr_drop`."""
     steps, batch = int(train_kw.get("steps", steps)), int(train_kw.get("batch", batch))
     lr, shift = float(train_kw.get("lr", 3e-3)), float(train_kw.get("shift", 1.0))
-    torch.manual_seed(0)
+    seed = int(train_kw.get("seed", 0))
+    torch.manual_seed(seed)
     cfg = dit_config("debug", **({"in_channels": x0.shape[1], "text_dim": text.shape[-1]}
                                  | model_kw))
     dit = VideoDiT(cfg)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
+    attr_drop = float(train_kw.get("attr_drop", 0.0))
+    colour_drop = float(train_kw.get("colour_drop", attr_drop))
+    motion_drop = float(train_kw.get("motion_drop", attr_drop))
 
     def loss_of(take: np.ndarray) -> torch.Tensor:
         take = torch.from_numpy(take)
         drop = torch.rand(len(take), generator=gen) < 0.1  # caption dropout to ""
-        txt = torch.where(drop[:, None, None], empty[0], text[take])
-        msk = torch.where(drop[:, None], empty[1], mask[take])
+        txt, msk = text[take], mask[take]
+        if colour_drop or motion_drop:  # 0 full, 1 no colour, 2 no motion, 3 shape only
+            which = ((torch.rand(len(take), generator=gen) < colour_drop).long()
+                     + 2 * (torch.rand(len(take), generator=gen) < motion_drop).long())
+            txt, msk = partial[0][take, which], partial[1][take, which]
+        txt = torch.where(drop[:, None, None], empty[0], txt)
+        msk = torch.where(drop[:, None], empty[1], msk)
         t = sample_t(len(take), gen, shift=shift)
         return flow_loss(dit, x0[take], txt, msk, t=t, generator=gen)
 
     seconds, final_loss = fit(name, dit, loss_of, len(x0), steps, batch, lr, warmup=50,
-                              ema_decay=0.995, every=200)
+                              ema_decay=0.995, every=200, seed=seed,
+                              weight_decay=float(train_kw.get("wd", 0.0)))
     # Rendered as `t2v render` renders (t2v.render.model.render_batch): the prompts' own seeds,
     # the sweep's steps and guidance, Euler, the training shift.
     model = RenderModel(dit.eval(), vae, encoder, torch.device("cpu"))
     frames, height, width = clip_shape
 
-    def score(rows: list[dict], guidance: float) -> tuple[dict, list[np.ndarray]]:
+    def score(rows: list[dict], guidance: float) -> tuple[dict, list[np.ndarray], list[dict]]:
         samples = [Sample(id=str(i), prompt=r["prompt"], seed=r["seed"], frames=frames,
                           height=height, width=width, steps=int(train_kw.get("render_steps", 25)),
                           cfg=guidance) for i, r in enumerate(rows)]
@@ -109,14 +141,18 @@ def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
             for r, video in zip(rows[i:i + 32], part, strict=True):
                 videos.append(video)
                 judged.append(judge(detect(video), {k: r["meta"][k] for k in TRUTH_KEYS}))
-        return summarize(judged, VOCAB), videos
+        return summarize(judged, VOCAB), videos, judged
 
     guidances = train_kw.get("cfg", 4.0)
     guidances = guidances if isinstance(guidances, tuple) else (guidances,)
     results = []
     for guidance in guidances:
-        acc, videos = score(rows, float(guidance))
-        train_acc, _ = score(train_rows, float(guidance))
+        acc, videos, judged = score(rows, float(guidance))
+        train_acc, _, train_judged = score(train_rows, float(guidance))
+        by_combo: dict[str, list[str]] = {}  # held-out combination -> the shapes drawn
+        for r, j in zip(rows, judged, strict=True):
+            combo = " ".join(r["meta"][k] for k in ("colour", "shape", "motion"))
+            by_combo.setdefault(combo, []).append(str(j["shape"]["pred"]))
         label = f"{name}@cfg{guidance:g}" if len(guidances) > 1 else name
         results.append(({
             "name": label, "overrides": model_kw | train_kw | {"cfg": guidance}, "steps": steps,
@@ -124,8 +160,20 @@ def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
             "tokens": int(np.prod(dit.grid((1, *x0.shape[1:])))),
             "s_per_step": seconds / steps, "final_loss": final_loss,
             **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")},
-            **{f"train_{a}": train_acc[a]["accuracy"] for a in ("shape", "motion")}}, videos))
+            **{f"train_{a}": train_acc[a]["accuracy"] for a in ("shape", "motion")},
+            "shapes_drawn": by_combo, "shape_by_shape": per_shape(judged),
+            "train_shape_by_shape": per_shape(train_judged)}, videos))
     return results
+
+
+def per_shape(judged: list[dict]) -> dict[str, str]:
+    """{asked shape: "right/asked"}."""
+    out: dict[str, list[int]] = {}
+    for j in judged:
+        hit = out.setdefault(str(j["shape"]["truth"]), [0, 0])
+        hit[0] += bool(j["shape"]["pass"])
+        hit[1] += 1
+    return {k: f"{a}/{n}" for k, (a, n) in sorted(out.items())}
 
 
 def table(rows: list[dict]) -> str:
@@ -148,21 +196,29 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    demo = demo_data(out / "demo_clips.npz", args.travel)
     vae = load_package(args.vae, load_text=False, load_dit=False).vae.eval()
-    x0 = encode_latents(vae, demo["train"])
-    encoders: dict[int | None, tuple] = {}
+    datasets: dict[int, tuple[dict, torch.Tensor]] = {}
+    encoders: dict[tuple[int | None, int], tuple] = {}
 
-    def text_for(layer: int | None) -> tuple:
+    def data_for(count: int) -> tuple[dict, torch.Tensor]:
+        """(the demo's clips with `count` training clips, their latents)."""
+        if count not in datasets:
+            demo = demo_data(out / "demo_clips.npz", args.travel, count)
+            datasets[count] = demo, encode_latents(vae, demo["train"])
+        return datasets[count]
+
+    def text_for(layer: int | None, count: int) -> tuple:
         """(encoder, text, mask, empty) with the MiniLM hidden state `layer` (None: last)."""
-        if layer not in encoders:
+        if (layer, count) not in encoders:
             encoder = TextEncoder(TextEncoderConfig(layer=layer))
             with torch.no_grad():
-                encoders[layer] = (encoder, *encode_text(encoder, demo["captions"]),
-                                   encoder([""]))
-        return encoders[layer]
+                encoders[layer, count] = (encoder, *encode_text(encoder,
+                                                                data_for(count)[0]["captions"]),
+                                          encoder([""]))
+        return encoders[layer, count]
 
-    encoder, text, mask, _ = text_for(None)
+    demo, x0 = data_for(1024)
+    encoder, text, mask, _ = text_for(None, 1024)
     held = heldout_combos(12)
     rows = heldout_prompt_rows(held, 8)
     train_rows = heldout_prompt_rows(training_combos(12, held), 4, split="train")
@@ -172,11 +228,18 @@ def main() -> None:
     for spec in args.variant or DEFAULT_VARIANTS:
         name, model_kw, train_kw = parse_variant(spec)
         train_kw |= {k: model_kw.pop(k) for k in TRAIN_KEYS if k in model_kw}
-        layer = train_kw.get("text_layer")
-        encoder, text, mask, empty = text_for(None if layer is None else int(layer))
+        layer, count = train_kw.get("text_layer"), int(train_kw.get("clips", 1024))
+        demo, x0 = data_for(count)
+        encoder, text, mask, empty = text_for(None if layer is None else int(layer), count)
+        partial = None
+        if any(float(train_kw.get(k, 0.0)) for k in ("attr_drop", "colour_drop", "motion_drop")):
+            rows4 = partial_captions(count, demo["captions"], args.travel)
+            flat, flat_mask = encode_text(encoder, [c for four in rows4 for c in four])
+            partial = (flat.view(count, 4, *flat.shape[1:]), flat_mask.view(count, 4, -1))
+            assert partial[0].shape[2] == text.shape[1], "pad the variants as the captions"
         for result, videos in train_and_score(
                 name, model_kw, train_kw, x0, text, mask, empty, vae, encoder, rows, train_rows,
-                demo["train"].shape[1:4], args.steps, args.batch):
+                demo["train"].shape[1:4], args.steps, args.batch, partial):
             results.append(result)
             report(result, videos, rows, out)
     text_md = table(results)

@@ -94,19 +94,22 @@ def clips(num: int, *, seed: int, exclude=(), only=(), travel=TRAVEL,
     return np.stack(frames), captions, truths
 
 
-def demo_data(cache: Path, travel: tuple[float, float] = TRAVEL) -> dict:
+def demo_data(cache: Path, travel: tuple[float, float] = TRAVEL, count: int = 1024) -> dict:
     """The default demo's training clips (held-out combinations excluded) with their captions,
     and its held-out clips with their truths: {train, captions, held, truths}. `travel`: the
-    synthetic objects' path length (`SynthConfig.travel`; another one is cached apart)."""
+    synthetic objects' path length (`SynthConfig.travel`; another one is cached apart); `count`:
+    training clips (the demo's 1024, or more of the same seed's clips, cached apart)."""
     if tuple(travel) != TRAVEL:
         cache = cache.with_name(f"{cache.stem}-travel{travel[0]:g}-{travel[1]:g}{cache.suffix}")
+    if count != 1024:
+        cache = cache.with_name(f"{cache.stem}-n{count}{cache.suffix}")
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         if "captions" in z:
             return {"train": z["train"], "captions": json.loads(str(z["captions"])),
                     "held": z["held"], "truths": json.loads(str(z["truths"]))}
     held_names = [str(c) for c in heldout_combos(12)]
-    train, captions, _ = clips(1024, seed=0, exclude=held_names, travel=travel)  # seed 0
+    train, captions, _ = clips(count, seed=0, exclude=held_names, travel=travel)  # seed 0
     held, _, truths = clips(96, seed=7919, only=held_names, travel=travel)  # held-out seed
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, train=train, captions=json.dumps(captions), held=held,
@@ -116,12 +119,13 @@ def demo_data(cache: Path, travel: tuple[float, float] = TRAVEL) -> dict:
 
 def fit(name: str, module: torch.nn.Module, loss_of, count: int, steps: int, batch: int,  # noqa: ANN001
         lr: float, warmup: int, ema_decay: float, seed: int = 0,
-        every: int = 100) -> tuple[float, float]:
+        every: int = 100, weight_decay: float = 0.0) -> tuple[float, float]:
     """The demo's training recipe in one process: `steps` AdamW steps (betas 0.9/0.99, no
-    weight decay, warm-up + cosine to 0.1x, clipping at 1) of `loss_of(indices)` over `count`
+    weight decay unless given, warm-up + cosine to 0.1x, clipping at 1) of `loss_of(indices)` over `count`
     samples in a new order each pass, then the EMA weights copied into `module`; returns
     (seconds, the mean loss of the last `every` steps)."""
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.99),
+                            weight_decay=weight_decay)
     ema = EMA.of_module(module, ema_decay)
     rng = np.random.default_rng(seed)
     per_pass = count // batch  # a new order every pass, as the trainer's shuffle
