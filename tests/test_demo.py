@@ -48,6 +48,12 @@ def test_training_combos_are_seen_in_training_and_fixed():
     chosen = training_combos(6, held)
     assert len(chosen) == 6 and not {str(c) for c in chosen} & {str(c) for c in held}
     assert chosen == training_combos(6, held)
+    # Matched to the held-out set: each one's shape and motion are a held-out combination's,
+    # and all 12 follow held's shape mix (a plain draw had given 4 circles, 2 squares).
+    assert all(any((c.shape, c.motion) == (h.shape, h.motion) for h in held) for c in chosen)
+    every = training_combos(12, held)
+    assert sorted(c.shape for c in every) == sorted(h.shape for h in held)
+    assert len({str(c) for c in training_combos(78, held)}) == 78  # all the training has
     rows = heldout_prompt_rows(chosen, 2, split="train")
     assert all(r["meta"]["split"] == "train" and r["id"].startswith("train-") for r in rows)
 

@@ -206,7 +206,8 @@ class DemoConfig(Section):
     """Videos rendered per held-out combination (one prompt row each, its own seed)."""
     train_combos: int = Field(6, ge=0, le=60)
     """Combinations seen in training also rendered (seeds_per_combo each) and scored apart:
-    memorisation beside composition in the report."""
+    memorisation beside composition in the report. Matched to the held-out ones (the same
+    shapes and motions, other colours), so the two columns compare like with like."""
     heldout_clips: int = Field(32, ge=1)
     """Generator clips of the held-out combinations, for the VAE PSNR and flow-loss numbers."""
     synth: SynthConfig = Field(default_factory=SynthConfig)

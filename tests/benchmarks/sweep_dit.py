@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from sweep_vae import demo_data, fit, parse_variant, sweep_parser  # noqa: E402
+from sweep_vae import demo_data, fit, parse_variant, per_shape, sweep_parser  # noqa: E402
 
 from t2v.data.synthetic import allowed_combos, clip_spec, heldout_combos  # noqa: E402
 from t2v.data.tensors import to_model_range  # noqa: E402
@@ -164,16 +164,6 @@ def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
             "shapes_drawn": by_combo, "shape_by_shape": per_shape(judged),
             "train_shape_by_shape": per_shape(train_judged)}, videos))
     return results
-
-
-def per_shape(judged: list[dict]) -> dict[str, str]:
-    """{asked shape: "right/asked"}."""
-    out: dict[str, list[int]] = {}
-    for j in judged:
-        hit = out.setdefault(str(j["shape"]["truth"]), [0, 0])
-        hit[0] += bool(j["shape"]["pass"])
-        hit[1] += 1
-    return {k: f"{a}/{n}" for k, (a, n) in sorted(out.items())}
 
 
 def table(rows: list[dict]) -> str:

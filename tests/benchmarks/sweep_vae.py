@@ -184,7 +184,19 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
     return {"name": name, "overrides": model_kw | train_kw, "steps": steps, "batch": batch,
             "params_m": sum(p.numel() for p in vae.parameters()) / 1e6,
             "compression": vae.compression_ratio(9, 32, 32), "s_per_step": seconds / steps,
-            "psnr": psnr, **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")}}
+            "psnr": psnr, **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")},
+            "shape_by_shape": per_shape(judged)}
+
+
+def per_shape(judged: list[dict]) -> dict[str, str]:
+    """{asked shape: "right/asked"}: where the shape score comes from (squares are the first
+    to round into circles)."""
+    out: dict[str, list[int]] = {}
+    for j in judged:
+        hit = out.setdefault(str(j["shape"]["truth"]), [0, 0])
+        hit[0] += bool(j["shape"]["pass"])
+        hit[1] += 1
+    return {k: f"{a}/{n}" for k, (a, n) in sorted(out.items())}
 
 
 def table(rows: list[dict], ceiling: dict) -> str:
