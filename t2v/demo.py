@@ -290,6 +290,13 @@ def what_this_shows(report: dict, held: list[Combo], cfg: DemoConfig) -> str:
         "- VAE rec. / clips: the detector on held-out clips after the VAE and on the clips "
         "themselves, the most a render can score.",
     ]
+    shape = report["attributes"].get("shape", {}).get("confusion", {})
+    if shape:  # where the shape score comes from: what was drawn for each shape asked
+        lines.append("- shape drawn, by the shape asked (held-out): " + "; ".join(
+            f"{asked} {drawn.get(asked, 0)}/{sum(drawn.values())}"
+            + (f" (else {', '.join(f'{k} {v}' for k, v in drawn.items() if k != asked)})"
+               if set(drawn) - {asked} else "")
+            for asked, drawn in shape.items()) + ".")
     return "\n".join(lines)
 
 

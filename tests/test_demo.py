@@ -67,6 +67,10 @@ def test_quick_demo_end_to_end(ray_local, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "colour" in printed and "contact sheet" in printed
     report = json.loads((out / "eval" / "report.json").read_text())
+    drawn = report["attributes"]["shape"]["confusion"]  # what was drawn for each shape asked
+    line = next(x for x in printed.splitlines() if x.startswith("- shape drawn, by the shape"))
+    for asked, d in drawn.items():
+        assert f"{asked} {d.get(asked, 0)}/{sum(d.values())}" in line, (line, drawn)
     assert (out / "eval" / "contact_sheet.png").stat().st_size > 10_000
     assert len(list((out / "eval" / "gifs").glob("*.gif"))) == report["videos"] > 0
     assert not report["missing"] and not report["errors"]
