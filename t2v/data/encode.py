@@ -29,7 +29,13 @@ from t2v import storage
 from t2v.config import EncodeConfig
 from t2v.configfile import save_resolved
 from t2v.data.latents import LATENT_FORMAT
-from t2v.data.shards import iter_tar_samples, shard_uris, write_index, write_shard
+from t2v.data.shards import (
+    iter_tar_samples,
+    other_captions,
+    shard_uris,
+    write_index,
+    write_shard,
+)
 from t2v.data.tensors import to_model_range
 from t2v.data.video import VideoDecodeError, decode_video
 from t2v.models.package import PackageError, PackageMeta, load_package, package_hash, read_meta
@@ -142,11 +148,10 @@ class EncodeShard:
         caption = caption or str(meta.get("caption") or "").strip()
         if not caption:
             raise SkipSample("no caption (txt member)")
-        alternatives = meta.get("captions", [])
-        if not isinstance(alternatives, list) or not all(isinstance(a, str) for a in alternatives):
-            raise SkipSample("json captions: expected a list of strings")
-        alternatives = tuple(a for a in dict.fromkeys(a.strip() for a in alternatives)
-                             if a and a != caption)
+        try:
+            alternatives = tuple(other_captions(meta, caption))
+        except ValueError as e:
+            raise SkipSample(str(e)) from None
         if not fields.get("mp4"):
             raise SkipSample("no mp4 member")
         try:  # the record names shard and key; the reason need not repeat them

@@ -34,6 +34,16 @@ def safe_key(text: str) -> str:
     return key or "sample"
 
 
+def other_captions(meta: dict, caption: str) -> list[str]:
+    """A raw sample's alternative captions: its json `captions` (a list of strings), stripped,
+    without blanks, repeats or the caption itself. ValueError names the field when it is not a
+    list of strings."""
+    alternatives = meta.get("captions", [])
+    if not isinstance(alternatives, list) or not all(isinstance(a, str) for a in alternatives):
+        raise ValueError("json captions: expected a list of strings")
+    return [a for a in dict.fromkeys(a.strip() for a in alternatives) if a and a != caption]
+
+
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)

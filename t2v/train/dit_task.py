@@ -16,7 +16,7 @@ from t2v.config import ReaderConfig, TrainConfig
 from t2v.data.buckets import Bucket
 from t2v.data.collate import LatentBatch, LatentCollate, VideoBatch, VideoCollate
 from t2v.data.latents import latent_stream
-from t2v.data.shards import iter_shard_samples, read_index
+from t2v.data.shards import iter_shard_samples, other_captions, read_index
 from t2v.data.streaming import video_stream
 from t2v.data.tensors import to_model_range, to_uint8
 from t2v.data.video import contact_sheet
@@ -143,13 +143,12 @@ def alternative_captions(text: Tensor, mask: Tensor, alt_text: Tensor, alt_mask:
 
 
 def _captions(meta: dict) -> list[str]:
-    """A raw clip's alternative captions (json `captions`, as encode reads them)."""
-    alts = meta.get("captions")
-    if not isinstance(alts, list):
+    """A raw clip's alternative captions as encode reads them; a malformed field gives none
+    (the clip still trains on its caption)."""
+    try:
+        return other_captions(meta, str(meta.get("caption") or "").strip())
+    except ValueError:
         return []
-    caption = str(meta.get("caption") or "").strip()
-    return [a for a in dict.fromkeys(str(a).strip() for a in alts if isinstance(a, str))
-            if a and a != caption]
 
 
 def _npy(data: bytes) -> np.ndarray:
