@@ -64,22 +64,19 @@ class MatchedScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
 # ----------------------------------------------------------------------------- fixtures
 
 
-def _finetune(name: str, wan_package: str, train_raw: str, runs: Path, **over: object) -> str:
-    """2 steps on 2 workers from RAW shards encoded in the workers (imported VAE + umT5)."""
+@pytest.fixture(scope="module")
+def full_package(ray_local, train_raw, wan_package, tmp_path_factory) -> str:
+    """A full fine-tune: 2 steps on 2 workers from RAW shards encoded in the workers (imported
+    VAE + umT5)."""
     cfg = TrainConfig.model_validate(dict(
-        stage="dit", name=name, out=str(runs), init_from=wan_package, vae=wan_package, steps=2,
-        batch_size=2, num_workers=2, cpus_per_worker=0.5, zero_stage=2, log_every=1,
-        ckpt_every=2, val_every=2, val_samples=0, max_failures=0, optim={"lr": 1e-2},
-        data={"shards": train_raw, "encode_on_the_fly": True, "text_max_length": 16,
-              "frames": 5, "size": 16}, **over))
+        stage="dit", name="full", out=str(tmp_path_factory.mktemp("runs")), init_from=wan_package,
+        vae=wan_package, steps=2, batch_size=2, num_workers=2, cpus_per_worker=0.5, zero_stage=2,
+        log_every=1, ckpt_every=2, val_every=2, val_samples=0, max_failures=0,
+        optim={"lr": 1e-2}, data={"shards": train_raw, "encode_on_the_fly": True,
+                                  "text_max_length": 16, "frames": 5, "size": 16}))
     result = run_train(cfg)
     assert result["step"] == 2
     return str(result["package"])
-
-
-@pytest.fixture(scope="module")
-def full_package(ray_local, train_raw, wan_package, tmp_path_factory) -> str:
-    return _finetune("full", wan_package, train_raw, tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(scope="module")

@@ -216,7 +216,7 @@ class EncodeShard:
         return out
 
     def _fields(self, clip: Clip, texts: dict[str, tuple[np.ndarray, np.ndarray]],
-                source: str) -> dict[str, bytes]:
+                alternatives: list[str], source: str) -> dict[str, bytes]:
         latent, text = clip.latent, texts[clip.caption]
         meta = {**clip.meta, "key": clip.key, "caption": clip.caption, "source_key": clip.key,
                 "source_shard": source, "latent_shape": list(latent.shape), "vae": self.cfg.vae,
@@ -225,7 +225,6 @@ class EncodeShard:
         fields = {"latent.npy": npy_bytes(latent), "text.npy": npy_bytes(text[0]),
                   "mask.npy": npy_bytes(text[1]), "txt": clip.caption.encode(),
                   "json": json.dumps(meta).encode()}
-        alternatives = usable_alternatives(clip, texts)
         if alternatives:  # (K, L, D) and (K, L): what training's alt_caption_prob draws from
             fields["text_alt.npy"] = npy_bytes(np.stack([texts[a][0] for a in alternatives]))
             fields["mask_alt.npy"] = npy_bytes(np.stack([texts[a][1] for a in alternatives]))
@@ -265,8 +264,9 @@ class EncodeShard:
             if reason:
                 skipped.append({"shard": name, "key": clip.key, "reason": reason})
                 continue
-            samples.append((clip.key, self._fields(clip, texts, source)))
-            masks += [texts[c][1] for c in (clip.caption, *usable_alternatives(clip, texts))]
+            alternatives = usable_alternatives(clip, texts)
+            samples.append((clip.key, self._fields(clip, texts, alternatives, source)))
+            masks += [texts[c][1] for c in (clip.caption, *alternatives)]
             buckets[clip.meta["bucket"]] += 1
         n = write_shard(target, samples) if samples else 0
         record = {"name": name, "samples": n, "buckets": dict(sorted(buckets.items())),

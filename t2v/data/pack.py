@@ -23,7 +23,7 @@ from t2v import storage
 from t2v.config import PackConfig
 from t2v.configfile import save_resolved
 from t2v.data.buckets import choose_bucket, parse_buckets
-from t2v.data.shards import safe_key, shard_name, write_index, write_shard
+from t2v.data.shards import check_captions, safe_key, shard_name, write_index, write_shard
 from t2v.data.video import VideoDecodeError, decode_video, encode_mp4, probe_video
 from t2v.runtime import check_output_uri, ensure_ray, job_rows
 
@@ -59,13 +59,13 @@ def load_captions(cfg: PackConfig, files: list[str]) -> dict[str, tuple[str, lis
                 continue
             try:
                 row = json.loads(line)
-                out[str(row["path"])] = (str(row["caption"]), row.get("captions", []))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                path, caption = str(row["path"]), str(row["caption"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{table}:{n}: expected {{\"path\", \"caption\"}}: {e}") from None
-            alternatives = out[str(row["path"])][1]
-            if not isinstance(alternatives, list) or not all(isinstance(a, str)
-                                                             for a in alternatives):
-                raise ValueError(f"{table}:{n}: captions: expected a list of strings")
+            try:
+                out[path] = (caption, check_captions(row.get("captions", [])))
+            except ValueError as e:
+                raise ValueError(f"{table}:{n}: {e}") from None
     elif table.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):

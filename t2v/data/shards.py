@@ -34,13 +34,22 @@ def safe_key(text: str) -> str:
     return key or "sample"
 
 
+def check_captions(value: object) -> list[str]:
+    """`value` as a sample's `captions` field (its alternative captions); ValueError naming the
+    field when it is not a list of strings."""
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ValueError("captions: expected a list of strings")
+    return value
+
+
 def other_captions(meta: dict, caption: str) -> list[str]:
-    """A raw sample's alternative captions: its json `captions` (a list of strings), stripped,
+    """A raw sample's alternative captions: its json `captions` (`check_captions`), stripped,
     without blanks, repeats or the caption itself. ValueError names the field when it is not a
     list of strings."""
-    alternatives = meta.get("captions", [])
-    if not isinstance(alternatives, list) or not all(isinstance(a, str) for a in alternatives):
-        raise ValueError("json captions: expected a list of strings")
+    try:
+        alternatives = check_captions(meta.get("captions", []))
+    except ValueError as e:
+        raise ValueError(f"json {e}") from None
     return [a for a in dict.fromkeys(a.strip() for a in alternatives) if a and a != caption]
 
 
