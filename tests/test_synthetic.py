@@ -110,6 +110,39 @@ def test_travel_sets_the_path_length_and_is_checked():
         SynthConfig(travel=(0.3, 0.2))
 
 
+def test_radius_sets_the_object_size_and_paths_stay_in_the_frame():
+    """`radius`: an object's half extent as fractions of the frame side (default draws
+    unchanged); with the demo's large objects every path stays inside the frame (one longer
+    than the frame leaves is shortened, never below the detector's "still" line), and the config
+    refuses a size whose shortest path cannot fit."""
+    from t2v.config import SynthConfig
+
+    allowed = S.allowed_combos((), ())
+    assert S.clip_spec(5, seed=3, frames=9, size=32, allowed=allowed) == S.clip_spec(
+        5, seed=3, frames=9, size=32, allowed=allowed, radius=S.RADIUS)
+    radius, travel, size = (0.25, 0.3), (0.3, 0.4), 32
+    for i in range(200):
+        spec = S.clip_spec(i, seed=4, frames=9, size=size, allowed=allowed, travel=travel,
+                           radius=radius, two_object_prob=0.5)
+        for obj in spec.objects:
+            assert radius[0] * size <= obj.radius <= radius[1] * size
+            if obj.motion != "still":
+                assert 0.15 * size < obj.speed * 8 <= travel[1] * size
+            for t in (0, 8):  # a path is a straight line: its ends bound it
+                x, y = obj.centre(t)
+                assert obj.radius <= min(x, y) and max(x, y) <= size - obj.radius, (i, obj, t)
+        # the object is drawn that large: its mask covers about a square's or circle's area
+        main = spec.objects[0]
+        area = (S.render_clip(spec)[0].astype(int) != spec.background).any(-1).sum()
+        assert area > (0.5 if main.shape == "triangle" else 2.5) * (radius[0] * size) ** 2
+    assert SynthConfig().radius == S.RADIUS
+    assert SynthConfig(radius=radius, travel=travel).radius == radius
+    with pytest.raises(ValueError, match="leaves it"):
+        SynthConfig(radius=(0.25, 0.35), travel=(0.3, 0.4))
+    with pytest.raises(ValueError, match="radius must be"):
+        SynthConfig(radius=(0.3, 0.2))
+
+
 def test_alternative_captions_leave_out_colour_motion_or_both():
     """Each clip's json `captions`: without its colour, without its motion, its shape alone
     (every object of a two-object clip alike), the words of the clip's own template."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from t2v.config.base import ActorPool, Section
 
@@ -33,6 +33,10 @@ class SynthConfig(Section):
     travel: tuple[float, float] = (0.35, 0.5)
     """How far a moving object goes over a clip: [min, max] fractions of the frame side, one
     drawn per object (the detector calls under 0.15 "still")."""
+    radius: tuple[float, float] = (0.14, 0.2)
+    """An object's radius (half its extent): [min, max] fractions of the frame side, one drawn
+    per object (a square's side is 1.8 radii). A moving object's path that would leave the
+    frame is shortened to fit."""
     alt_captions: bool = False
     """Also write each clip's shorter captions (without colour, without motion, the shape
     alone) to its json `captions`, for training with alt_caption_prob."""
@@ -43,6 +47,23 @@ class SynthConfig(Section):
         if not 0 < v[0] <= v[1] <= 0.6:
             raise ValueError(f"travel must be [min, max] with 0 < min <= max <= 0.6, got {list(v)}")
         return v
+
+    @field_validator("radius")
+    @classmethod
+    def _radius(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.05 <= v[0] <= v[1] <= 0.35:
+            raise ValueError(f"radius must be [min, max] with 0.05 <= min <= max <= 0.35, "
+                             f"got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> SynthConfig:
+        # A path longer than the frame leaves an object is shortened to fit (synthetic._place);
+        # the shortest one asked for must fit whole.
+        if 2 * self.radius[1] + self.travel[0] > 0.9:
+            raise ValueError(f"an object of radius {self.radius[1]} travelling {self.travel[0]} "
+                             f"of the frame leaves it: keep 2 * radius max + travel min <= 0.9")
+        return self
 
 
 class PackConfig(Section):

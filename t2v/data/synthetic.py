@@ -194,14 +194,18 @@ class ClipSpec:
 
 TRAVEL = (0.35, 0.5)
 """How far a moving object goes over a clip, as a range of fractions of the frame side."""
+RADIUS = (0.14, 0.2)
+"""An object's radius (half its extent), as a range of fractions of the frame side."""
 
 
 def _place(combo: Combo, size: int, frames: int, rng: np.random.Generator,
-           travel_range: tuple[float, float] = TRAVEL) -> ObjectSpec:
-    radius = float(rng.uniform(0.14, 0.2) * size)
+           travel_range: tuple[float, float] = TRAVEL,
+           radius_range: tuple[float, float] = RADIUS) -> ObjectSpec:
+    radius = float(rng.uniform(*radius_range) * size)
     margin = radius + 1.0
     # Travel at least a third of the frame so the direction is unambiguous even at 32x32.
     travel = float(rng.uniform(*travel_range) * size) if combo.motion != "still" else 0.0
+    travel = min(travel, size - 2 * margin)  # a path longer than the frame leaves: shortened
     speed = travel / max(frames - 1, 1)
     dx, dy = MOTION_VECTORS[combo.motion]
     lo_x, hi_x = margin, size - margin
@@ -228,11 +232,12 @@ def _apart(a: ObjectSpec, b: ObjectSpec, frames: int) -> bool:
 
 def clip_spec(index: int, *, seed: int, frames: int, size: int, fps: float = 8.0,
               allowed: list[Combo], two_object_prob: float = 0.0,
-              key_prefix: str = "synth", travel: tuple[float, float] = TRAVEL) -> ClipSpec:
+              key_prefix: str = "synth", travel: tuple[float, float] = TRAVEL,
+              radius: tuple[float, float] = RADIUS) -> ClipSpec:
     """The deterministic description of clip `index` of the data set with this `seed`."""
     rng = np.random.default_rng([seed, index])
     main = allowed[int(rng.integers(len(allowed)))]
-    objects = [_place(main, size, frames, rng, travel)]
+    objects = [_place(main, size, frames, rng, travel, radius)]
     if rng.random() < two_object_prob:
         others = [c for c in allowed if c.colour != main.colour and c.shape != main.shape]
         if others:
@@ -240,7 +245,7 @@ def clip_spec(index: int, *, seed: int, frames: int, size: int, fps: float = 8.0
             # Keep both objects whole: redraw the second one's path (up to 50 tries) until the
             # two never overlap, so "count" and each object's shape are in every frame.
             for _ in range(50):
-                second = _place(combo, size, frames, rng, travel)
+                second = _place(combo, size, frames, rng, travel, radius)
                 if _apart(objects[0], second, frames):
                     objects.append(second)
                     break
@@ -305,14 +310,14 @@ def allowed_combos(exclude: Iterable[str] = (), only: Iterable[str] = ()) -> lis
 def generate_samples(num: int, *, seed: int, frames: int, size: int, fps: float = 8.0,
                      exclude: Iterable[str] = (), only: Iterable[str] = (),
                      two_object_prob: float = 0.0, crf: int = 18, start: int = 0,
-                     travel: tuple[float, float] = TRAVEL, alt_captions: bool = False,
-                     ) -> Iterator[tuple[str, dict[str, bytes]]]:
+                     travel: tuple[float, float] = TRAVEL, radius: tuple[float, float] = RADIUS,
+                     alt_captions: bool = False) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {"mp4": bytes, "txt": bytes, "json": bytes}) for clips start..start+num-1;
     with `alt_captions` the json lists the clip's shorter captions (`captions`)."""
     allowed = allowed_combos(exclude, only)
     for i in range(start, start + num):
         spec = clip_spec(i, seed=seed, frames=frames, size=size, fps=fps, allowed=allowed,
-                         two_object_prob=two_object_prob, travel=travel)
+                         two_object_prob=two_object_prob, travel=travel, radius=radius)
         frames_u8 = render_clip(spec)
         meta = spec.meta() | {"caption": spec.caption, "seed": seed, "index": i}
         if alt_captions:
@@ -333,7 +338,8 @@ def run_synth(cfg: SynthConfig) -> dict:
     samples = generate_samples(cfg.num, seed=cfg.seed, frames=cfg.frames, size=cfg.size,
                                fps=cfg.fps, exclude=cfg.exclude, only=cfg.only,
                                two_object_prob=cfg.two_object_prob, crf=cfg.crf,
-                               travel=tuple(cfg.travel), alt_captions=cfg.alt_captions)
+                               travel=tuple(cfg.travel), radius=tuple(cfg.radius),
+                               alt_captions=cfg.alt_captions)
     for i, (key, fields) in enumerate(samples, 1):
         writer.write(key, fields)
         if i % cfg.shard_size == 0 or i == cfg.num:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from t2v.data.synthetic import TRAVEL, generate_samples, heldout_combos  # noqa: E402
+from t2v.data.synthetic import RADIUS, TRAVEL, generate_samples, heldout_combos  # noqa: E402
 from t2v.data.tensors import to_model_range, to_uint8  # noqa: E402
 from t2v.data.video import decode_video  # noqa: E402
 from t2v.eval.detector import detect  # noqa: E402
@@ -80,13 +80,13 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
     return name, model, train
 
 
-def clips(num: int, *, seed: int, exclude=(), only=(), travel=TRAVEL,
+def clips(num: int, *, seed: int, exclude=(), only=(), travel=TRAVEL, radius=RADIUS,
           ) -> tuple[np.ndarray, list[str], list[dict]]:
     """Synthesised clips through the demo's mp4 round trip: uint8 (N, 9, 32, 32, 3), captions,
     truths."""
     frames, captions, truths = [], [], []
     for _, fields in generate_samples(num, seed=seed, frames=9, size=32, exclude=exclude,
-                                      only=only, travel=travel):
+                                      only=only, travel=travel, radius=radius):
         frames.append(decode_video(fields["mp4"]))
         captions.append(fields["txt"].decode())
         meta = json.loads(fields["json"])
@@ -94,13 +94,17 @@ def clips(num: int, *, seed: int, exclude=(), only=(), travel=TRAVEL,
     return np.stack(frames), captions, truths
 
 
-def demo_data(cache: Path, travel: tuple[float, float] = TRAVEL, count: int = 1024) -> dict:
+def demo_data(cache: Path, travel: tuple[float, float] = TRAVEL, count: int = 1024,
+              radius: tuple[float, float] = RADIUS) -> dict:
     """The default demo's training clips (held-out combinations excluded) with their captions,
     and its held-out clips with their truths: {train, captions, held, truths}. `travel`: the
-    synthetic objects' path length (`SynthConfig.travel`; another one is cached apart); `count`:
+    synthetic objects' path length (`SynthConfig.travel`) and `radius` their size
+    (`SynthConfig.radius`; other ones are cached apart); `count`:
     training clips (the demo's 1024, or more of the same seed's clips, cached apart)."""
     if tuple(travel) != TRAVEL:
         cache = cache.with_name(f"{cache.stem}-travel{travel[0]:g}-{travel[1]:g}{cache.suffix}")
+    if tuple(radius) != RADIUS:
+        cache = cache.with_name(f"{cache.stem}-radius{radius[0]:g}-{radius[1]:g}{cache.suffix}")
     if count != 1024:
         cache = cache.with_name(f"{cache.stem}-n{count}{cache.suffix}")
     if cache.exists():
@@ -109,8 +113,10 @@ def demo_data(cache: Path, travel: tuple[float, float] = TRAVEL, count: int = 10
             return {"train": z["train"], "captions": json.loads(str(z["captions"])),
                     "held": z["held"], "truths": json.loads(str(z["truths"]))}
     held_names = [str(c) for c in heldout_combos(12)]
-    train, captions, _ = clips(count, seed=0, exclude=held_names, travel=travel)  # seed 0
-    held, _, truths = clips(96, seed=7919, only=held_names, travel=travel)  # held-out seed
+    train, captions, _ = clips(count, seed=0, exclude=held_names, travel=travel,
+                               radius=radius)  # seed 0
+    held, _, truths = clips(96, seed=7919, only=held_names, travel=travel,
+                            radius=radius)  # held-out seed
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, train=train, captions=json.dumps(captions), held=held,
              truths=json.dumps(truths))
@@ -222,6 +228,9 @@ def sweep_parser(doc: str, stage: str, steps: int, batch: int) -> argparse.Argum
     ap.add_argument("--travel", type=lambda v: tuple(float(x) for x in v.split("/")),
                     default=TRAVEL, help="MIN/MAX path length of the synthetic objects, as "
                     f"fractions of the frame (SynthConfig.travel; default {TRAVEL[0]}/{TRAVEL[1]})")
+    ap.add_argument("--radius", type=lambda v: tuple(float(x) for x in v.split("/")),
+                    default=RADIUS, help="MIN/MAX radius of the synthetic objects, as fractions "
+                    f"of the frame (SynthConfig.radius; default {RADIUS[0]}/{RADIUS[1]})")
     torch.set_num_threads(os.cpu_count() or 1)
     return ap
 
@@ -230,7 +239,7 @@ def main() -> None:
     args = sweep_parser(__doc__, "VAE", 550, 8).parse_args()
     out = Path(args.out)
     t0 = time.time()
-    demo = demo_data(out / "demo_clips.npz", args.travel)
+    demo = demo_data(out / "demo_clips.npz", args.travel, radius=args.radius)
     data, held, truths = demo["train"], demo["held"], demo["truths"]
     print(f"data: {len(data)} training clips, {len(held)} held-out ({time.time() - t0:.0f} s)",
           flush=True)
