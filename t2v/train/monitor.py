@@ -26,10 +26,12 @@ from t2v.train.tracking import Tracking, open_tracking
 
 GPU_PEAK = 989e12
 CPU_PEAK = 2.6e11
-PHASES = ("forward_backward", "optimizer", "ema", "log", "checkpoint")
+PHASES = ("forward_backward", "reduce", "optimizer", "ema", "log", "checkpoint")
 """Where a step's time goes (`Monitor.lap`), besides waiting for data: the loss and its
-backward, DeepSpeed's step (gradient reduction and AdamW), the EMA update, logging (metrics,
-TensorBoard, Ray Train's report) and checkpoints with validation."""
+backward, the gradient reduction that DeepSpeed runs after the backward pass (all of it at
+ZeRO-0/1, the part not overlapped with it at ZeRO-2/3; the wait for the slowest rank is
+inside), DeepSpeed's step (clipping, AdamW), the EMA update, logging (metrics, TensorBoard,
+Ray Train's report) and checkpoints with validation."""
 
 
 class TensorBoard:

@@ -14,7 +14,8 @@ The demo's DiT (the `debug` preset on latents of the demo's VAE geometry — the
 - `engine`: one process, one thread, one rank's batch: a bare step against DeepSpeed's engine
   at ZeRO-0 and ZeRO-2 (no communication): what the engine itself costs;
 samples/s after a warm-up, and for `ray` the per-phase split the workers measure (data wait,
-forward+backward, optimizer step with its all-reduce, EMA, reporting). Target ([5/7] item 4):
+forward+backward, the gradient reduction after it with the wait for the other rank, optimizer
+step, EMA, reporting); for `ds` the same reduction, timed the same way. Target ([5/7] item 4):
 `ray` >= 0.8x `bare`. Prints a markdown table; --out keeps the numbers.
 """
 
@@ -180,12 +181,23 @@ def _ds_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, po
     data = load_latents(shards)
     model, opt = build(cfg, data)
     eng = initialize_engine(model, opt, None, deepspeed_config(cfg, False), False)
+    reduce, spent = eng.allreduce_gradients, []
+
+    def timed_reduce(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - as t2v's `reduce` phase
+        t0 = time.perf_counter()
+        out = reduce(*args, **kwargs)
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    eng.allreduce_gradients = timed_reduce
 
     def update(loss) -> None:  # noqa: ANN001
         eng.backward(loss)
         eng.step()
 
     rate = loop(eng, update, data, steps, BATCH // world, rank, world)
+    warm = spent[20:]  # as loop's warm-up
+    Path(f"{result}.rank{rank}").write_text(json.dumps(sum(warm) / max(len(warm), 1)))
     if rank == 0:
         Path(result).write_text(json.dumps(rate))
     dist.destroy_process_group()
@@ -212,10 +224,16 @@ def ddp(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> dict:
 def ds(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> list[dict]:
     """Two processes with DeepSpeed's engine at ZeRO-2 and ZeRO-0 over gloo, no Ray: what
     DeepSpeed costs at two ranks, apart from what Ray Train and Ray Data cost."""
-    return [{"way": f"deepspeed ZeRO-{stage}, no Ray", "processes": 2, "threads": 1,
-             "samples_per_s": spawn2(_ds_worker, cfg.model_copy(update={"zero_stage": stage}),
-                                     shards, steps, f"{tmp}/ds{stage}.json")}
-            for stage in (2, 0)]
+    rows = []
+    for stage in (2, 0):
+        result = f"{tmp}/ds{stage}.json"
+        rate = spawn2(_ds_worker, cfg.model_copy(update={"zero_stage": stage}), shards, steps,
+                      result)
+        # The gradient reduction after the backward pass, as the `ray` rows' phase "reduce".
+        reduce = [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(2)]
+        rows.append({"way": f"deepspeed ZeRO-{stage}, no Ray", "processes": 2, "threads": 1,
+                     "samples_per_s": rate, "phases": {"reduce": sum(reduce) / 2}})
+    return rows
 
 
 def engine(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> list[dict]:
