@@ -203,7 +203,7 @@ def _place(combo: Combo, size: int, frames: int, rng: np.random.Generator,
            radius_range: tuple[float, float] = RADIUS) -> ObjectSpec:
     radius = float(rng.uniform(*radius_range) * size)
     margin = radius + 1.0
-    # Travel at least a third of the frame so the direction is unambiguous even at 32x32.
+    # Travel about a third of the frame or more, so the direction is unambiguous at 32x32.
     travel = float(rng.uniform(*travel_range) * size) if combo.motion != "still" else 0.0
     travel = min(travel, size - 2 * margin)  # a path longer than the frame leaves: shortened
     speed = travel / max(frames - 1, 1)
