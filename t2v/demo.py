@@ -58,7 +58,8 @@ def default_profile() -> DemoConfig:
     return DemoConfig(
         # Objects 25-30 % of the frame side (SynthConfig.radius; 14-20 % before): at 32 px a
         # 10-px square covered about one 8-px DiT token and was drawn as a blob (held-out shape
-        # 47 %); at 14-19 px it is drawn as asked (93 %, tests/benchmarks/sweep_dit.py --radius)
+        # 47 %); at 14-19 px it is drawn as asked (95 % in sweep_dit.py --radius, 98 % in the
+        # demo: BENCHMARKS.md round 11)
         synth=SynthConfig(num=1024, frames=9, size=32, shard_size=128, radius=(0.25, 0.3),
                           travel=(0.3, 0.4)),
         # 24x at 9x32x32; the pooled-colour shortcut (VAEConfig.shortcut) gets colours right
