@@ -56,7 +56,7 @@ M = TypeVar("M", bound=BaseModel)
 def default_profile() -> DemoConfig:
     """32x32, 9 frames: <= 10 minutes on a 2-core laptop (BENCHMARKS.md)."""
     return DemoConfig(
-        # Objects 25-30 % of the frame side (SynthConfig.radius; 14-20 % before): at 32 px a
+        # Objects of radius 25-30 % of the frame side (SynthConfig.radius; 14-20 % before): a
         # 10-px square covered about one 8-px DiT token and was drawn as a blob (held-out shape
         # 47 %); at 14-19 px it is drawn as asked (95 % in sweep_dit.py --radius, 98 % in the
         # demo: BENCHMARKS.md round 11)
