@@ -61,12 +61,13 @@ TRAIN_KEYS = ("steps", "batch", "lr", "shift", "cfg", "render_steps", "text_laye
 
 
 def partial_captions(count: int, captions: list[str], travel: tuple[float, float],
-                     radius: tuple[float, float]) -> list[list[str]]:
+                     radius: tuple[float, float], frames: int = 9, size: int = 32,
+                     ) -> list[list[str]]:
     """Per training clip: [full, no colour, no motion, shape only] captions of its object."""
     allowed = allowed_combos(exclude=[str(c) for c in heldout_combos(12)])
     out = []
     for i in range(count):
-        spec = clip_spec(i, seed=0, frames=9, size=32, allowed=allowed, travel=travel,
+        spec = clip_spec(i, seed=0, frames=frames, size=size, allowed=allowed, travel=travel,
                          radius=radius)
         assert spec.caption == captions[i], (spec.caption, captions[i])
         assert len(spec.alternative_captions) == 3, spec.alternative_captions
@@ -195,7 +196,8 @@ def main() -> None:
     def data_for(count: int) -> tuple[dict, torch.Tensor]:
         """(the demo's clips with `count` training clips, their latents)."""
         if count not in datasets:
-            demo = demo_data(out / "demo_clips.npz", args.travel, count, args.radius)
+            demo = demo_data(out / "demo_clips.npz", args.travel, count, args.radius,
+                             args.frames, args.size)
             datasets[count] = demo, encode_latents(vae, demo["train"])
         return datasets[count]
 
@@ -225,7 +227,8 @@ def main() -> None:
         encoder, text, mask, empty = text_for(None if layer is None else int(layer), count)
         partial = None
         if any(float(train_kw.get(k, 0.0)) for k in ("attr_drop", "colour_drop", "motion_drop")):
-            rows4 = partial_captions(count, demo["captions"], args.travel, args.radius)
+            rows4 = partial_captions(count, demo["captions"], args.travel, args.radius,
+                                     args.frames, args.size)
             flat, flat_mask = encode_text(encoder, [c for four in rows4 for c in four])
             partial = (flat.view(count, 4, *flat.shape[1:]), flat_mask.view(count, 4, -1))
             assert partial[0].shape[2] == text.shape[1], "pad the variants as the captions"

@@ -53,7 +53,8 @@ DEFAULT_VARIANTS = [
     "wide:latent_channels=6,shortcut=true,base_channels=32",
     "wide-edge:latent_channels=6,shortcut=true,base_channels=32,edge_weight=1.0",
 ]
-TRAIN_KEYS = {"steps": int, "lr": float, "batch": int, "edge_weight": float, "kl_weight": float}
+TRAIN_KEYS = {"steps": int, "lr": float, "batch": int, "edge_weight": float, "kl_weight": float,
+              "crop": int, "crop_frames": int}
 
 
 def parse_value(text: str) -> object:
@@ -81,42 +82,45 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
 
 
 def clips(num: int, *, seed: int, exclude=(), only=(), travel=TRAVEL, radius=RADIUS,
-          ) -> tuple[np.ndarray, list[str], list[dict]]:
-    """Synthesised clips through the demo's mp4 round trip: uint8 (N, 9, 32, 32, 3), captions,
-    truths."""
-    frames, captions, truths = [], [], []
-    for _, fields in generate_samples(num, seed=seed, frames=9, size=32, exclude=exclude,
+          frames: int = 9, size: int = 32) -> tuple[np.ndarray, list[str], list[dict]]:
+    """Synthesised clips through the demo's mp4 round trip: uint8 (N, frames, size, size, 3),
+    captions, truths."""
+    videos, captions, truths = [], [], []
+    for _, fields in generate_samples(num, seed=seed, frames=frames, size=size, exclude=exclude,
                                       only=only, travel=travel, radius=radius):
-        frames.append(decode_video(fields["mp4"]))
+        videos.append(decode_video(fields["mp4"]))
         captions.append(fields["txt"].decode())
         meta = json.loads(fields["json"])
         truths.append({k: meta[k] for k in TRUTH_KEYS if k in meta})
-    return np.stack(frames), captions, truths
+    return np.stack(videos), captions, truths
 
 
 def demo_data(cache: Path, travel: tuple[float, float] = TRAVEL, count: int = 1024,
-              radius: tuple[float, float] = RADIUS) -> dict:
+              radius: tuple[float, float] = RADIUS, frames: int = 9, size: int = 32) -> dict:
     """The default demo's training clips (held-out combinations excluded) with their captions,
     and its held-out clips with their truths: {train, captions, held, truths}. `travel`: the
     synthetic objects' path length (`SynthConfig.travel`) and `radius` their size
     (`SynthConfig.radius`; other ones are cached apart); `count`:
-    training clips (the demo's 1024, or more of the same seed's clips, cached apart)."""
+    training clips (the demo's 1024, or more of the same seed's clips, cached apart); `frames`
+    and `size`: the clips' geometry (the default demo's 9x32x32; `t2v demo --long`'s is
+    17x64x64, cached apart)."""
     if tuple(travel) != TRAVEL:
         cache = cache.with_name(f"{cache.stem}-travel{travel[0]:g}-{travel[1]:g}{cache.suffix}")
     if tuple(radius) != RADIUS:
         cache = cache.with_name(f"{cache.stem}-radius{radius[0]:g}-{radius[1]:g}{cache.suffix}")
     if count != 1024:
         cache = cache.with_name(f"{cache.stem}-n{count}{cache.suffix}")
+    if (frames, size) != (9, 32):
+        cache = cache.with_name(f"{cache.stem}-{frames}x{size}{cache.suffix}")
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         if "captions" in z:
             return {"train": z["train"], "captions": json.loads(str(z["captions"])),
                     "held": z["held"], "truths": json.loads(str(z["truths"]))}
     held_names = [str(c) for c in heldout_combos(12)]
-    train, captions, _ = clips(count, seed=0, exclude=held_names, travel=travel,
-                               radius=radius)  # seed 0
-    held, _, truths = clips(96, seed=7919, only=held_names, travel=travel,
-                            radius=radius)  # held-out seed
+    geometry = {"travel": travel, "radius": radius, "frames": frames, "size": size}
+    train, captions, _ = clips(count, seed=0, exclude=held_names, **geometry)  # seed 0
+    held, _, truths = clips(96, seed=7919, only=held_names, **geometry)  # held-out seed
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, train=train, captions=json.dumps(captions), held=held,
              truths=json.dumps(truths))
@@ -167,9 +171,19 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
     loss_kw = {k: train_kw[k] for k in ("edge_weight", "kl_weight") if k in train_kw}
     torch.manual_seed(0)
     vae = CausalVideoVAE(vae_config("debug", **model_kw))
+    crop_rng = np.random.default_rng(0)
+    _, frames, height, width, _ = data.shape
+    side, length = train_kw.get("crop", min(height, width)), train_kw.get("crop_frames", frames)
+    if side > min(height, width) or length > frames:
+        raise SystemExit(f"{name}: crop {length}x{side}x{side} exceeds the clips' "
+                         f"{frames}x{height}x{width}")
 
     def loss_of(take: np.ndarray) -> torch.Tensor:
-        x = to_model_range(data[take])
+        # A random window of `crop_frames` frames and `crop` x `crop` pixels per batch (the
+        # conv VAE is the same at any size, so it can learn on crops and run on whole frames)
+        t0 = int(crop_rng.integers(frames - length + 1))
+        y0, x0 = (int(v) for v in crop_rng.integers(0, (height - side + 1, width - side + 1)))
+        x = to_model_range(data[take][:, t0:t0 + length, y0:y0 + side, x0:x0 + side])
         recon, posterior = vae(x)
         return vae.loss(x, recon, posterior, **loss_kw)["total"]
 
@@ -189,7 +203,7 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
     acc = summarize(judged, VOCAB)
     return {"name": name, "overrides": model_kw | train_kw, "steps": steps, "batch": batch,
             "params_m": sum(p.numel() for p in vae.parameters()) / 1e6,
-            "compression": vae.compression_ratio(9, 32, 32), "s_per_step": seconds / steps,
+            "compression": vae.compression_ratio(*held.shape[1:4]), "s_per_step": seconds / steps,
             "psnr": psnr, **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")},
             "shape_by_shape": per_shape(judged)}
 
@@ -231,6 +245,10 @@ def sweep_parser(doc: str, stage: str, steps: int, batch: int) -> argparse.Argum
     ap.add_argument("--radius", type=lambda v: tuple(float(x) for x in v.split("/")),
                     default=RADIUS, help="MIN/MAX radius of the synthetic objects, as fractions "
                     f"of the frame (SynthConfig.radius; default {RADIUS[0]}/{RADIUS[1]})")
+    ap.add_argument("--frames", type=int, default=9, help="frames a clip (default 9, the "
+                    "default demo's; `t2v demo --long` trains on 17)")
+    ap.add_argument("--size", type=int, default=32, help="frame side in pixels (default 32, "
+                    "the default demo's; `t2v demo --long` trains on 64)")
     torch.set_num_threads(os.cpu_count() or 1)
     return ap
 
@@ -239,7 +257,8 @@ def main() -> None:
     args = sweep_parser(__doc__, "VAE", 550, 8).parse_args()
     out = Path(args.out)
     t0 = time.time()
-    demo = demo_data(out / "demo_clips.npz", args.travel, radius=args.radius)
+    demo = demo_data(out / "demo_clips.npz", args.travel, radius=args.radius,
+                     frames=args.frames, size=args.size)
     data, held, truths = demo["train"], demo["held"], demo["truths"]
     print(f"data: {len(data)} training clips, {len(held)} held-out ({time.time() - t0:.0f} s)",
           flush=True)
