@@ -609,3 +609,56 @@ def test_data_position_is_exact_with_the_same_split_and_counts_samples_with_anot
     assert checkpoint.data_position(None, 2, 2) == (0, 0, None)
     before = {k: v for k, v in saved.items() if k != "data"}  # a checkpoint from before
     assert checkpoint.data_position(before, 2, 2)[:2] == (0, 0)
+
+
+def test_vae_crop_windows_are_per_clip_slices_and_bad_crops_are_refused(tmp_path, capsys,
+                                                                        monkeypatch):
+    """`data.crop`: each clip's window is a slice of that clip, placed by its own (seed, step,
+    key) generator (another step moves it, the same step repeats it); windows that the VAE cannot
+    run, or stage dit, are refused in one line before Ray starts."""
+    from t2v.cli import main
+    from t2v.train import trainer
+    from t2v.train.vae_task import crop_windows
+
+    x = torch.arange(2 * 3 * 9 * 32 * 32, dtype=torch.float32).view(2, 3, 9, 32, 32)
+    keys = ["a", "b"]
+    got = crop_windows(x, 5, 16, per_sample_generators(0, 7, keys, "vae-crop"))
+    assert got.shape == (2, 3, 5, 16, 16)
+    starts = []
+    for clip, window in zip(x, got, strict=True):  # the value at [0, 0, 0, 0] locates it
+        t0, rest = divmod(int(window[0, 0, 0, 0]) % (9 * 32 * 32), 32 * 32)
+        y0, x0 = divmod(rest, 32)
+        assert torch.equal(window, clip[:, t0:t0 + 5, y0:y0 + 16, x0:x0 + 16])
+        starts.append((t0, y0, x0))
+    again = crop_windows(x, 5, 16, per_sample_generators(0, 7, keys, "vae-crop"))
+    assert torch.equal(got, again)
+    moved = [crop_windows(x, 5, 16, per_sample_generators(0, s, keys, "vae-crop"))
+             for s in range(8, 12)]
+    assert any(not torch.equal(got, m) for m in moved)
+    assert starts[0] != starts[1] or not torch.equal(got[0], got[1])
+    with pytest.raises(ValueError, match="cannot cut 2 windows of 11x16x16"):
+        crop_windows(x, 11, 16, per_sample_generators(0, 7, keys))
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("started Ray")
+
+    monkeypatch.setattr(trainer, "ensure_ray", no_ray)
+    (tmp_path / "shards").mkdir()
+    base = ["train", f"out={tmp_path}/runs", f"data.shards={tmp_path}/shards"]
+    cases = {
+        ("stage=vae", "data.crop=[8,16]"):
+            "data.crop=[8, 16]: the VAE needs 1 + k x 4 frames and a multiple of 4 pixels "
+            "(e.g. [5, 16])",
+        ("stage=vae", "data.crop=[5,18]"):
+            "data.crop=[5, 18]: the VAE needs 1 + k x 4 frames and a multiple of 4 pixels "
+            "(e.g. [5, 16])",
+        ("stage=vae", "data.crop=[5]"):
+            "data.crop: Value error, crop must be [frames, side] with frames >= 1 and side >= 2 "
+            "(got [5])",
+        ("stage=dit", "vae=unused", "data.crop=[5,16]"):
+            "data.crop=[5, 16] is for stage vae (the DiT trains on whole clips' latents)",
+    }
+    for args, message in cases.items():
+        assert main([*base, *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith(message), (args, err)

@@ -18,6 +18,12 @@ class TrainDataConfig(Section):
     """Clip length for raw shards (stage vae / on-the-fly encoding)."""
     size: int | None = Field(None, ge=2)
     """Square side for raw shards (None keeps the stored size)."""
+    crop: list[int] | None = None
+    """Stage vae: [frames, side]: each clip of a batch trains as its own random window of
+    `frames` frames (1 + k x the VAE's temporal factor) and `side` x `side` pixels (a multiple
+    of its spatial factor), drawn from (seed, step, the clip's key). The VAE is convolutional,
+    so what it learns on windows holds on whole clips, which validation, the latent statistics
+    and the export use; a step costs about the window's share of a clip. None: whole clips."""
     shuffle_seed: int = 0
     """Shard order of pass p = a permutation drawn from (shuffle_seed, p); see
     t2v/data/tarsource.py."""
@@ -42,6 +48,14 @@ class TrainDataConfig(Section):
     """Text encoder for encode_on_the_fly; None takes the `vae` package's, as `t2v encode`."""
     text_max_length: int | None = Field(None, ge=1)
     """Tokens per caption for encode_on_the_fly; None keeps the text encoder's."""
+
+
+    @field_validator("crop")
+    @classmethod
+    def _crop(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or v[0] < 1 or v[1] < 2):
+            raise ValueError("crop must be [frames, side] with frames >= 1 and side >= 2")
+        return v
 
 
 class OptimConfig(Section):

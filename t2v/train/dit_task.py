@@ -171,6 +171,9 @@ class DiTTask(StageTask):
         if not self.cfg.vae:
             raise ValueError("train: stage dit needs vae=PACKAGE (the VAE the latents were made "
                              "with)")
+        if self.cfg.data.crop is not None:
+            raise ValueError(f"data.crop={self.cfg.data.crop} is for stage vae (the DiT trains "
+                             "on whole clips' latents)")
         if self.cfg.lora.rank and not self.cfg.init_from:
             raise ValueError(f"lora.rank={self.cfg.lora.rank} needs stage dit and init_from="
                              "PACKAGE (got init_from None)")

@@ -19,7 +19,7 @@ from t2v.models.dit import Whole
 from t2v.models.latent import fit_latent_stats
 from t2v.models.package import load_package, save_package
 from t2v.models.vae import CausalVideoVAE, vae_config
-from t2v.train.schedule import sample_seed, train_flops
+from t2v.train.schedule import per_sample_generators, sample_seed, train_flops
 from t2v.train.task import (
     VAL_COUNT,
     DataInfo,
@@ -41,22 +41,58 @@ class VAEData(DataInfo):
     """Held-out clips uint8 (N, T, H, W, 3): the first VAL_COUNT validate, all fit the stats."""
 
 
+def crop_windows(x: Tensor, frames: int, side: int,
+                 generators: list[torch.Generator]) -> Tensor:
+    """(B, C, T, H, W) -> (B, C, frames, side, side): clip i's window starts where its own
+    generator draws (uniform over the positions that fit)."""
+    b, _, t, h, w = x.shape
+    if len(generators) != b or frames > t or side > min(h, w):
+        raise ValueError(f"cannot cut {b} windows of {frames}x{side}x{side} from "
+                         f"{tuple(x.shape)} with {len(generators)} generators")
+    out = []
+    for clip, g in zip(x, generators, strict=True):
+        t0, y0, x0 = (int(torch.randint(n + 1, (), generator=g))
+                      for n in (t - frames, h - side, w - side))
+        out.append(clip[:, t0:t0 + frames, y0:y0 + side, x0:x0 + side])
+    return torch.stack(out)
+
+
 class VAETask(StageTask):
     stage = "vae"
 
     info: VAEData
+
+    def check(self) -> None:
+        super().check()
+        if self.cfg.data.crop is None:
+            return
+        (frames, side), vae = self.cfg.data.crop, vae_config(self.cfg.model,
+                                                             **self.cfg.model_overrides)
+        if (frames - 1) % vae.temporal_down or side % vae.spatial_down:
+            raise ValueError(f"data.crop={self.cfg.data.crop}: the VAE needs 1 + k x "
+                             f"{vae.temporal_down} frames and a multiple of {vae.spatial_down} "
+                             f"pixels (e.g. [{(frames - 1) // vae.temporal_down * vae.temporal_down + 1}, "
+                             f"{max(side // vae.spatial_down, 1) * vae.spatial_down}])")
 
     def describe_data(self, val_uri: str, buckets: dict[str, int]) -> VAEData:
         cfg = self.cfg
         clips = read_clips(val_uri, cfg.data.frames, cfg.data.size, STATS_COUNT)
         video = np.stack([c.frames for c in clips])  # (N, T, H, W, 3) uint8
         t, h, w = video.shape[1:4]
+        seen = (t, h, w)  # what one training sample is: the clip, or its window
+        if cfg.data.crop is not None:
+            frames, side = cfg.data.crop
+            if frames > t or side > min(h, w):
+                raise ValueError(f"data.crop={cfg.data.crop}: a window of {frames}x{side}x{side}"
+                                 f" does not fit the {t}x{h}x{w} clips of {val_uri}")
+            seen = (frames, side, side)
         with torch.device("meta"):  # counts FLOPs without computing anything
             probe = CausalVideoVAE(vae_config(cfg.model, **cfg.model_overrides))
             with FlopCounterMode(display=False) as counter:
-                probe(torch.zeros(1, 3, t, h, w), sample_posterior=False)
+                probe(torch.zeros(1, 3, *seen), sample_posterior=False)
         return VAEData(frames=t, height=h, width=w,
-                       fps=clip_fps([c.meta for c in clips]), tokens_per_sample=t * h * w,
+                       fps=clip_fps([c.meta for c in clips]),
+                       tokens_per_sample=int(np.prod(seen)),
                        train_flops_per_sample=train_flops(counter.get_total_flops()), video=video,
                        buckets=buckets)
 
@@ -77,6 +113,9 @@ class VAETask(StageTask):
 
     def loss(self, engine: nn.Module, batch: VideoBatch, step: int) -> Tensor:
         x = batch.video.to(self.device, self.dtype)  # (B, 3, T, H, W)
+        if self.cfg.data.crop is not None:  # each clip's window from (seed, step, its key)
+            gens = per_sample_generators(self.cfg.seed, step, batch.keys, "vae-crop")
+            x = crop_windows(x, *self.cfg.data.crop, gens)  # (B, 3, frames, side, side)
         # The posterior's noise from (seed, step, the batch's samples), not from the process's
         # RNG: a resumed run draws what an uninterrupted one would.
         seed = sample_seed(self.cfg.seed, step, ",".join(batch.keys), "vae-posterior")
