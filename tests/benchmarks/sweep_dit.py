@@ -20,7 +20,9 @@ combinations the training data has (12 x 4 seeds, the demo's `train` split: the 
 `train motion` columns; held-out close to train means the model composes). More keys: `wd` (AdamW
 weight decay), `clips=N` (N training clips of the same seed instead of 1024, cached apart),
 `seed` (the model's init, noise and batch order), `attr_drop=p` / `colour_drop` / `motion_drop`
-(train on the clips' shorter captions: t2v.data.synthetic.alternative_captions). rows.jsonl also
+(train on the clips' shorter captions: t2v.data.synthetic.alternative_captions),
+`shard_order=S` (each pass reads shards of S clips in a new order, each in stored order, as
+`t2v train` streams them without a local shuffle buffer). rows.jsonl also
 keeps the shapes drawn per held-out combination and the right/asked count per shape. A row measures what the
 model and recipe learn in that many steps, not Ray Train's cost (bench_overhead.py)."""
 
@@ -54,7 +56,7 @@ from t2v.render.rows import Sample  # noqa: E402
 
 DEFAULT_VARIANTS = ["demo:"]
 TRAIN_KEYS = ("steps", "batch", "lr", "shift", "cfg", "render_steps", "text_layer", "wd",
-              "clips", "seed", "attr_drop", "colour_drop", "motion_drop")
+              "clips", "seed", "attr_drop", "colour_drop", "motion_drop", "shard_order")
 # `attr_drop=p` trains on the clips' shorter captions (t2v.data.synthetic's
 # alternative_captions: without colour, without motion, the shape alone), each of colour and
 # motion left out with probability p; `colour_drop` / `motion_drop` set the two apart.
@@ -128,7 +130,8 @@ def train_and_score(name: str, model_kw: dict, train_kw: dict, x0: torch.Tensor,
 
     seconds, final_loss = fit(name, dit, loss_of, len(x0), steps, batch, lr, warmup=50,
                               ema_decay=0.995, every=200, seed=seed,
-                              weight_decay=float(train_kw.get("wd", 0.0)))
+                              weight_decay=float(train_kw.get("wd", 0.0)),
+                              shard_order=train_kw.get("shard_order"))
     # Rendered as `t2v render` renders (t2v.render.model.render_batch): the prompts' own seeds,
     # the sweep's steps and guidance, Euler, the training shift.
     model = RenderModel(dit.eval(), vae, encoder, torch.device("cpu"))

@@ -129,11 +129,14 @@ def demo_data(cache: Path, travel: tuple[float, float] = TRAVEL, count: int = 10
 
 def fit(name: str, module: torch.nn.Module, loss_of, count: int, steps: int, batch: int,  # noqa: ANN001
         lr: float, warmup: int, ema_decay: float, seed: int = 0,
-        every: int = 100, weight_decay: float = 0.0) -> tuple[float, float]:
+        every: int = 100, weight_decay: float = 0.0,
+        shard_order: int | None = None) -> tuple[float, float]:
     """The demo's training recipe in one process: `steps` AdamW steps (betas 0.9/0.99, no
     weight decay unless given, warm-up + cosine to 0.1x, clipping at 1) of `loss_of(indices)` over `count`
     samples in a new order each pass, then the EMA weights copied into `module`; returns
-    (seconds, the mean loss of the last `every` steps)."""
+    (seconds, the mean loss of the last `every` steps). `shard_order=S`: a pass reads shards
+    of S samples in a new order but each shard's samples in stored order, as `t2v train`'s
+    stream does with `data.local_shuffle_buffer` 0 (so a pass repeats the same batches)."""
     opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.99),
                             weight_decay=weight_decay)
     ema = EMA.of_module(module, ema_decay)
@@ -144,7 +147,10 @@ def fit(name: str, module: torch.nn.Module, loss_of, count: int, steps: int, bat
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(step, warmup=warmup, total=steps, kind="cosine",
                                          min_ratio=0.1)
-        if step % per_pass == 0:
+        if step % per_pass == 0 and shard_order:
+            order = np.concatenate([np.arange(k * shard_order, min(count, (k + 1) * shard_order))
+                                    for k in rng.permutation(-(-count // shard_order))])
+        elif step % per_pass == 0:
             order = rng.permutation(count)
         loss = loss_of(order[(step % per_pass) * batch:(step % per_pass + 1) * batch])
         opt.zero_grad(set_to_none=True)
