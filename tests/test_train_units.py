@@ -513,8 +513,10 @@ def test_dry_run_per_rank_memory(tmp_path, capsys, monkeypatch):
     assert sp4["optimizer"] == z3["optimizer"] and sp4["fits"] is True
 
 
-def test_sequence_parallel_refusals_are_one_line(tmp_path, capsys, monkeypatch):
-    """What sequence parallelism cannot run is refused before Ray starts, in one line each."""
+def assert_refused_before_ray(base: list[str], cases: dict[tuple[str, ...], str], capsys,
+                              monkeypatch) -> None:
+    """`t2v` + base + each case's args exits 2 with one line ending in its message, and never
+    starts Ray."""
     from t2v.cli import main
     from t2v.train import trainer
 
@@ -522,6 +524,14 @@ def test_sequence_parallel_refusals_are_one_line(tmp_path, capsys, monkeypatch):
         raise AssertionError("started Ray")
 
     monkeypatch.setattr(trainer, "ensure_ray", no_ray)
+    for args, message in cases.items():
+        assert main([*base, *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith(message), (args, err)
+
+
+def test_sequence_parallel_refusals_are_one_line(tmp_path, capsys, monkeypatch):
+    """What sequence parallelism cannot run is refused before Ray starts, in one line each."""
     (tmp_path / "shards").mkdir()
     base = ["train", f"out={tmp_path}/runs", f"data.shards={tmp_path}/shards", "vae=unused"]
     cases = {
@@ -536,10 +546,7 @@ def test_sequence_parallel_refusals_are_one_line(tmp_path, capsys, monkeypatch):
         ("model=debug", "num_workers=4", "sequence_parallel=4"):
             "sequence_parallel=4 must divide the 2 attention heads of model debug",
     }
-    for args, message in cases.items():
-        assert main([*base, *args]) == 2, args
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].endswith(message), (args, err)
+    assert_refused_before_ray(base, cases, capsys, monkeypatch)
 
 
 def test_bad_run_inputs_fail_before_ray_and_write_nothing(tmp_path, capsys, monkeypatch):
@@ -616,8 +623,6 @@ def test_vae_crop_windows_are_per_clip_slices_and_bad_crops_are_refused(tmp_path
     """`data.crop`: each clip's window is a slice of that clip, placed by its own (seed, step,
     key) generator (another step moves it, the same step repeats it); windows that the VAE cannot
     run, or stage dit, are refused in one line before Ray starts."""
-    from t2v.cli import main
-    from t2v.train import trainer
     from t2v.train.vae_task import crop_windows
 
     x = torch.arange(2 * 3 * 9 * 32 * 32, dtype=torch.float32).view(2, 3, 9, 32, 32)
@@ -639,10 +644,6 @@ def test_vae_crop_windows_are_per_clip_slices_and_bad_crops_are_refused(tmp_path
     with pytest.raises(ValueError, match="cannot cut 2 windows of 11x16x16"):
         crop_windows(x, 11, 16, per_sample_generators(0, 7, keys))
 
-    def no_ray(*_a, **_k):
-        raise AssertionError("started Ray")
-
-    monkeypatch.setattr(trainer, "ensure_ray", no_ray)
     (tmp_path / "shards").mkdir()
     base = ["train", f"out={tmp_path}/runs", f"data.shards={tmp_path}/shards"]
     cases = {
@@ -658,7 +659,4 @@ def test_vae_crop_windows_are_per_clip_slices_and_bad_crops_are_refused(tmp_path
         ("stage=dit", "vae=unused", "data.crop=[5,16]"):
             "data.crop=[5, 16] is for stage vae (the DiT trains on whole clips' latents)",
     }
-    for args, message in cases.items():
-        assert main([*base, *args]) == 2, args
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].endswith(message), (args, err)
+    assert_refused_before_ray(base, cases, capsys, monkeypatch)
