@@ -49,7 +49,6 @@ class TrainDataConfig(Section):
     text_max_length: int | None = Field(None, ge=1)
     """Tokens per caption for encode_on_the_fly; None keeps the text encoder's."""
 
-
     @field_validator("crop")
     @classmethod
     def _crop(cls, v: list[int] | None) -> list[int] | None:

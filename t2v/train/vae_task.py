@@ -68,11 +68,11 @@ class VAETask(StageTask):
             return
         (frames, side), vae = self.cfg.data.crop, vae_config(self.cfg.model,
                                                              **self.cfg.model_overrides)
-        if (frames - 1) % vae.temporal_down or side % vae.spatial_down:
-            raise ValueError(f"data.crop={self.cfg.data.crop}: the VAE needs 1 + k x "
-                             f"{vae.temporal_down} frames and a multiple of {vae.spatial_down} "
-                             f"pixels (e.g. [{(frames - 1) // vae.temporal_down * vae.temporal_down + 1}, "
-                             f"{max(side // vae.spatial_down, 1) * vae.spatial_down}])")
+        td, sd = vae.temporal_down, vae.spatial_down
+        if (frames - 1) % td or side % sd:
+            near = [(frames - 1) // td * td + 1, max(side // sd, 1) * sd]
+            raise ValueError(f"data.crop={self.cfg.data.crop}: the VAE needs 1 + k x {td} "
+                             f"frames and a multiple of {sd} pixels (e.g. {near})")
 
     def describe_data(self, val_uri: str, buckets: dict[str, int]) -> VAEData:
         cfg = self.cfg
@@ -112,10 +112,11 @@ class VAETask(StageTask):
         return model
 
     def loss(self, engine: nn.Module, batch: VideoBatch, step: int) -> Tensor:
-        x = batch.video.to(self.device, self.dtype)  # (B, 3, T, H, W)
+        x = batch.video  # (B, 3, T, H, W) on the CPU
         if self.cfg.data.crop is not None:  # each clip's window from (seed, step, its key)
             gens = per_sample_generators(self.cfg.seed, step, batch.keys, "vae-crop")
             x = crop_windows(x, *self.cfg.data.crop, gens)  # (B, 3, frames, side, side)
+        x = x.to(self.device, self.dtype)  # only the windows travel to the device
         # The posterior's noise from (seed, step, the batch's samples), not from the process's
         # RNG: a resumed run draws what an uninterrupted one would.
         seed = sample_seed(self.cfg.seed, step, ",".join(batch.keys), "vae-posterior")
