@@ -23,7 +23,9 @@ class TrainDataConfig(Section):
     `frames` frames (1 + k x the VAE's temporal factor) and `side` x `side` pixels (a multiple
     of its spatial factor), drawn from (seed, step, the clip's key). The VAE is convolutional,
     so what it learns on windows holds on whole clips, which validation, the latent statistics
-    and the export use; a step costs about the window's share of a clip. None: whole clips."""
+    and the export use; a step costs about the window's share of a clip. None: whole clips.
+    Check the DiT on its latents before adopting: 9x32x32 windows of 17x64x64 clips raised the
+    VAE's PSNR but cost the DiT's motion (BENCHMARKS.md round 12)."""
     shuffle_seed: int = 0
     """Shard order of pass p = a permutation drawn from (shuffle_seed, p); see
     t2v/data/tarsource.py."""
