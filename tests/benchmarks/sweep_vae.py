@@ -43,7 +43,7 @@ from t2v.eval.detector import detect  # noqa: E402
 from t2v.eval.report import TRUTH_KEYS, VOCAB  # noqa: E402
 from t2v.eval.scoring import judge, summarize  # noqa: E402
 from t2v.models.latent import fit_latent_stats  # noqa: E402
-from t2v.models.package import save_package  # noqa: E402
+from t2v.models.package import load_package, save_package  # noqa: E402
 from t2v.models.vae import CausalVideoVAE, vae_config  # noqa: E402
 from t2v.train.schedule import EMA, Fragment, lr_factor  # noqa: E402
 
@@ -195,22 +195,29 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
 
     seconds, _ = fit(name, vae, loss_of, len(data), steps, batch, train_kw.get("lr", 2e-3),
                      warmup=20, ema_decay=0.99)
+    if package is not None:  # a VAE-only package as the demo's VAE stage exports it
+        with torch.no_grad():
+            vae.set_latent_stats(*fit_latent_stats(vae.encode(to_model_range(held)).mean))
+        save_package(str(package), vae=vae, run={"name": name, "step": steps,
+                                                 "stage": "vae", "sweep": model_kw | train_kw})
+    return score(name, vae, held, truths) | {
+        "overrides": model_kw | train_kw, "steps": steps, "batch": batch,
+        "s_per_step": seconds / steps}
+
+
+def score(name: str, vae: CausalVideoVAE, held: np.ndarray, truths: list[dict]) -> dict:
+    """A row's held-out part: PSNR of the reconstructions and what the detector reads off them."""
     with torch.no_grad():
         x = to_model_range(held)
         recon = torch.cat([vae.decode_raw(vae.encode(x[i:i + 16]).mean)
                            for i in range(0, len(x), 16)]).clamp(-1, 1)
         mse = ((recon - x) / 2).pow(2).flatten(1).mean(1)
         psnr = float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
-        if package is not None:  # a VAE-only package as the demo's VAE stage exports it
-            vae.set_latent_stats(*fit_latent_stats(vae.encode(x).mean))
-            save_package(str(package), vae=vae, run={"name": name, "step": steps,
-                                                     "stage": "vae", "sweep": model_kw | train_kw})
     judged = [judge(detect(to_uint8(r)), t) for r, t in zip(recon, truths, strict=True)]
     acc = summarize(judged, VOCAB)
-    return {"name": name, "overrides": model_kw | train_kw, "steps": steps, "batch": batch,
-            "params_m": sum(p.numel() for p in vae.parameters()) / 1e6,
-            "compression": vae.compression_ratio(*held.shape[1:4]), "s_per_step": seconds / steps,
-            "psnr": psnr, **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")},
+    return {"name": name, "params_m": sum(p.numel() for p in vae.parameters()) / 1e6,
+            "compression": vae.compression_ratio(*held.shape[1:4]), "psnr": psnr,
+            **{a: acc[a]["accuracy"] for a in ("colour", "shape", "motion")},
             "shape_by_shape": per_shape(judged)}
 
 
@@ -260,7 +267,10 @@ def sweep_parser(doc: str, stage: str, steps: int, batch: int) -> argparse.Argum
 
 
 def main() -> None:
-    args = sweep_parser(__doc__, "VAE", 550, 8).parse_args()
+    ap = sweep_parser(__doc__, "VAE", 550, 8)
+    ap.add_argument("--score", action="append", help="score this VAE package (path or URI) on "
+                    "the held-out clips as a row, untrained (repeatable; alone: no variants)")
+    args = ap.parse_args()
     out = Path(args.out)
     t0 = time.time()
     demo = demo_data(out / "demo_clips.npz", args.travel, radius=args.radius,
@@ -271,7 +281,12 @@ def main() -> None:
     base = summarize([judge(detect(c), t) for c, t in zip(held, truths, strict=True)], VOCAB)
     ceiling = {a: base[a]["accuracy"] for a in ("colour", "shape", "motion")}
     rows = []
-    for spec in args.variant or DEFAULT_VARIANTS:
+    for uri in args.score or []:  # a trained VAE as it is, e.g. a demo's RUN/runs/vae/package
+        vae = load_package(uri, load_text=False, load_dit=False).vae.eval()
+        rows.append(score(uri, vae, held, truths) | {"overrides": {}, "steps": 0, "batch": 0,
+                                                      "s_per_step": float("nan")})
+        print(f"{uri}: PSNR {rows[-1]['psnr']:.2f} dB", flush=True)
+    for spec in ([] if args.score and not args.variant else args.variant or DEFAULT_VARIANTS):
         name, model_kw, train_kw = parse_variant(spec)
         rows.append(train_variant(name, model_kw, train_kw, data, held, truths,
                                   args.steps, args.batch, out / name / "package"))
