@@ -629,18 +629,15 @@ def test_vae_crop_windows_are_per_clip_slices_and_bad_crops_are_refused(tmp_path
     keys = ["a", "b"]
     got = crop_windows(x, 5, 16, per_sample_generators(0, 7, keys, "vae-crop"))
     assert got.shape == (2, 3, 5, 16, 16)
-    starts = []
     for clip, window in zip(x, got, strict=True):  # the value at [0, 0, 0, 0] locates it
         t0, rest = divmod(int(window[0, 0, 0, 0]) % (9 * 32 * 32), 32 * 32)
         y0, x0 = divmod(rest, 32)
         assert torch.equal(window, clip[:, t0:t0 + 5, y0:y0 + 16, x0:x0 + 16])
-        starts.append((t0, y0, x0))
     again = crop_windows(x, 5, 16, per_sample_generators(0, 7, keys, "vae-crop"))
     assert torch.equal(got, again)
     moved = [crop_windows(x, 5, 16, per_sample_generators(0, s, keys, "vae-crop"))
              for s in range(8, 12)]
     assert any(not torch.equal(got, m) for m in moved)
-    assert starts[0] != starts[1] or not torch.equal(got[0], got[1])
     with pytest.raises(ValueError, match="cannot cut 2 windows of 11x16x16"):
         crop_windows(x, 11, 16, per_sample_generators(0, 7, keys))
 
