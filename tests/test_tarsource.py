@@ -204,3 +204,60 @@ def test_one_execution_reads_the_clocks_passes_in_a_row(ray_local, shapes_shards
     for half, p in ((keys[:24], 5), (keys[24:], 6)):  # each in its own pass's shard order
         firsts = [next(u for u in uris if k in by_shard[u]) for k in half]
         assert list(dict.fromkeys(firsts)) == [uris[i] for i in pass_order(3, 3, p)]
+
+
+def _keys(blocks) -> list[str]:
+    return [k for b in blocks for k in b.column("__key__").to_pylist()]
+
+
+def test_a_shard_read_whole_is_kept_per_data_set_and_a_damaged_one_is_read_again(tmp_path):
+    from t2v.data.tarsource import ShardCache, read_shard
+
+    shard = tmp_path / "shard-000001.tar"
+    shard.write_bytes(_tar(4))
+    uri = str(shard)
+    lines: list[str] = []
+
+    def read(key: str | None, limit: int = 1 << 20) -> list[str]:
+        cache = None if key is None else (key, limit)
+        return _keys(read_shard(uri, uri, None, ("txt",), 4, lambda u, m: lines.append(m),
+                                cache=cache))
+
+    assert read("run-a") == ["k0", "k1", "k2", "k3"]
+    shard.write_bytes(_tar(4)[: 5 * RECORD + 700])  # the file changes under the process
+    assert read("run-a") == ["k0", "k1", "k2", "k3"] and not lines  # kept: not read again
+    assert read("run-b") == ["k0", "k1"] and len(lines) == 1  # another data set reads the file
+    assert read("run-b") == ["k0", "k1"] and len(lines) == 2  # damaged: never kept
+    assert read(None) == ["k0", "k1"] and len(lines) == 3  # no cache: read every time
+    assert "damaged shard" in lines[0] and "2 of its 4 samples lost" in lines[0]
+
+    cache = ShardCache()  # the byte limit, and what makes room for whom
+    block = [next(iter(read_shard(uri, uri, None, ("txt",), None, None)))]
+    size = block[0].nbytes
+    assert cache.put("a", "s1", block, limit=2 * size) and cache.put("a", "s2", block, 2 * size)
+    assert not cache.put("a", "s3", block, limit=2 * size)  # a's own are never evicted
+    assert cache.get("a", "s3") is None and cache.get("a", "s1") is block
+    assert cache.put("b", "s1", block, limit=2 * size)  # evicts a's least recent one (s2)
+    assert cache.get("a", "s2") is None and cache.get("a", "s1") is block
+    assert cache.bytes() == 2 * size and not cache.put("b", "s2", block, limit=size)
+    assert cache.put("c", "s1", block, limit=size) and cache.bytes() == size  # all others go
+
+
+def test_a_cached_data_set_reads_every_pass_as_an_uncached_one(ray_local, shapes_shards):
+    import ray
+
+    uris = shard_uris(shapes_shards)
+
+    def passes(cache_bytes: int) -> list[list[str]]:
+        clock = PassClock.remote(1)
+        ds = tar_dataset(uris, ("txt",), seed=3, clock=clock, cache_bytes=cache_bytes)
+        ds.context.execution_options.preserve_order = True
+        out = []
+        for p in (0, 1, 0, 1):
+            ray.get(clock.set.remote(p))
+            out.append([r["__key__"] + r["__url__"] for r in ds.iter_rows()])
+        ray.kill(clock)
+        return out
+
+    cached, plain = passes(64 << 20), passes(0)
+    assert cached == plain and cached[0] != cached[1] and cached[0] == cached[2]

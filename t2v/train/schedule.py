@@ -72,13 +72,16 @@ class EMA:
         """One update from the same fragments the EMA was made of (any order)."""
         self.updates += 1
         d = self.current_decay()
-        seen = 0
+        shadows, values = [], []
         for f in fragments:
             s = self.shadow[f.name, f.start]
-            s.lerp_(f.values.detach().reshape(-1).to(s.dtype), 1.0 - d)
-            seen += 1
-        if seen != len(self.shadow):
-            raise ValueError(f"EMA update got {seen} fragments, keeps {len(self.shadow)}")
+            shadows.append(s)
+            values.append(f.values.detach().reshape(-1).to(s.dtype))
+        if len(shadows) != len(self.shadow):
+            raise ValueError(f"EMA update got {len(shadows)} fragments, keeps {len(self.shadow)}")
+        # One multi-tensor op rather than one lerp per tensor (a DiT has hundreds).
+        if shadows:
+            torch._foreach_lerp_(shadows, values, 1.0 - d)
 
     def whole(self) -> dict[str, Tensor]:
         """Name -> flat float32 tensor, for an EMA of whole parameters (`of_module`)."""

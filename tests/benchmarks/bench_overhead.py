@@ -9,7 +9,7 @@ The demo's DiT (the `debug` preset on latents of the demo's VAE geometry — the
   batch 16 each): what splitting the batch over two processes costs, without Ray or DeepSpeed;
 - `ds`: the same two processes with DeepSpeed's engine as t2v's workers configure it (ZeRO-2
   and ZeRO-0), data in memory: DeepSpeed's share, without Ray Train or Ray Data;
-- `ray`: `t2v train` as the demo runs it (Ray Train, DeepSpeed ZeRO-2, Ray Data streaming,
+- `ray`: `t2v train` as the demo runs it (Ray Train, DeepSpeed ZeRO-0 as the demo's DiT, Ray Data streaming,
   EMA, metrics), 2 workers x batch 16;
 - `engine`: one process, one thread, one rank's batch: a bare step against DeepSpeed's engine
   at ZeRO-0 and ZeRO-2 (no communication): what the engine itself costs;
