@@ -17,6 +17,12 @@ samples/s after a warm-up, and for `ray` the per-phase split the workers measure
 forward+backward, the gradient reduction after it with the wait for the other rank, optimizer
 step, EMA, reporting); for `ds` the same reduction, timed the same way. Target ([5/7] item 4):
 `ray` >= 0.8x `bare`. Prints a markdown table; --out keeps the numbers.
+
+Shared 2-core boxes drift by 10-25 % between runs minutes apart, so `--rounds N` runs the
+chosen ways N times in turn (ray, bare, ...) and reports each round's ratio and the median.
+`--cpu-window S` samples every process's CPU time (psutil) over S seconds of the first `ray`
+run's training, grouped by process kind (workers, Ray Data read tasks, Ray's own processes):
+where the two cores go besides the training workers.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -296,7 +304,66 @@ def engine(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> list[dict]:
     return rows
 
 
-def ray_train(cfg: TrainConfig, variant: str) -> dict:
+def process_kind(cmdline: list[str]) -> str:
+    """A process's kind for the CPU split: Ray names its workers `ray::WHAT` (ray::IDLE is a
+    pooled worker, where Ray Data's read tasks run); other Ray processes by their program."""
+    first = cmdline[0] if cmdline else "?"
+    if first.startswith("ray::"):
+        return first.split()[0]
+    prog = " ".join(cmdline[:3])
+    for name in ("raylet", "gcs_server", "dashboard_agent", "dashboard.py", "log_monitor",
+                 "monitor.py", "runtime_env"):
+        if name in prog:
+            return name
+    return Path(first).name or "?"
+
+
+class CpuSampler(threading.Thread):
+    """Once `metrics` holds two logged intervals (training under way), every process's CPU
+    seconds over `window` s, summed by `process_kind`; `shares` is left empty if training
+    ended first."""
+
+    def __init__(self, metrics: str, window: float) -> None:
+        super().__init__(daemon=True)
+        self.metrics, self.window, self.shares = metrics, window, {}
+        self.stopped = threading.Event()
+
+    def _logged(self) -> int:
+        try:
+            return Path(self.metrics).read_text().count("samples_per_s")
+        except OSError:
+            return 0
+
+    def run(self) -> None:
+        import psutil
+
+        while self._logged() < 2:
+            if self.stopped.wait(0.5):
+                return
+        me = os.getpid()
+
+        def cpu() -> dict:
+            out = {}
+            for p in psutil.process_iter(["cmdline"]):
+                try:
+                    out[p.pid] = (process_kind(p.info["cmdline"] or []), sum(p.cpu_times()[:2]))
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            return out
+
+        before = cpu()
+        if self.stopped.wait(self.window):
+            return
+        after = cpu()
+        shares: dict[str, float] = {}
+        for pid, (kind, t) in after.items():
+            if pid != me and pid in before:
+                shares[kind] = shares.get(kind, 0.0) + t - before[pid][1]
+        self.shares = {k: v for k, v in sorted(shares.items(), key=lambda kv: -kv[1])
+                       if v >= 0.01}
+
+
+def ray_train(cfg: TrainConfig, variant: str, cpu_window: float = 0.0) -> dict:
     """`t2v train` with `variant` = comma-free KEY=VALUE overrides joined by '+', e.g.
     'zero_stage=0+data.prefetch_batches=1' ('' = the demo's settings)."""
     from t2v.configfile import deep_merge, parse_overrides
@@ -306,14 +373,24 @@ def ray_train(cfg: TrainConfig, variant: str) -> dict:
     name = "ray-" + ("-".join(kv.replace("=", "").replace(".", "") for kv in over) or "demo")
     cfg = TrainConfig.model_validate(deep_merge(cfg.model_dump(),
                                                 parse_overrides([*over, f"name={name}"])))
-    run_train(cfg)
+    sampler = None
+    if cpu_window:
+        sampler = CpuSampler(storage.join(cfg.out, cfg.name, "metrics.jsonl"), cpu_window)
+        sampler.start()
+    try:
+        run_train(cfg)
+    finally:
+        if sampler is not None:
+            sampler.stopped.set()
+            sampler.join()
     rows = [json.loads(x) for x in storage.read_text(
         storage.join(cfg.out, cfg.name, "metrics.jsonl")).splitlines()]
     logged = [r for r in rows if "samples_per_s" in r][1:]  # the first holds start-up
     mean = lambda k: sum(r.get(k, 0.0) for r in logged) / len(logged)  # noqa: E731
     return {"way": f"ray {variant or '(demo)'}", "processes": cfg.num_workers, "threads": 1,
             "samples_per_s": mean("samples_per_s"), "data_wait": mean("data_wait_frac"),
-            "phases": {k[len("phase_"):]: mean(k) for k in logged[-1] if k.startswith("phase_")}}
+            "phases": {k[len("phase_"):]: mean(k) for k in logged[-1] if k.startswith("phase_")},
+            **({"cpu_window": cpu_window, "cpu_s": sampler.shares} if sampler else {})}
 
 
 def main() -> None:
@@ -324,27 +401,40 @@ def main() -> None:
                    help="Ray Train runs, separated by ',': each '' (the demo's settings) or "
                         "KEY=VALUE[+KEY=VALUE...], e.g. ',zero_stage=0,data.prefetch_batches=1'")
     p.add_argument("--out", default="runs/bench/overhead.json")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the ways this many times in turn; each round's ratio and the median")
+    p.add_argument("--cpu-window", type=float, default=0.0,
+                   help="seconds of the first ray run's training to split the CPU time of")
     args = p.parse_args()
     ways = args.only.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         import ray
 
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        def start_ray() -> None:
+            ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+                     log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+
+        start_ray()
         try:
             shards, vae = make_latents(tmp)
-            cfg = demo_config(f"{tmp}/runs", shards, vae, args.steps)
-            if "ray" in ways:
-                for variant in args.variants.split(","):
-                    rows.append(ray_train(cfg, variant))
-                    print(json.dumps(rows[-1]), flush=True)
         finally:
             ray.shutdown()
-        if "bare" in ways:
-            rows.append(bare(cfg, shards, args.steps))
-            print(json.dumps(rows[-1]), flush=True)
+        for r in range(args.rounds):
+            cfg = demo_config(f"{tmp}/runs{r}", shards, vae, args.steps)
+            if "ray" in ways:
+                start_ray()
+                try:
+                    for variant in args.variants.split(","):
+                        rows.append({"round": r, **ray_train(
+                            cfg, variant, args.cpu_window if r == 0 else 0.0)})
+                        print(json.dumps(rows[-1]), flush=True)
+                finally:
+                    ray.shutdown()
+            if "bare" in ways:
+                rows.append({"round": r, **bare(cfg, shards, args.steps)})
+                print(json.dumps(rows[-1]), flush=True)
         if "ddp" in ways:
             rows.append(ddp(cfg, shards, args.steps, tmp))
             print(json.dumps(rows[-1]), flush=True)
@@ -354,15 +444,30 @@ def main() -> None:
         if "engine" in ways:
             probes = engine(cfg, shards, min(args.steps, 60), tmp)
             print(json.dumps(probes), flush=True)
-    base = next((r["samples_per_s"] for r in rows if r["way"] == "bare"), None)
+    bares = {r.get("round", 0): r["samples_per_s"] for r in rows if r["way"] == "bare"}
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"the demo DiT (debug preset), global batch {BATCH}, {args.steps} steps")
-    print("| way | processes x threads | samples/s | x bare |")
-    print("|---|---|---|---|")
+    print("| round | way | processes x threads | samples/s | x bare (same round) |")
+    print("|---|---|---|---|---|")
+    ratios: dict[str, list[float]] = {}
     for r in rows:
-        ratio = f"{r['samples_per_s'] / base:.2f}" if base else "-"
-        print(f"| {r['way']} | {r['processes']} x {r['threads']} | {r['samples_per_s']:.1f} | "
-              f"{ratio} |")
+        base = bares.get(r.get("round", 0)) or next(iter(bares.values()), None)
+        ratio = r["samples_per_s"] / base if base else None
+        if ratio is not None:
+            ratios.setdefault(r["way"], []).append(ratio)
+        print(f"| {r.get('round', '-')} | {r['way']} | {r['processes']} x {r['threads']} | "
+              f"{r['samples_per_s']:.1f} | {'-' if ratio is None else f'{ratio:.2f}'} |")
+    if args.rounds > 1:
+        for way, got in ratios.items():
+            if way != "bare":
+                print(f"{way}: x bare median {statistics.median(got):.2f} over "
+                      f"{len(got)} rounds ({', '.join(f'{x:.2f}' for x in got)})")
+    for r in rows:
+        if r.get("cpu_s"):
+            total = sum(r["cpu_s"].values())
+            print(f"{r['way']}: CPU seconds in {r['cpu_window']:g} s of training "
+                  f"({2 * r['cpu_window']:g} on 2 cores; {total:.1f} used): " + ", ".join(
+                      f"{k} {v:.2f}" for k, v in r["cpu_s"].items()))
     for r in probes if "engine" in ways else []:
         print(f"{r['way']}: {r['ms_per_step']:.1f} ms a step of {BATCH // 2} samples, 1 thread")
     for r in rows:
