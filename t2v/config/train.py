@@ -38,10 +38,6 @@ class TrainDataConfig(Section):
     for the next to start (~0.4 s on 2 cores), which a data set of a few steps a pass pays
     often; a resumed run reads again from its execution's first pass. None: enough passes
     for >= 200 steps an execution (1 for any data set of 200 steps a pass or more), at most 64."""
-    read_cache_mb: int = Field(128, ge=0)
-    """Stage dit on latent shards: decoded shards each Ray Data read process keeps between
-    passes, so a small data set is parsed once rather than every pass (0 = off). Shards past
-    it are read every pass; see t2v/data/tarsource.py."""
     ordered: bool = True
     """Deterministic batches: Ray Data keeps block order (`preserve_order`), so every worker
     gets the same batches in every run, and a resumed run trains on exactly the batches an

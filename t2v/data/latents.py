@@ -31,7 +31,7 @@ ALT_MEMBERS = ("text_alt.npy", "mask_alt.npy")
 def latent_stream(uri: str | list[str], shuffle_seed: int | None = None,
                   clock=None,  # noqa: ANN001 - a PassClock handle
                   text_tokens: int | None = None,
-                  alternatives: bool = False, cache_bytes: int = 0) -> ray.data.Dataset:
+                  alternatives: bool = False) -> ray.data.Dataset:
     """Rows {latent (C,T',H',W') f16, text (W,D) f16, mask (W,) u8, text_alt (K,W,D) f16,
     mask_alt (K,W) u8, caption, key}; lazy. K: the sample's alternative captions (0: none, and
     always 0 unless `alternatives`: a run that does not draw them does not move their bytes).
@@ -44,7 +44,6 @@ def latent_stream(uri: str | list[str], shuffle_seed: int | None = None,
     encode), else the stored L: the positions past it are padding in every sample, so rows
     leave them out (the demo's 9-token captions padded to 64 were 49 of a sample's 55 KB that
     Ray's object store moved) and `LatentCollate(text_length=L)` puts the zeros back.
-    `cache_bytes`: decoded shards each read process keeps between passes (tarsource).
     """
     if isinstance(uri, str):
         if storage.exists(storage.join(uri, INDEX_NAME)):
@@ -63,8 +62,7 @@ def latent_stream(uri: str | list[str], shuffle_seed: int | None = None,
     # shard is one line naming it (t2v/data/tarsource.py).
     decode = partial(decode_latent_rows, text_tokens=text_tokens or None)
     members = MEMBERS + ALT_MEMBERS if alternatives else MEMBERS
-    return tar_dataset(uris, members, seed=shuffle_seed, clock=clock, decode=decode,
-                       cache_bytes=cache_bytes)
+    return tar_dataset(uris, members, seed=shuffle_seed, clock=clock, decode=decode)
 
 
 NDIM = {"latent": 4, "text": 2, "mask": 1}

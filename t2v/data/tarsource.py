@@ -13,21 +13,11 @@ fewer samples than `_index.json` lists) is one line naming the shard, printed an
 `on_damage(uri, line)`, while every sample before it flows. Blocks are cut by row count and
 bytes only (and split by whatever a `decode` function groups on, deterministically), so with Ray
 Data's `preserve_order` the same passes give every worker the same batches.
-
-A pass after the first reads a shard again; a data set given `cache_bytes` keeps the blocks
-each read-task process decoded (`ShardCache`), so a small data set is parsed once per process
-rather than once a pass (a pass of the demo's latents cost the two cores ~10 % of their time in
-read tasks, BENCHMARKS.md). Only shards read whole are kept, under a key unique to the data
-set object (a new run, or a data set built again, reads the files again), and a process keeps
-at most `cache_bytes` of them: a data set larger than that has its first shards kept and the
-rest read every pass, with nothing evicted between passes.
 """
 
 from __future__ import annotations
 
 import functools
-import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -84,41 +74,6 @@ def _blocks(rows: list[dict], columns: tuple[str, ...]) -> list[pa.Table]:
     return [pa.table(data)]
 
 
-class ShardCache:
-    """Decoded blocks of whole shards in one process, by (data set key, shard URI), at most
-    `limit` bytes in all (the limit of the key that puts). A key's own entries are never
-    evicted by it (no churn between passes); entries of other keys (earlier runs in a
-    long-lived Ray worker) go, least recently used first, to make room."""
-
-    def __init__(self) -> None:
-        self.entries: OrderedDict[tuple[str, str], tuple[list[pa.Table], int]] = OrderedDict()
-
-    def get(self, key: str, uri: str) -> list[pa.Table] | None:
-        hit = self.entries.get((key, uri))
-        if hit is None:
-            return None
-        self.entries.move_to_end((key, uri))
-        return hit[0]
-
-    def put(self, key: str, uri: str, blocks: list[pa.Table], limit: int) -> bool:
-        size = sum(b.nbytes for b in blocks)
-        mine = sum(n for (k, _), (_, n) in self.entries.items() if k == key)
-        if mine + size > limit:
-            return False
-        others = [e for e in self.entries if e[0] != key]
-        while others and sum(n for _, n in self.entries.values()) + size > limit:
-            self.entries.pop(others.pop(0))
-        self.entries[(key, uri)] = (blocks, size)
-        return True
-
-    def bytes(self) -> int:
-        return sum(n for _, n in self.entries.values())
-
-
-CACHE = ShardCache()
-"""This process's decoded shards (a Ray worker that runs read tasks keeps it between them)."""
-
-
 Decode = Callable[[list[dict]], Iterable[pa.Table]]
 """Rows of raw members ({__key__, __url__, member: bytes or None}) -> the blocks a data set
 holds, run in the read task: decoding there spares Ray Data a block of raw bytes per block
@@ -127,38 +82,11 @@ and a per-row map after it."""
 
 def read_shard(uri: str, path: str, filesystem, columns: tuple[str, ...],
                expected: int | None, on_damage: Callable[[str, str], None] | None,
-               decode: Decode | None = None, cache: tuple[str, int] | None = None,
-               ) -> Iterator[pa.Table]:
+               decode: Decode | None = None) -> Iterator[pa.Table]:
     """One shard's samples as blocks of raw members (missing ones null), or as `decode` makes
     them of each block's rows. Damage ends the shard with one line naming it; a storage
-    failure is a one-line StorageError. `cache` (data set key, bytes): the blocks of a shard
-    read whole are kept in this process's `CACHE`, and a later read of it yields them."""
-    if cache is not None and (kept := CACHE.get(cache[0], uri)) is not None:
-        yield from kept
-        return
-    made: list[pa.Table] = []
-    whole = yield from _read_blocks(uri, path, filesystem, columns, expected, on_damage,
-                                    decode, made if cache is not None else None)
-    if cache is not None and whole:
-        CACHE.put(cache[0], uri, made, cache[1])
-
-
-def _read_blocks(uri: str, path: str, filesystem, columns: tuple[str, ...],  # noqa: ANN001
-                 expected: int | None, on_damage: Callable[[str, str], None] | None,
-                 decode: Decode | None, made: list[pa.Table] | None):  # noqa: ANN202
-    """read_shard's read, appending the blocks to `made`; returns whether the shard was read
-    whole: no damage, and a row for every sample (decode skipped none)."""
-    decoded = decode or functools.partial(_blocks, columns=columns)
-    rows_out = 0
-
-    def emit(rows: list[dict]) -> Iterator[pa.Table]:
-        nonlocal rows_out
-        for block in decoded(rows):
-            rows_out += block.num_rows
-            if made is not None:
-                made.append(block)
-            yield block
-
+    failure is a one-line StorageError."""
+    emit = decode or functools.partial(_blocks, columns=columns)
     rows: list[dict] = []
     size, count, damage = 0, 0, None
     try:
@@ -192,7 +120,6 @@ def _read_blocks(uri: str, path: str, filesystem, columns: tuple[str, ...],  # n
         print(f"[t2v] {message}", flush=True)
         if on_damage is not None:
             on_damage(uri, message)
-    return damage is None and rows_out == count
 
 
 class TarShards(Datasource):
@@ -203,12 +130,10 @@ class TarShards(Datasource):
     def __init__(self, uris: list[str], columns: tuple[str, ...], seed: int | None = None,
                  clock=None, expected: dict[str, int] | None = None,  # noqa: ANN001 - an actor
                  on_damage: Callable[[str, str], None] | None = None,
-                 decode: Decode | None = None, cache_bytes: int = 0) -> None:
+                 decode: Decode | None = None) -> None:
         super().__init__()
         self.uris, self.columns, self.seed, self.clock = list(uris), tuple(columns), seed, clock
         self.expected, self.on_damage, self.decode = expected or {}, on_damage, decode
-        # This object's blocks, in whichever process reads them (see the module doc).
-        self.cache = (uuid.uuid4().hex, int(cache_bytes)) if cache_bytes > 0 else None
         self.filesystem, self.paths = arrowfs.pyarrow_paths(self.uris)
 
     def get_name(self) -> str:
@@ -236,8 +161,7 @@ class TarShards(Datasource):
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=[uri],
                                  exec_stats=None)
             read = functools.partial(read_shard, uri, self.paths[i], self.filesystem,
-                                     self.columns, expected, self.on_damage, self.decode,
-                                     self.cache)
+                                     self.columns, expected, self.on_damage, self.decode)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -245,14 +169,13 @@ class TarShards(Datasource):
 def tar_dataset(uris: list[str], columns: tuple[str, ...], seed: int | None = None,
                 clock=None,  # noqa: ANN001 - a PassClock handle
                 on_damage: Callable[[str, str], None] | None = None,
-                decode: Decode | None = None, cache_bytes: int = 0) -> ray.data.Dataset:
+                decode: Decode | None = None) -> ray.data.Dataset:
     """The shards `uris` (of one data set: the index beside them gives each one's sample
     count, checked as it is read) as a lazy Ray dataset of raw members, or of what `decode`
-    makes of them; `cache_bytes` > 0: each read process keeps that many bytes of them
-    between passes (module doc)."""
+    makes of them."""
     root = uris[0].rsplit("/", 1)[0] if uris else ""
     listed = indexed_shards(root, uris) if uris else None
     expected = {s["name"]: int(s["samples"]) for s in listed or []}
     return ray.data.read_datasource(TarShards(uris, columns, seed, clock, expected, on_damage,
-                                              decode, cache_bytes),
+                                              decode),
                                     override_num_blocks=max(1, len(uris)))

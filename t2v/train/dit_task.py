@@ -275,8 +275,7 @@ class DiTTask(StageTask):
         index = read_index(data.shards)
         return (latent_stream(train, shuffle_seed=data.shuffle_seed, clock=clock,
                               text_tokens=index.get("text_tokens"),
-                              alternatives=bool(self.cfg.alt_caption_prob),
-                              cache_bytes=data.read_cache_mb << 20),
+                              alternatives=bool(self.cfg.alt_caption_prob)),
                 LatentCollate(text_length=index.get("max_length")))
 
     # ------------------------------------------------------------------------- workers
