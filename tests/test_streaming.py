@@ -133,14 +133,14 @@ def test_streaming_is_bounded(ray_local, tmp_path):
     assert total >= 3 * (OBJECT_STORE_BYTES + NODE2_OBJECT_STORE_BYTES)  # both nodes' stores
     from ray._private.internal_api import memory_summary
 
-    def spilled_objects() -> int:
-        """Objects Ray spilled to disk so far, cluster-wide (the session's cluster is shared:
+    def spilled_mib() -> int:
+        """MiB Ray spilled to disk so far, cluster-wide (the session's cluster is shared:
         other tests' spills count in the total, so this test compares before and after)."""
         text = memory_summary(ray_local.get_runtime_context().gcs_address, stats_only=True)
-        found = re.search(r"Spilled \d+ MiB, (\d+) objects", text)
+        found = re.search(r"Spilled (\d+) MiB, \d+ objects", text)
         return int(found.group(1)) if found else 0
 
-    spilled0 = spilled_objects()
+    spilled0 = spilled_mib()
     proc = psutil.Process()
     # USS: memory private to this process. RSS would also count the pages of Ray's shared
     # object store that the consumer maps, which are bounded by the store's size anyway.
@@ -155,5 +155,8 @@ def test_streaming_is_bounded(ray_local, tmp_path):
     assert n == 504
     # Whole data set as float32: 1.6 GB. Streaming holds a few batches (52 MB each) at a time.
     assert grew < 4 * batch_bytes, f"driver private memory grew {grew / 2**20:.0f} MiB"
-    # Nothing was spilled to disk either: the store really held only a window of the data.
-    assert spilled_objects() == spilled0
+    # Nor did the store overflow to disk: a stream that held the data set would spill >1 GiB
+    # (1.6 GB of clips through 256 MiB of stores). What this stream's pressure may push out is
+    # other tests' small objects still referenced in the shared cluster (a run on a 2-core Xeon
+    # spilled 154 of them while this stream ran; 17 MiB in 151 objects on another box).
+    assert spilled_mib() - spilled0 < 64
