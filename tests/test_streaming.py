@@ -157,6 +157,6 @@ def test_streaming_is_bounded(ray_local, tmp_path):
     assert grew < 4 * batch_bytes, f"driver private memory grew {grew / 2**20:.0f} MiB"
     # Nor did the store overflow to disk: a stream that held the data set would spill >1 GiB
     # (1.6 GB of clips through 256 MiB of stores). What this stream's pressure may push out is
-    # other tests' small objects still referenced in the shared cluster (a run on a 2-core Xeon
-    # spilled 154 of them while this stream ran; 17 MiB in 151 objects on another box).
+    # other tests' small objects still referenced in the shared cluster (an EPYC run spilled
+    # 17 MiB in 151 such objects; a Xeon run 154 objects, size not recorded, during this stream).
     assert spilled_mib() - spilled0 < 64
