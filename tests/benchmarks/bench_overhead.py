@@ -9,8 +9,8 @@ The demo's DiT (the `debug` preset on latents of the demo's VAE geometry — the
   batch 16 each): what splitting the batch over two processes costs, without Ray or DeepSpeed;
 - `ds`: the same two processes with DeepSpeed's engine as t2v's workers configure it (ZeRO-2
   and ZeRO-0), data in memory: DeepSpeed's share, without Ray Train or Ray Data;
-- `ray`: `t2v train` as the demo runs it (Ray Train, DeepSpeed ZeRO-0 as the demo's DiT, Ray Data streaming,
-  EMA, metrics), 2 workers x batch 16;
+- `ray`: `t2v train` as the demo runs it (Ray Train, DeepSpeed ZeRO-0 as the demo's DiT, Ray
+  Data streaming, EMA, metrics), 2 workers x batch 16;
 - `engine`: one process, one thread, one rank's batch: a bare step against DeepSpeed's engine
   at ZeRO-0 and ZeRO-2 (no communication): what the engine itself costs;
 samples/s after a warm-up, and for `ray` the per-phase split the workers measure (data wait,
@@ -20,8 +20,8 @@ step, EMA, reporting); for `ds` the same reduction, timed the same way. Target (
 
 Shared 2-core boxes drift by 10-25 % between runs minutes apart, so `--rounds N` runs the
 chosen ways N times in turn (ray, bare, ...) and reports each round's ratio and the median.
-`--cpu-window S` samples every process's CPU time (psutil) over S seconds of the first `ray`
-run's training, grouped by process kind (workers, Ray Data read tasks, Ray's own processes):
+`--cpu-window S` samples every process's CPU time (psutil) over S seconds of the training of
+each `ray` run in the first round, grouped by process kind (workers, Ray Data read tasks, Ray's own processes):
 where the two cores go besides the training workers.
 """
 
@@ -404,7 +404,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the ways this many times in turn; each round's ratio and the median")
     p.add_argument("--cpu-window", type=float, default=0.0,
-                   help="seconds of the first ray run's training to split the CPU time of")
+                   help="seconds of each first-round ray run's training to split the CPU of")
     args = p.parse_args()
     ways = args.only.split(",")
     rows = []
@@ -466,7 +466,8 @@ def main() -> None:
         if r.get("cpu_s"):
             total = sum(r["cpu_s"].values())
             print(f"{r['way']}: CPU seconds in {r['cpu_window']:g} s of training "
-                  f"({2 * r['cpu_window']:g} on 2 cores; {total:.1f} used): " + ", ".join(
+                  f"({os.cpu_count() * r['cpu_window']:g} on {os.cpu_count()} cores; "
+                  f"{total:.1f} used): " + ", ".join(
                       f"{k} {v:.2f}" for k, v in r["cpu_s"].items()))
     for r in probes if "engine" in ways else []:
         print(f"{r['way']}: {r['ms_per_step']:.1f} ms a step of {BATCH // 2} samples, 1 thread")
