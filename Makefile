@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_data.py $(ARGS)
 	$(BIN)/python tests/benchmarks/bench_model.py
 	$(BIN)/python tests/benchmarks/bench_train.py
+	$(BIN)/python tests/benchmarks/bench_startup.py
 	$(BIN)/python tests/benchmarks/bench_memory.py
 	$(BIN)/python tests/benchmarks/bench_render.py
 	$(BIN)/python tests/benchmarks/bench_vae_tiling.py

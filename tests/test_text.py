@@ -6,12 +6,18 @@ import pytest
 import torch
 
 from t2v import storage
-from t2v.models.text import PromptTooLongError, TextEncoder, TextEncoderConfig, resolve_model_dir
+from t2v.models.text import (
+    PromptTooLongError,
+    TextEncoder,
+    TextEncoderConfig,
+    resolve_model_dir,
+    shared_text_encoder,
+)
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    return TextEncoder(TextEncoderConfig(max_length=16))
+    return shared_text_encoder(TextEncoderConfig(max_length=16))
 
 
 def test_builtin_minilm_shapes_and_mask(minilm):
@@ -93,7 +99,10 @@ def test_hidden_state_layer(minilm):
     is the same vector whatever surrounds it (padding still zeroed); out of range: one line."""
     prompts = ["a red triangle moving left", "a blue triangle moving up"]
     last, mask = minilm(prompts)
-    again, _ = TextEncoder(TextEncoderConfig(max_length=16, layer=-1))(prompts)
+    minus_one = shared_text_encoder(TextEncoderConfig(max_length=16, layer=-1))
+    # A process keeps what it loaded per config (a driver that starts several runs loads once).
+    assert minus_one is not minilm and shared_text_encoder(TextEncoderConfig(max_length=16)) is minilm
+    again, _ = minus_one(prompts)
     torch.testing.assert_close(again, last, rtol=0, atol=0)
     flat, flat_mask = TextEncoder(TextEncoderConfig(max_length=16, layer=0))(prompts)
     assert torch.equal(flat_mask, mask) and (flat[~mask] == 0).all()

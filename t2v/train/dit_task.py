@@ -33,7 +33,7 @@ from t2v.models.package import (
     save_package,
 )
 from t2v.models.sequence_parallel import parallelize
-from t2v.models.text import TextEncoder, TextEncoderConfig
+from t2v.models.text import TextEncoder, TextEncoderConfig, shared_text_encoder
 from t2v.train.schedule import per_sample_generators, train_flops
 from t2v.train.task import (
     VAL_COUNT,
@@ -226,7 +226,7 @@ class DiTTask(StageTask):
     def describe_data(self, val_uri: str, buckets: dict[str, int]) -> DiTData:
         cfg = self.cfg
         text_cfg = self._text_config()
-        encoder = TextEncoder(text_cfg)
+        encoder = shared_text_encoder(text_cfg)
         latent, text, mask, captions, metas = self._held_out(val_uri, encoder)
         empty, empty_mask = encoder([""])  # (1, L, D), (1, L)
         c, t, h, w = latent.shape[1:]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 import time
 
@@ -185,6 +186,8 @@ def run_train(cfg: TrainConfig) -> dict:
     if column:
         print(f"[t2v] batches per bucket, training samples: "
               f"{', '.join(f'{k} {v}' for k, v in buckets.items())}", flush=True)
+    # Ray Train hands this to its controller (and the workers) when fit() starts it.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.poll_s)
     try:
         result = trainer.fit()
     finally:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -34,9 +35,22 @@ def import_deepspeed(use_gpu: bool):
     ~1 min on slower CPUs), an op only its inference path (`inference_all_reduce`) uses;
     training all-reduces through torch.distributed (gloo). Marking the op unavailable in
     DeepSpeed's compatibility table (a dict it keeps for edits like this) skips the build.
-    """
-    import deepspeed  # noqa: PLC0415 - heavy: imported by the workers only, never by the driver
 
+    `import deepspeed` also reaches its autotuner, which imports MLflow where it is installed
+    (t2v's `tracking` extra) to log its tuning experiments: ~2.1 s of a core in every worker of
+    every run (BENCHMARKS.md "Start-up of a Ray Train run"). The autotuner is a launcher feature
+    t2v never runs, so MLflow is hidden from that one import (`None` in sys.modules makes it
+    raise ImportError, which the autotuner catches); t2v's own tracker (t2v/train/tracking.py)
+    imports it as usual afterwards.
+    """
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # type: ignore[assignment] - import raises ImportError
+    try:
+        import deepspeed  # noqa: PLC0415 - heavy: the workers' import, never the driver's
+    finally:
+        if hide:
+            del sys.modules["mlflow"]
     if not use_gpu:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
