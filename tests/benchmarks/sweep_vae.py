@@ -7,7 +7,8 @@ process and read shapes off their reconstructions of the held-out clips.
 The data is the default demo's: 1024 training clips with the 12 held-out combinations excluded
 and 96 held-out clips (the same synth seeds, sizes and mp4 round trip as `t2v demo`). Each
 variant is the `debug` VAE preset with its overrides (model fields of VAEConfig, and the loss
-weights `edge_weight`, `kl_weight`, plus `steps` / `lr` / `batch`) trained by a bare torch loop
+weights `edge_weight`, `kl_weight`, plus `steps` / `lr` / `batch`, `crop` / `crop_frames`
+for windows and `finish` / `finish_lr` for whole-clip steps after them) trained by a bare torch loop
 on the box's cores: AdamW with the demo's betas, warm-up, cosine schedule, gradient clipping and
 EMA, the VAE's own `loss`. So a row measures what the model and loss can learn in that many
 steps, not what Ray Train costs (tests/benchmarks/bench_overhead.py measures that). Each row:
@@ -54,7 +55,7 @@ DEFAULT_VARIANTS = [
     "wide-edge:latent_channels=6,shortcut=true,base_channels=32,edge_weight=1.0",
 ]
 TRAIN_KEYS = {"steps": int, "lr": float, "batch": int, "edge_weight": float, "kl_weight": float,
-              "crop": int, "crop_frames": int}
+              "crop": int, "crop_frames": int, "finish": int, "finish_lr": float}
 
 
 def parse_value(text: str) -> object:
@@ -193,8 +194,21 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
         recon, posterior = vae(x)
         return vae.loss(x, recon, posterior, **loss_kw)["total"]
 
-    seconds, _ = fit(name, vae, loss_of, len(data), steps, batch, train_kw.get("lr", 2e-3),
-                     warmup=20, ema_decay=0.99)
+    def whole_loss(take: np.ndarray) -> torch.Tensor:
+        x = to_model_range(data[take])
+        recon, posterior = vae(x)
+        return vae.loss(x, recon, posterior, **loss_kw)["total"]
+
+    lr = train_kw.get("lr", 2e-3)
+    seconds, _ = fit(name, vae, loss_of, len(data), steps, batch, lr, warmup=20, ema_decay=0.99)
+    # `finish=N`: N more steps on whole clips after the windows (a new warm-up and cosine
+    # schedule from `finish_lr`, default lr/4, starting at the windows' EMA weights)
+    finish = train_kw.get("finish", 0)
+    if finish:
+        more, _ = fit(f"{name} finish", vae.train(), whole_loss, len(data), finish, batch,
+                      train_kw.get("finish_lr", lr / 4), warmup=10, ema_decay=0.99, seed=1,
+                      every=min(100, finish))
+        seconds, steps = seconds + more, steps + finish
     if package is not None:  # a VAE-only package as the demo's VAE stage exports it
         with torch.no_grad():
             vae.set_latent_stats(*fit_latent_stats(vae.encode(to_model_range(held)).mean))
