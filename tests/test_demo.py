@@ -87,18 +87,27 @@ def test_quick_demo_end_to_end(ray_local, tmp_path, capsys):
     ceiling = model["ceiling"]  # the detector on the held-out clips and their reconstructions
     assert ceiling["originals"]["colour"]["accuracy"] == 1.0
     assert ceiling["clips"] == PROFILES["quick"]().heldout_clips
-    # The VAE stage (Ray Train on raw shards) made a VAE-only package with fitted latent
-    # statistics, one per latent channel, and validated by PSNR.
+    # The VAE stage (Ray Train on raw shards, 2 workers, ZeRO-2) trained on windows
+    # (data.crop: throughput counts their pixels) and made a VAE-only package with fitted
+    # latent statistics, one per latent channel, validated by PSNR on whole held-out clips.
     vae = json.loads((out / "runs" / "vae" / "package" / "model.json").read_text())
     assert vae["dit"] is None and vae["run"]["stage"] == "vae"
-    channels = PROFILES["quick"]().vae.model_overrides["latent_channels"]
+    quick = PROFILES["quick"]()
+    channels = quick.vae.model_overrides["latent_channels"]
     assert len(vae["vae"]["shift"]) == len(vae["vae"]["scale"]) == channels
     assert all(v != 0.0 for v in vae["vae"]["shift"]) and all(v != 1.0 for v in vae["vae"]["scale"])
-    assert any("psnr" in json.loads(line).get("val", {}) for line in
-               (out / "runs" / "vae" / "metrics.jsonl").read_text().splitlines())
+    vae_rows = [json.loads(line) for line in
+                (out / "runs" / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert any("psnr" in r.get("val", {}) for r in vae_rows)
+    frames, side = quick.vae.data.crop
+    speed = [r for r in vae_rows if "tokens_per_s" in r]
+    assert speed and all(r["tokens_per_s"] / r["samples_per_s"] == pytest.approx(
+        frames * side * side) for r in speed)
+    # ... and its package codes whole clips (the encode stage read 9x32x32 into 3x8x8 latents).
+    index = json.loads((out / "latents" / "_index.json").read_text())
+    assert index["latent_shapes"] == [[channels, 3, 8, 8]], index
     # The package knows its training geometry, and render (given no size flags) used it.
     render = json.loads((out / "runs" / "dit" / "package" / "model.json").read_text())["render"]
-    quick = PROFILES["quick"]()
     assert (render["frames"], render["height"], render["width"], render["fps"]) == (
         quick.synth.frames, quick.synth.size, quick.synth.size, quick.synth.fps)
     rows = [json.loads(line) for part in (out / "renders" / "manifest").glob("*.jsonl")

@@ -346,33 +346,3 @@ def test_a_damaged_header_ends_its_shard_and_the_index_says_so(ray_local, train_
         f.write(b"\x07" * 512)  # the header of the second sample's first member
     rows = latent_stream(uris).count()
     assert index_samples(indexed_shards(str(data), uris)) == 4 and rows == 2
-
-
-def test_vae_trains_on_windows_and_its_package_codes_whole_clips(ray_local, train_raw,
-                                                                 tmp_path):
-    """Stage vae with `data.crop=[5, 16]` on 9x32x32 raw clips (2 Ray Train workers, ZeRO-2):
-    every step trains on 5x16x16 windows (throughput counts their pixels, a ninth of a clip's),
-    while validation and the exported VAE (its latent statistics fitted on the held-out clips)
-    work on whole clips."""
-    from t2v.models.package import load_package
-    from t2v.train.trainer import run_train
-
-    cfg = TrainConfig.model_validate(dict(
-        stage="vae", name="windows", out=str(tmp_path), model="debug", steps=2, batch_size=2,
-        num_workers=2, cpus_per_worker=0.5, zero_stage=2, log_every=1, ckpt_every=2,
-        val_every=2, val_samples=1, max_failures=0,
-        data={"shards": train_raw, "frames": 9, "crop": [5, 16]}))
-    assert run_train(cfg)["step"] == 2
-    run = storage.join(str(tmp_path), "windows")
-    rows = [json.loads(x) for x in storage.read_text(storage.join(run, "metrics.jsonl"))
-            .splitlines()]
-    speed = [r for r in rows if "tokens_per_s" in r]
-    assert speed and all(r["tokens_per_s"] / r["samples_per_s"] == pytest.approx(5 * 16 * 16)
-                         for r in speed)
-    assert [r["val"]["psnr"] for r in rows if "val" in r]  # scored on whole held-out clips
-    vae = load_package(storage.join(run, "package"), load_text=False, load_dit=False).vae
-    with torch.no_grad():
-        z = vae.encode(torch.rand(1, 3, 9, 32, 32) * 2 - 1).mean
-        assert z.shape == (1, vae.config.latent_channels, 3, 8, 8)
-        assert vae.decode_raw(z).shape == (1, 3, 9, 32, 32)
-    assert len(vae.config.shift) == vae.config.latent_channels  # fitted, per channel
