@@ -10,6 +10,8 @@ submitted with `ray job submit` (tests/conftest.py). Each Ray Train run costs ~1
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +132,7 @@ def test_zero3_sequence_parallel_run_resumes_without_it_on_s3_exactly(
     _, ref = reference
     shards = copy_tree(train_latents, storage.join(s3_bucket, "latents"))
     runs = storage.join(s3_bucket, "runs")
+    mirrors = set(Path(tempfile.gettempdir()).glob("t2v-tb-*"))  # rank 0's local TensorBoard
     zero3 = dict(zero_stage=3, batch_size=1, grad_accum=4, activation_checkpointing=True)
     first = run_train(config(runs, "s3run", shards, debug_vae_package, steps=2,
                              sequence_parallel=2, **zero3))
@@ -152,6 +155,9 @@ def test_zero3_sequence_parallel_run_resumes_without_it_on_s3_exactly(
     assert_close_states(params, ref_params)
     assert_close_states(ema, ref_ema)
     assert not all(torch.equal(ema[k], params[k]) for k in ema if k in params)  # EMA != weights
+    # TensorBoard's events went to the bucket, and its local mirrors are gone.
+    assert any("/tb/events." in n for n in storage.list_prefix(storage.join(run, "tb")))
+    assert set(Path(tempfile.gettempdir()).glob("t2v-tb-*")) == mirrors
     # A finished run resubmitted (on 2 workers again) is a no-op that reports the package.
     again = run_train(config(runs, "s3run", shards, debug_vae_package, **zero3))
     assert again["resumed"] and again["step"] == STEPS

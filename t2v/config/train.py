@@ -174,7 +174,7 @@ class TrainConfig(Section):
     poll_s: float = Field(0.5, gt=0, le=60)
     """How often Ray Train's controller polls the workers (its RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
     2 s by default): a report with a checkpoint, the end of the run and a failure are taken up
-    within this. 0.5 s took ~8 s off a 4-step run with 2 checkpoints (BENCHMARKS.md "Start-up
+    within this. 0.5 s took ~5 s off a 4-step run with 2 checkpoints (BENCHMARKS.md "Start-up
     of a Ray Train run"); a missed poll is only a late one (a worker is declared dead after
     RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minutes)."""
     peak_flops: float | None = Field(None, gt=0)

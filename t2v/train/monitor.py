@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 
@@ -57,14 +58,19 @@ class TensorBoard:
 
     def flush(self) -> None:
         self.writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
         if self.remote:
             for name in os.listdir(self.local):
                 storage.upload_file(os.path.join(self.local, name),
                                     storage.join(self.remote, name))
 
     def close(self) -> None:
-        self.flush()
-        self.writer.close()
+        self.writer.close()  # writes its last events
+        self._upload()
+        if self.remote:  # the local mirror of an object-storage run is a temporary directory
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 class Monitor:
