@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.s3_fixtures import moto_s3, s3_bucket  # noqa: F401
+from tests.training_data import write_debug_vae_package, write_train_latents, write_train_raw
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,21 +186,7 @@ def shapes_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def debug_vae_package(tmp_path_factory):
     """A VAE-only package of the debug preset (random weights, fitted latent stats)."""
-    import torch
-
-    from t2v.models.latent import fit_latent_stats
-    from t2v.models.package import save_package
-    from t2v.models.text import TextEncoderConfig
-    from t2v.models.vae import CausalVideoVAE, vae_config
-
-    torch.manual_seed(0)
-    vae = CausalVideoVAE(vae_config("debug")).eval()
-    with torch.no_grad():
-        shift, scale = fit_latent_stats(vae.encode(torch.rand(4, 3, 9, 32, 32) * 2 - 1).mean)
-    vae.set_latent_stats(shift=shift, scale=scale)
-    uri = str(tmp_path_factory.mktemp("vae-pkg"))
-    save_package(uri, vae=vae, text=TextEncoderConfig(max_length=16), run={"stage": "test"})
-    return uri
+    return write_debug_vae_package(str(tmp_path_factory.mktemp("vae-pkg")))
 
 
 @pytest.fixture(scope="session")
@@ -275,13 +262,7 @@ def wan_lora_run(ray_local, train_raw, wan_package, tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_raw(tmp_path_factory):
     """Raw shards behind `train_latents`: 5 clips in shards of 2 (the last one held out)."""
-    from t2v.config import SynthConfig
-    from t2v.data.synthetic import run_synth
-
-    raw = str(tmp_path_factory.mktemp("train-raw"))
-    run_synth(SynthConfig(out=raw, num=5, frames=9, size=32, shard_size=2, seed=21,
-                          alt_captions=True))
-    return raw
+    return write_train_raw(str(tmp_path_factory.mktemp("train-raw")))
 
 
 @pytest.fixture(scope="session")
@@ -292,12 +273,8 @@ def train_latents(ray_local, train_raw, debug_vae_package, tmp_path_factory):
     same whole set whichever worker gets which sample: ZeRO stages, gradient accumulation and
     resumed runs can then be compared step by step.
     """
-    from t2v.config import EncodeConfig
-    from t2v.data.encode import run_encode
-
-    out = str(tmp_path_factory.mktemp("train-latents"))
-    run_encode(EncodeConfig(src=train_raw, out=out, vae=debug_vae_package, batch_size=4))
-    return out
+    return write_train_latents(train_raw, debug_vae_package,
+                               str(tmp_path_factory.mktemp("train-latents")))
 
 
 def submit_job(cmd: list[str], timeout: int, temp_dir: str = "") -> subprocess.CompletedProcess:

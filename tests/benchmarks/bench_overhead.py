@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cpu_split import DRIVER, by_kind, cpu_seconds  # noqa: E402
 
 from t2v import storage  # noqa: E402
 from t2v.config import EncodeConfig, SynthConfig, TrainConfig  # noqa: E402
@@ -304,20 +307,6 @@ def engine(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> list[dict]:
     return rows
 
 
-def process_kind(cmdline: list[str]) -> str:
-    """A process's kind for the CPU split: Ray names its workers `ray::WHAT` (ray::IDLE is a
-    pooled worker, where Ray Data's read tasks run); other Ray processes by their program."""
-    first = cmdline[0] if cmdline else "?"
-    if first.startswith("ray::"):
-        return first.split()[0]
-    prog = " ".join(cmdline[:3])
-    for name in ("raylet", "gcs_server", "dashboard_agent", "dashboard.py", "log_monitor",
-                 "monitor.py", "runtime_env"):
-        if name in prog:
-            return name
-    return Path(first).name or "?"
-
-
 class CpuSampler(threading.Thread):
     """Once `metrics` holds two logged intervals (training under way), every process's CPU
     seconds over `window` s, summed by `process_kind`; `shares` is left empty if training
@@ -335,32 +324,14 @@ class CpuSampler(threading.Thread):
             return 0
 
     def run(self) -> None:
-        import psutil
-
         while self._logged() < 2:
             if self.stopped.wait(0.5):
                 return
-        me = os.getpid()
-
-        def cpu() -> dict:
-            out = {}
-            for p in psutil.process_iter(["cmdline"]):
-                try:
-                    out[p.pid] = (process_kind(p.info["cmdline"] or []), sum(p.cpu_times()[:2]))
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            return out
-
-        before = cpu()
+        before = cpu_seconds()
         if self.stopped.wait(self.window):
             return
-        after = cpu()
-        shares: dict[str, float] = {}
-        for pid, (kind, t) in after.items():
-            if pid != me and pid in before:
-                shares[kind] = shares.get(kind, 0.0) + t - before[pid][1]
-        self.shares = {k: v for k, v in sorted(shares.items(), key=lambda kv: -kv[1])
-                       if v >= 0.01}
+        shares = by_kind(before, cpu_seconds(), new=False)
+        self.shares = {k: v for k, v in shares.items() if k != DRIVER}
 
 
 def ray_train(cfg: TrainConfig, variant: str, cpu_window: float = 0.0) -> dict:

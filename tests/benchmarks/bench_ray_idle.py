@@ -5,7 +5,7 @@
 Starts a local Ray as `t2v` does (t2v.runtime.ensure_ray: dashboard on 127.0.0.1, 4 logical
 CPUs), waits `--rest` seconds for start-up to settle, then sums the CPU time (user + system,
 psutil) of every process that started with it over `--window` seconds, and prints the largest
-and the total as a share of one core. Run it on an otherwise idle box: processes are matched by
+(by kind, cpu_split.process_kind) and the total as a share of one core. Run it on an otherwise idle box: processes are matched by
 start time, not by name, so another Ray started meanwhile would count.
 """
 
@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil  # noqa: E402
+from cpu_split import cpu_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -33,21 +35,13 @@ def main() -> None:
     me, started = psutil.Process(), time.time() - 1
     ensure_ray(num_cpus=4)
     time.sleep(args.rest)
-    procs = [p for p in psutil.process_iter(["create_time"])
-             if p.pid != me.pid and p.info["create_time"] >= started]
-    before = {}
-    for p in procs:
-        try:
-            before[p.pid] = sum(p.cpu_times()[:2])
-        except psutil.NoSuchProcess:
-            pass
+    pids = {p.pid for p in psutil.process_iter(["create_time"])
+            if p.pid != me.pid and p.info["create_time"] >= started}
+    before = cpu_seconds(pids)
     time.sleep(args.window)
-    rows = []
-    for p in procs:
-        try:
-            rows.append((sum(p.cpu_times()[:2]) - before[p.pid], " ".join(p.cmdline())[:80]))
-        except (psutil.NoSuchProcess, KeyError):
-            continue
+    after = cpu_seconds(pids)
+    rows = [(t - before[pid][1], f"{kind} (pid {pid})") for pid, (kind, t) in after.items()
+            if pid in before]
     ray.shutdown()
     total = sum(d for d, _ in rows)
     for d, cmd in sorted(rows, reverse=True)[:12]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,19 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu_split import DRIVER, cpu_seconds  # noqa: E402
+
 
 def others_cpu() -> float:
-    import psutil
-
-    total = 0.0
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid():
-                t = p.cpu_times()
-                total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+    """CPU seconds so far of every process but this one."""
+    return sum(t for kind, t in cpu_seconds().values() if kind != DRIVER)
 
 
 def main() -> None:

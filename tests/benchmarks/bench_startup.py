@@ -11,7 +11,7 @@ overrides joined by '+'; '' is the config as it is). For each run: seconds from 
 call to the workers' start event (after the engine is built), from there to the exported
 package (4 steps, 2 checkpoints, validation, export), and from the export to `run_train`'s
 return; and the CPU seconds each kind of process spent during the run
-(bench_overhead.process_kind), sampled every 0.25 s (a process that lives less is missed).
+(cpu_split.process_kind), sampled every 0.25 s (a process that lives less is missed).
 """
 
 from __future__ import annotations
@@ -29,41 +29,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_overhead import process_kind  # noqa: E402
+from cpu_split import by_kind, cpu_seconds  # noqa: E402
 
 from t2v import storage  # noqa: E402
-from t2v.config import EncodeConfig, SynthConfig, TrainConfig  # noqa: E402
+from t2v.config import TrainConfig  # noqa: E402
+from tests.training_data import (  # noqa: E402
+    write_debug_vae_package,
+    write_train_latents,
+    write_train_raw,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_data(tmp: str) -> tuple[str, str]:
-    """(latent shards, VAE package) as the tests' `train_latents` / `debug_vae_package`."""
-    import torch
-
-    from t2v.data.encode import run_encode
-    from t2v.data.synthetic import run_synth
-    from t2v.models.latent import fit_latent_stats
-    from t2v.models.package import save_package
-    from t2v.models.text import TextEncoderConfig
-    from t2v.models.vae import CausalVideoVAE, vae_config
-
-    raw, vae_uri, out = f"{tmp}/raw", f"{tmp}/vae", f"{tmp}/latents"
-    run_synth(SynthConfig(out=raw, num=5, frames=9, size=32, shard_size=2, seed=21,
-                          alt_captions=True))
-    torch.manual_seed(0)
-    vae = CausalVideoVAE(vae_config("debug")).eval()
-    with torch.no_grad():
-        shift, scale = fit_latent_stats(vae.encode(torch.rand(4, 3, 9, 32, 32) * 2 - 1).mean)
-    vae.set_latent_stats(shift=shift, scale=scale)
-    save_package(vae_uri, vae=vae, text=TextEncoderConfig(max_length=16), run={"stage": "test"})
-    run_encode(EncodeConfig(src=raw, out=out, vae=vae_uri, batch_size=4))
-    return out, vae_uri
+    """(latent shards, VAE package): the tests' `train_latents` / `debug_vae_package`."""
+    raw = write_train_raw(f"{tmp}/raw")
+    vae = write_debug_vae_package(f"{tmp}/vae")
+    return write_train_latents(raw, vae, f"{tmp}/latents"), vae
 
 
 class CpuByKind(threading.Thread):
-    """Every process's CPU seconds while it runs, summed by kind at `stop()` (for processes
-    that existed before: only what they spent since)."""
+    """Every process's CPU seconds while it runs (read every 0.25 s), summed by kind at
+    `stop()` against the `baseline` reading taken before the run."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -71,42 +59,18 @@ class CpuByKind(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        import psutil
-
-        me = os.getpid()
         while True:
-            for p in psutil.process_iter(["cmdline"]):
-                try:
-                    t = sum(p.cpu_times()[:2])
-                    kind = process_kind(p.info["cmdline"] or [])
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                if p.pid == me:
-                    kind = "driver (this process)"
-                self.last[p.pid] = (kind, t)
+            for pid, (kind, t) in cpu_seconds().items():
+                if kind == "?" and pid in self.last:  # exiting: its command line is gone
+                    kind = self.last[pid][0]
+                self.last[pid] = (kind, t)
             if self.stopped.wait(0.25):
                 return
 
-    def stop(self, baseline: dict[int, float]) -> dict[str, float]:
+    def stop(self, baseline: dict[int, tuple[str, float]]) -> dict[str, float]:
         self.stopped.set()
         self.join()
-        out: dict[str, float] = {}
-        for pid, (kind, t) in self.last.items():
-            out[kind] = out.get(kind, 0.0) + t - baseline.get(pid, 0.0)
-        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])
-                if v >= 0.05}
-
-
-def cpu_now() -> dict[int, float]:
-    import psutil
-
-    out = {}
-    for p in psutil.process_iter():
-        try:
-            out[p.pid] = sum(p.cpu_times()[:2])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return out
+        return {k: round(v, 1) for k, v in by_kind(baseline, self.last, least=0.05).items()}
 
 
 def one_run(out: str, shards: str, vae: str, variant: str, name: str) -> dict:
@@ -118,7 +82,7 @@ def one_run(out: str, shards: str, vae: str, variant: str, name: str) -> dict:
         "caption_dropout=0.25", "alt_caption_prob=0.5", "placement_strategy=SPREAD",
         "max_failures=0", f"out={out}", f"name={name}", f"data.shards={shards}", f"vae={vae}",
         *over])
-    baseline = cpu_now()
+    baseline = cpu_seconds()
     sampler = CpuByKind()
     sampler.start()
     t0 = time.time()
