@@ -366,3 +366,34 @@ def test_loss_terms_match_reference_formulas():
     b = vae.loss(square, square.roll(1, dims=-2), post)["edge"]
     assert float(a) > 0.1 and float(a) == pytest.approx(float(b))
     assert float(vae.loss(square, square, post)["edge"]) == 0.0
+
+
+def test_scale_term_decodes_pooled_latents_to_the_pooled_clip():
+    """The scale-equivariance term against its definition: pixel cells of 2x2 averaged by hand
+    (not by the pooling the model uses), the decoder run on latents averaged the same way;
+    it adds to the total with its weight, trains the decoder, and odd latents are refused."""
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(vae_config("debug", latent_channels=6, shortcut=True))
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    recon, posterior = vae(x)  # latents (2, 6, 2, 4, 4)
+    plain = vae.loss(x, recon, posterior, edge_weight=1.0)
+    out = vae.loss(x, recon, posterior, edge_weight=1.0, scale_weight=0.5)
+
+    def halve(v: torch.Tensor) -> torch.Tensor:  # mean of each 2x2 cell, written out
+        return (v[..., 0::2, 0::2] + v[..., 1::2, 0::2] + v[..., 0::2, 1::2]
+                + v[..., 1::2, 1::2]) / 4
+
+    with torch.no_grad():
+        small = vae.decode_raw(halve(posterior.mean))
+    assert small.shape == (2, 3, 5, 8, 8)
+    d = (small - halve(x)).double()
+    want = float(d.abs().mean() + d.pow(2).mean())
+    assert float(out["scale"]) == pytest.approx(want, rel=1e-5)
+    assert float(out["total"]) == pytest.approx(float(plain["total"]) + 0.5 * want, rel=1e-5)
+    assert float(plain["scale"]) == 0.0
+    vae.zero_grad()
+    vae.loss(x, recon.detach(), posterior, scale_weight=1.0)["total"].backward()
+    assert vae.decoder.layers[0].conv.weight.grad.abs().sum() > 0  # only the term reaches it
+    odd = DiagonalGaussian(torch.zeros(1, 6, 2, 3, 4), torch.zeros(1, 6, 2, 3, 4))
+    with pytest.raises(ValueError, match="even height and width"):
+        vae.loss(x[:1, :, :, :12], x[:1, :, :, :12], odd, scale_weight=1.0)

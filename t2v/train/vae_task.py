@@ -123,7 +123,8 @@ class VAETask(StageTask):
         generator = torch.Generator(self.device).manual_seed(seed)
         recon, posterior = engine(x, generator=generator)
         return engine.module.loss(x, recon, posterior, kl_weight=self.cfg.kl_weight,
-                                  edge_weight=self.cfg.edge_weight)["total"]
+                                  edge_weight=self.cfg.edge_weight,
+                                  scale_weight=self.cfg.scale_weight)["total"]
 
     def _held_out(self, count: int | None = None) -> torch.Tensor:
         """The first `count` (default all) held-out clips on the device, model range."""

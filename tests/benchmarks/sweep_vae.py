@@ -7,8 +7,9 @@ process and read shapes off their reconstructions of the held-out clips.
 The data is the default demo's: 1024 training clips with the 12 held-out combinations excluded
 and 96 held-out clips (the same synth seeds, sizes and mp4 round trip as `t2v demo`). Each
 variant is the `debug` VAE preset with its overrides (model fields of VAEConfig, and the loss
-weights `edge_weight`, `kl_weight`, plus `steps` / `lr` / `batch`, `crop` / `crop_frames`
-for windows and `finish` / `finish_lr` for whole-clip steps after them) trained by a bare torch loop
+weights `edge_weight`, `kl_weight`, `scale_weight` (CausalVideoVAE.loss), plus `steps` / `lr` / `batch`, `crop` /
+`crop_frames` for windows and `finish` / `finish_lr` for whole-clip steps after them) trained by
+a bare torch loop
 on the box's cores: AdamW with the demo's betas, warm-up, cosine schedule, gradient clipping and
 EMA, the VAE's own `loss`. So a row measures what the model and loss can learn in that many
 steps, not what Ray Train costs (tests/benchmarks/bench_overhead.py measures that). Each row:
@@ -55,7 +56,8 @@ DEFAULT_VARIANTS = [
     "wide-edge:latent_channels=6,shortcut=true,base_channels=32,edge_weight=1.0",
 ]
 TRAIN_KEYS = {"steps": int, "lr": float, "batch": int, "edge_weight": float, "kl_weight": float,
-              "crop": int, "crop_frames": int, "finish": int, "finish_lr": float}
+              "crop": int, "crop_frames": int, "finish": int, "finish_lr": float,
+              "scale_weight": float}
 
 
 def parse_value(text: str) -> object:
@@ -175,7 +177,8 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
                   held: np.ndarray, truths: list[dict], steps: int, batch: int,
                   package: Path | None = None) -> dict:
     steps, batch = train_kw.get("steps", steps), train_kw.get("batch", batch)
-    loss_kw = {k: train_kw[k] for k in ("edge_weight", "kl_weight") if k in train_kw}
+    loss_kw = {k: train_kw[k] for k in ("edge_weight", "kl_weight", "scale_weight")
+               if k in train_kw}
     torch.manual_seed(0)
     vae = CausalVideoVAE(vae_config("debug", **model_kw))
     crop_rng = np.random.default_rng(0)
@@ -191,13 +194,14 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
         t0 = int(crop_rng.integers(frames - length + 1))
         y0, x0 = (int(v) for v in crop_rng.integers(0, (height - side + 1, width - side + 1)))
         x = to_model_range(data[take][:, t0:t0 + length, y0:y0 + side, x0:x0 + side])
+        return vae_loss(x)
+
+    def vae_loss(x: torch.Tensor) -> torch.Tensor:
         recon, posterior = vae(x)
         return vae.loss(x, recon, posterior, **loss_kw)["total"]
 
     def whole_loss(take: np.ndarray) -> torch.Tensor:
-        x = to_model_range(data[take])
-        recon, posterior = vae(x)
-        return vae.loss(x, recon, posterior, **loss_kw)["total"]
+        return vae_loss(to_model_range(data[take]))
 
     lr = train_kw.get("lr", 2e-3)
     seconds, _ = fit(name, vae, loss_of, len(data), steps, batch, lr, warmup=20, ema_decay=0.99)
