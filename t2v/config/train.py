@@ -157,7 +157,8 @@ class TrainConfig(Section):
     reconstruction and the clip; CausalVideoVAE.loss): keeps small objects' outlines."""
     scale_weight: float = Field(0.0, ge=0)
     """Stage vae: weight of the scale-equivariance term (the latents pooled 2x in space decode
-    to the clip pooled 2x; CausalVideoVAE.loss): latents a DiT can learn, at little PSNR."""
+    to the clip pooled 2x; CausalVideoVAE.loss): latents a DiT can learn as the VAE improves,
+    for 1-2 dB of PSNR (BENCHMARKS.md round 14)."""
     num_workers: int | tuple[int, int] = 2
     """Ray Train workers, or [MIN, MAX] for elastic training: Ray starts as many as fit (up to
     MAX, at least MIN) and after a failure restarts with what is left. Any worker count resumes
