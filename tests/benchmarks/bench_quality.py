@@ -1,12 +1,13 @@
 """Quality benchmark: `t2v demo` (default or --long) timed from its start, its held-out scores
 against the bars of issue [5/7], as a markdown block for BENCHMARKS.md.
 
-    .venv/bin/python tests/benchmarks/bench_quality.py [--long] [--out DIR] [--keep]
+    .venv/bin/python tests/benchmarks/bench_quality.py [--long] [--out DIR] [--keep] [KEY=VALUE ...]
 
 The demo runs as a subprocess exactly as the README's command runs it (`t2v demo`), with a fresh
 output directory, so nothing is resumed; installation is not timed (the .venv exists). The wall
 time is the subprocess's, Ray start-up included. Prints a markdown block (bars, achieved,
-pass/fail, per-stage seconds, machine) and writes it to OUT/bench_quality.md.
+pass/fail, per-stage seconds, machine) and writes it to OUT/bench_quality.md. KEY=VALUE
+arguments go to `t2v demo` as they are (`vae.scale_weight=0.25`): a variant of the profile.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def machine() -> str:
             f"load avg at end {load:.1f}")
 
 
-def run(profile: str, out: Path) -> tuple[float, dict, dict]:
+def run(profile: str, out: Path, overrides: list[str]) -> tuple[float, dict, dict]:
     cmd = [sys.executable, "-m", "t2v.cli", "demo", "--out", str(out)]
     if profile != "default":
         cmd.append(f"--{profile}")
+    cmd += overrides
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                         "DS_ACCELERATOR": "cpu"}
     t0 = time.time()
@@ -106,13 +108,14 @@ def main() -> int:
     p.add_argument("--long", action="store_true")
     p.add_argument("--out", help="output dir (default: a temp dir, removed unless --keep)")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="passed to `t2v demo`")
     args = p.parse_args()
     profile = "long" if args.long else "default"
     base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="t2v-bench-quality-"))
     out = base / f"demo-{profile}"
     shutil.rmtree(out, ignore_errors=True)
     base.mkdir(parents=True, exist_ok=True)  # the log goes beside `out`
-    wall, summary, report = run(profile, out)
+    wall, summary, report = run(profile, out, args.overrides)
     text = markdown(profile, wall, summary, report)
     (base / f"bench_quality_{profile}.md").write_text(text + "\n")
     print(text)
