@@ -51,6 +51,34 @@ def test_ema_formula_with_and_without_warmup():
             ema.update([Fragment("weight", 0, new["weight"])])  # the bias is missing
 
 
+def test_adamw_factory_is_fused_and_follows_the_adamw_formula():
+    """schedule.adamw: the config's hyper-parameters, torch's fused kernel on CPU (unless
+    `fused: false`), and three steps equal to AdamW written out by hand."""
+    from t2v.config import OptimConfig
+    from t2v.train.checkpoint import step_count
+    from t2v.train.schedule import adamw
+
+    optim = OptimConfig(lr=0.01, betas=[0.9, 0.95], weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(3, 4, generator=gen)
+    grads = [torch.randn(3, 4, generator=gen) for _ in range(3)]
+    for fused in (True, False):
+        w = torch.nn.Parameter(w0.clone())
+        opt = adamw([w], optim.model_copy(update={"fused": fused}))
+        assert bool(opt.param_groups[0]["fused"]) is fused
+        ref, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+        for t, g in enumerate(grads, start=1):
+            w.grad = g.clone()
+            opt.step()
+            ref = ref * (1 - 0.01 * 0.1)  # decoupled weight decay
+            m, v = 0.9 * m + 0.1 * g, 0.95 * v + 0.05 * g * g
+            ref = ref - 0.01 * (m / (1 - 0.9**t)) / ((v / (1 - 0.95**t)).sqrt() + 1e-8)
+            torch.testing.assert_close(w.detach(), ref, rtol=1e-5, atol=1e-6)
+        step = step_count(opt, w, 3)
+        assert step.dtype == torch.float32 and float(step) == 3.0
+        assert step.device == opt.state[w]["step"].device
+
+
 ZERO_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch, torch.distributed as dist
     rank, world, port, out, phase = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4],

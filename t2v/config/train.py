@@ -69,6 +69,10 @@ class OptimConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip (0 = off)."""
+    fused: bool = True
+    """torch's fused AdamW kernel (one pass over each tensor; on CPU ~7x the speed of the
+    per-tensor loop at the demo's DiT size) where the parameters' device has it (CPU, CUDA);
+    false: torch's default implementation."""
 
 
 class FaultConfig(Section):

@@ -257,6 +257,13 @@ def _masters(engine) -> dict[nn.Parameter, Tensor]:
     return {lp: hp for lps, hps in pairs for lp, hp in zip(lps, hps, strict=True)}
 
 
+def step_count(optimizer: torch.optim.Optimizer, p: Tensor, value: int) -> Tensor:
+    """AdamW's `step` state as AdamW itself keeps it: a float32 scalar, on the parameter's
+    device for the fused (and capturable) kernels, on the CPU otherwise."""
+    fused = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    return torch.tensor(float(value), dtype=torch.float32, device=p.device if fused else "cpu")
+
+
 def _ensure_moments(engine) -> None:
     """AdamW makes its moments at the first step; a restore before it needs them to exist (zero,
     as AdamW would make them) and DeepSpeed's fragments linked to them."""
@@ -267,7 +274,7 @@ def _ensure_moments(engine) -> None:
     for p in flats:
         state = base.state[p]
         if "exp_avg" not in state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = step_count(base, p, 0)
             for key in MOMENTS:
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
@@ -416,8 +423,9 @@ def restore_state(engine, ema: EMA, saved: dict, pieces: Pieces, rank: int, worl
                       .data.view(-1)) for _, hp, name in pairs for kind in KINDS]
         wants += [(f"ema/{name}", start, t) for (name, start), t in ema.shadow.items()]
         pieces.read(wants)  # one batch: merged ranged reads
-        for state in _base(engine).state.values():
-            state["step"] = torch.tensor(float(saved["optimizer_step"]))
+        base = _base(engine)
+        for p, state in base.state.items():
+            state["step"] = step_count(base, p, saved["optimizer_step"])
         ema.updates = int(saved["ema_updates"])
         if partitioned:
             _rebuild_working_weights(opt)

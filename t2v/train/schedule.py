@@ -14,6 +14,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from t2v.config import OptimConfig
+
+FUSED_DEVICES = ("cpu", "cuda")
+"""Device types with torch's fused AdamW kernel (torch >= 2.4 for CPU)."""
+
 
 def lr_factor(step: int, *, warmup: int, total: int, kind: str, min_ratio: float) -> float:
     """Multiplier of the base LR for optimizer step `step` (0-based).
@@ -29,6 +34,16 @@ def lr_factor(step: int, *, warmup: int, total: int, kind: str, min_ratio: float
         raise ValueError(f"unknown LR schedule {kind!r} (cosine, constant)")
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adamw(params: Iterable[nn.Parameter], optim: OptimConfig) -> torch.optim.AdamW:
+    """torch's AdamW as every training loop here makes it: the config's LR, betas and weight
+    decay, and the fused kernel where `optim.fused` asks for it and the device has it."""
+    params = list(params)
+    fused = optim.fused and all(p.device.type in FUSED_DEVICES and p.is_floating_point()
+                                for p in params)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
+                             weight_decay=optim.weight_decay, fused=fused or None)
 
 
 class Fragment(NamedTuple):

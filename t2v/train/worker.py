@@ -28,7 +28,7 @@ from t2v.config import TrainConfig
 from t2v.data.buckets import batches_by_shape
 from t2v.train import checkpoint, parallel, zero
 from t2v.train.monitor import Monitor
-from t2v.train.schedule import EMA, lr_factor
+from t2v.train.schedule import EMA, adamw, lr_factor
 from t2v.train.stages import task_for
 from t2v.train.validation import record_validation
 
@@ -83,7 +83,8 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage, **ZERO_BUCKETS},
-        # Our optimizer is torch's AdamW: no JIT-compiled fused kernels needed (NOTES-stack).
+        # Our optimizer is torch's AdamW (its own fused kernel, schedule.adamw): none of
+        # DeepSpeed's JIT-compiled optimizers is needed (NOTES-stack).
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
@@ -305,8 +306,7 @@ def train_loop_per_worker(config: dict) -> None:
     if layout.sp > 1:  # from outside the model: its attention core and forward are swapped
         task.parallelize(model, layout.group)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
-    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay)
+    opt = adamw(trainable, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
         s, warmup=cfg.optim.warmup_steps, total=cfg.steps, kind=cfg.optim.schedule,
         min_ratio=cfg.optim.min_lr_ratio))

@@ -107,12 +107,11 @@ def build(cfg: TrainConfig, data: dict):  # noqa: ANN201 - (model, optimizer)
 
     from t2v.models.dit import VideoDiT
     from t2v.train.dit_task import dit_geometry
+    from t2v.train.schedule import adamw
 
     torch.manual_seed(cfg.seed)
     model = VideoDiT(dit_geometry(cfg, data["latent"].shape[1], data["text"].shape[-1]))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay)
-    return model, opt
+    return model, adamw(model.parameters(), cfg.optim)  # as t2v's workers make it
 
 
 def torch_update(model, opt):  # noqa: ANN001, ANN201 - a loss -> None step

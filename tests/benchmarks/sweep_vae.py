@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from t2v.config import OptimConfig  # noqa: E402
 from t2v.data.synthetic import RADIUS, TRAVEL, generate_samples, heldout_combos  # noqa: E402
 from t2v.data.tensors import to_model_range, to_uint8  # noqa: E402
 from t2v.data.video import decode_video  # noqa: E402
@@ -47,7 +48,7 @@ from t2v.eval.scoring import judge, summarize  # noqa: E402
 from t2v.models.latent import fit_latent_stats  # noqa: E402
 from t2v.models.package import load_package, save_package  # noqa: E402
 from t2v.models.vae import CausalVideoVAE, vae_config  # noqa: E402
-from t2v.train.schedule import EMA, Fragment, lr_factor  # noqa: E402
+from t2v.train.schedule import EMA, Fragment, adamw, lr_factor  # noqa: E402
 
 DEFAULT_VARIANTS = [
     "demo:latent_channels=6,shortcut=true",
@@ -140,8 +141,8 @@ def fit(name: str, module: torch.nn.Module, loss_of, count: int, steps: int, bat
     (seconds, the mean loss of the last `every` steps). `shard_order=S`: a pass reads shards
     of S samples in a new order but each shard's samples in stored order, as `t2v train`'s
     stream does with `data.local_shuffle_buffer` 0 (so a pass repeats the same batches)."""
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.99),
-                            weight_decay=weight_decay)
+    opt = adamw(module.parameters(), OptimConfig(lr=lr, betas=[0.9, 0.99],
+                                                 weight_decay=weight_decay))  # as t2v train's
     ema = EMA.of_module(module, ema_decay)
     rng = np.random.default_rng(seed)
     per_pass = count // batch  # a new order every pass, as the trainer's shuffle
