@@ -121,14 +121,15 @@ def long_profile() -> DemoConfig:
     # The scale-equivariance term keeps its latents learnable: without it, the better the VAE
     # reconstructed, the less motion the DiT learned (38.5 % on those latents); with it 95.8 %
     # at 31.5 dB (tests/benchmarks/sweep_vae.py + sweep_dit.py; BENCHMARKS.md round 14)
-    # Weight 0.25 for 3000 steps: 33.3 dB, motion 92.7 %, shape 90.6 %, 37 minutes (0.5 for
-    # 2400: 30.7 dB, motion 100 %; BENCHMARKS.md, fifth and sixth --long runs)
+    # Weight 0.25 for 3000 steps: 32.6-33.3 dB (0.5 for 2400: 30.7 dB; BENCHMARKS.md, the
+    # fifth to ninth --long runs)
     cfg.vae.steps, cfg.vae.ckpt_every, cfg.vae.val_every, cfg.vae.log_every = 3000, 1500, 1500, 100
     cfg.vae.data.frames, cfg.vae.data.size, cfg.vae.data.crop = 17, 64, [9, 32]
     cfg.vae.scale_weight = 0.25
-    # 3000 DiT steps (1500 before: motion 21.9 %, 5 latent frames relate across tokens and
-    # learn slowly; the run took 25.6 of its 45 minutes)
-    cfg.dit.steps, cfg.dit.batch_size, cfg.dit.ckpt_every, cfg.dit.val_every = 3000, 8, 1000, 1000
+    # 4500 DiT steps (1500: motion 21.9 %, 5 latent frames relate across tokens and learn
+    # slowly; 3000: motion 92.7 or 80.2 % by the run's rounding, still under-trained; 4500:
+    # colour 100 / motion 97.9 / shape 85.4 %, 39 minutes: the ninth --long run in BENCHMARKS.md)
+    cfg.dit.steps, cfg.dit.batch_size, cfg.dit.ckpt_every, cfg.dit.val_every = 4500, 8, 1500, 1500
     cfg.render.batch_size = 8
     return cfg
 
