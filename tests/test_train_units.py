@@ -55,8 +55,7 @@ def test_adamw_factory_is_fused_and_follows_the_adamw_formula():
     """schedule.adamw: the config's hyper-parameters, torch's fused kernel on CPU (unless
     `fused: false`), and three steps equal to AdamW written out by hand."""
     from t2v.config import OptimConfig
-    from t2v.train.checkpoint import step_count
-    from t2v.train.schedule import adamw
+    from t2v.train.schedule import adamw, step_count
 
     optim = OptimConfig(lr=0.01, betas=[0.9, 0.95], weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)

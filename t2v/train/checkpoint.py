@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from t2v import arrowfs, storage
-from t2v.train.schedule import EMA
+from t2v.train.schedule import EMA, step_count
 from t2v.train.zero import is_partitioned, piece
 
 STATE_DIR = "state"
@@ -255,13 +255,6 @@ def _masters(engine) -> dict[nn.Parameter, Tensor]:
     opt = engine.optimizer
     pairs = zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []), strict=True)
     return {lp: hp for lps, hps in pairs for lp, hp in zip(lps, hps, strict=True)}
-
-
-def step_count(optimizer: torch.optim.Optimizer, p: Tensor, value: int) -> Tensor:
-    """AdamW's `step` state as AdamW itself keeps it: a float32 scalar, on the parameter's
-    device for the fused (and capturable) kernels, on the CPU otherwise."""
-    fused = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
-    return torch.tensor(float(value), dtype=torch.float32, device=p.device if fused else "cpu")
 
 
 def _ensure_moments(engine) -> None:

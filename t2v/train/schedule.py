@@ -46,6 +46,13 @@ def adamw(params: Iterable[nn.Parameter], optim: OptimConfig) -> torch.optim.Ada
                              weight_decay=optim.weight_decay, fused=fused or None)
 
 
+def step_count(optimizer: torch.optim.Optimizer, p: Tensor, value: int) -> Tensor:
+    """AdamW's `step` state as AdamW itself keeps it: a float32 scalar, on the parameter's
+    device for the fused (and capturable) kernels, on the CPU otherwise."""
+    fused = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    return torch.tensor(float(value), dtype=torch.float32, device=p.device if fused else "cpu")
+
+
 class Fragment(NamedTuple):
     """Elements [start, start + len(values)) of the flattened parameter `name`."""
 
