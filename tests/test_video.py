@@ -113,6 +113,19 @@ def test_round_trip_matches_frames() -> None:
     assert mae <= ROUND_TRIP_MAE, mae
 
 
+@pytest.mark.parametrize("codec, fmt", [("libx264", "mp4"), ("libvpx-vp9", "webm")])
+def test_decode_converts_colours_as_pyav_does_frame_by_frame(codec: str, fmt: str) -> None:
+    # decode_video keeps one swscale context per clip; the bytes must be PyAV's own per-frame
+    # conversion, and asking for the size the video already has must not resample anything.
+    data = encode_video(moving_clip(t=6, h=48, w=64), 8.0, codec, fmt)
+    with av.open(io.BytesIO(data)) as c:
+        reference = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert np.array_equal(decode_video(data), reference)
+    assert np.array_equal(decode_video(data, size=(48, 64)), reference)
+    # A frame repeated for several target times (fps resampling) is the same frame's bytes.
+    assert np.array_equal(decode_video(data, fps=16)[::2], reference)
+
+
 @pytest.mark.parametrize("h, w", [(64, 64), (32, 32), (96, 96), (64, 96)])
 def test_encode_is_deterministic(h: int, w: int) -> None:
     # Other encodes and decodes in between: x264's AVX-512 code once made the bytes depend on

@@ -23,6 +23,7 @@ from typing import Any
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageDraw, ImageFont
 
 VideoSource = bytes | bytearray | memoryview | str | os.PathLike[str]
@@ -265,11 +266,17 @@ def decode_video(data: VideoSource, *, fps: float | None = None, num_frames: int
         out: list[np.ndarray] = []
         limit = num_frames or math.inf
         cache: list[Any] = [None, None]  # the last converted (frame, array)
+        # One colour converter for the clip: `frame.to_ndarray(format=...)` builds a new
+        # swscale context for every frame, which cost 0.3 ms a 64x64 frame, 4x the decoding.
+        # Same conversion, same bytes.
+        reformatter = VideoReformatter()
 
         def emit(frame: av.VideoFrame) -> None:
             if cache[0] is not frame:  # a frame repeated for several targets converts once
-                cache[:] = [frame, frame.to_ndarray(format="rgb24") if target_hw is None
-                            else np.asarray(resize_cover(frame.to_image(), *target_hw))]
+                rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
+                if target_hw is not None and rgb.shape[:2] != tuple(target_hw):
+                    rgb = np.asarray(resize_cover(Image.fromarray(rgb), *target_hw))
+                cache[:] = [frame, rgb]
             out.append(cache[1])
 
         decoded, last_t, k = 0, -math.inf, 0  # k: index of the next target time when resampling
