@@ -8,7 +8,8 @@ The data is the default demo's: 1024 training clips with the 12 held-out combina
 and 96 held-out clips (the same synth seeds, sizes and mp4 round trip as `t2v demo`). Each
 variant is the `debug` VAE preset with its overrides (model fields of VAEConfig, and the loss
 weights `edge_weight`, `kl_weight`, `scale_weight` (CausalVideoVAE.loss), plus `steps` / `lr` / `batch`, `crop` /
-`crop_frames` for windows and `finish` / `finish_lr` for whole-clip steps after them) trained by
+`crop_frames` for windows, `finish` / `finish_lr` for whole-clip steps after them, and `seed` for
+the initial weights, the batches' order and the windows, default 0) trained by
 a bare torch loop
 on the box's cores: AdamW with the demo's betas, warm-up, cosine schedule, gradient clipping and
 EMA, the VAE's own `loss`. So a row measures what the model and loss can learn in that many
@@ -58,7 +59,7 @@ DEFAULT_VARIANTS = [
 ]
 TRAIN_KEYS = {"steps": int, "lr": float, "batch": int, "edge_weight": float, "kl_weight": float,
               "crop": int, "crop_frames": int, "finish": int, "finish_lr": float,
-              "scale_weight": float}
+              "scale_weight": float, "seed": int}
 
 
 def parse_value(text: str) -> object:
@@ -180,9 +181,10 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
     steps, batch = train_kw.get("steps", steps), train_kw.get("batch", batch)
     loss_kw = {k: train_kw[k] for k in ("edge_weight", "kl_weight", "scale_weight")
                if k in train_kw}
-    torch.manual_seed(0)
+    seed = train_kw.get("seed", 0)  # initial weights, the batches' order and the windows
+    torch.manual_seed(seed)
     vae = CausalVideoVAE(vae_config("debug", **model_kw))
-    crop_rng = np.random.default_rng(0)
+    crop_rng = np.random.default_rng(seed)
     _, frames, height, width, _ = data.shape
     side, length = train_kw.get("crop", min(height, width)), train_kw.get("crop_frames", frames)
     if side > min(height, width) or length > frames:
@@ -205,7 +207,8 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
         return vae_loss(to_model_range(data[take]))
 
     lr = train_kw.get("lr", 2e-3)
-    seconds, _ = fit(name, vae, loss_of, len(data), steps, batch, lr, warmup=20, ema_decay=0.99)
+    seconds, _ = fit(name, vae, loss_of, len(data), steps, batch, lr, warmup=20, ema_decay=0.99,
+                     seed=seed)
     # `finish=N`: N more steps on whole clips after the windows (a new warm-up and cosine
     # schedule from `finish_lr`, default lr/4, starting at the windows' EMA weights)
     finish = train_kw.get("finish", 0)
