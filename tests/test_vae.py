@@ -388,8 +388,8 @@ def test_scale_term_decodes_pooled_latents_to_the_pooled_clip():
     assert small.shape == (2, 3, 5, 8, 8)
     d = (small - halve(x)).double()
     want = float(d.abs().mean() + d.pow(2).mean())
-    assert float(out["scale"]) == pytest.approx(want, rel=1e-5)
-    assert float(out["total"]) == pytest.approx(float(plain["total"]) + 0.5 * want, rel=1e-5)
+    assert out["scale"].item() == pytest.approx(want, rel=1e-5)
+    assert out["total"].item() == pytest.approx(plain["total"].item() + 0.5 * want, rel=1e-5)
     assert float(plain["scale"]) == 0.0
     vae.zero_grad()
     vae.loss(x, recon.detach(), posterior, scale_weight=1.0)["total"].backward()
