@@ -60,17 +60,10 @@ def main() -> None:
         uris = shard_uris(f"{args.data}/latents")[:-1]
         n = sum(1 for _ in iter_tar_samples(uris[0])) * len(uris)
 
-        def cpu(fn) -> float:  # noqa: ANN001
-            best = float("inf")
-            for _ in range(3):
-                t0 = time.process_time()
-                fn()
-                best = min(best, time.process_time() - t0)
-            return best
-
         row = {"samples": n,
-               "tar_ms": 1e3 * cpu(lambda: [s for u in uris for s in iter_tar_samples(u)]) / n,
-               "read_task_ms": 1e3 * cpu(lambda: [b for u in uris for b in read_shard(
+               "tar_ms": 1e3 * best_cpu(lambda: [s for u in uris for s in iter_tar_samples(u)])
+               / n,
+               "read_task_ms": 1e3 * best_cpu(lambda: [b for u in uris for b in read_shard(
                    u, u, None, MEMBERS, None, None, decode_latent_rows)]) / n}
         passes = []
         for _ in range(3):
@@ -87,6 +80,7 @@ def main() -> None:
 
 
 def best_cpu(fn, rounds: int = 3) -> float:  # noqa: ANN001
+    """The least CPU seconds of this process that `fn()` took over `rounds` calls."""
     best = float("inf")
     for _ in range(rounds):
         t0 = time.process_time()
