@@ -6,9 +6,9 @@ against the bars of issue [5/7], as a markdown block for BENCHMARKS.md.
 The demo runs as a subprocess exactly as the README's command runs it (`t2v demo`), with a fresh
 output directory, so nothing is resumed; installation is not timed (the .venv exists). The wall
 time is the subprocess's, Ray start-up included. Prints a markdown block (bars, achieved,
-pass/fail, per-stage seconds, the machine with numpy's matmul speed before and after) and
-writes it to OUT/bench_quality.md. KEY=VALUE arguments go to `t2v demo` as they are
-(`vae.scale_weight=0.25`): a variant of the profile.
+pass/fail, per-stage seconds, the machine with its fp32 matmul speed before and after,
+measured by bench_model.py's `matmul_peak`) and writes it to OUT/bench_quality.md. KEY=VALUE
+arguments go to `t2v demo` as they are (`vae.scale_weight=0.25`): a variant of the profile.
 """
 
 from __future__ import annotations
@@ -43,28 +43,16 @@ def cpu_name() -> str:
     return f"{model} ({'AVX-512' if 'avx512f' in out else 'AVX2'})"
 
 
-def matmul_gflops() -> float:
-    """numpy's 2048x2048 fp32 matmul on all cores, best of three: boxes of one kind drift by
-    2x between days (151-381 GFLOP/s on one Xeon), so a time is quoted with the box's speed."""
-    import numpy as np  # noqa: PLC0415 - only the benchmark's driver needs it
-
-    a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ a  # noqa: B018 - timed
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * 2048**3 / best / 1e9
-
-
 def machine(gflops: tuple[float, float]) -> str:
+    """The box, with its fp32 matmul speed before and after the demo: boxes of one kind
+    drift by 2x between days (151-381 GFLOP/s in numpy on one Xeon), so a time is quoted with
+    the box's speed."""
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
     return (f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"numpy matmul {gflops[0]:.0f} GFLOP/s before / {gflops[1]:.0f} after, "
+            f"torch fp32 matmul {gflops[0]:.0f} GFLOP/s before / {gflops[1]:.0f} after, "
             f"load avg at end {load:.1f}")
 
 
@@ -133,9 +121,11 @@ def main() -> int:
     out = base / f"demo-{profile}"
     shutil.rmtree(out, ignore_errors=True)
     base.mkdir(parents=True, exist_ok=True)  # the log goes beside `out`
-    before = matmul_gflops()
+    from bench_model import matmul_peak  # noqa: PLC0415 - torch: only once the args are read
+
+    before = matmul_peak() / 1e9
     wall, summary, report = run(profile, out, args.overrides)
-    text = markdown(profile, wall, summary, report, (before, matmul_gflops()))
+    text = markdown(profile, wall, summary, report, (before, matmul_peak() / 1e9))
     (base / f"bench_quality_{profile}.md").write_text(text + "\n")
     print(text)
     if not args.out and not args.keep:
