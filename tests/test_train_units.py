@@ -576,6 +576,32 @@ def test_sequence_parallel_refusals_are_one_line(tmp_path, capsys, monkeypatch):
     assert_refused_before_ray(base, cases, capsys, monkeypatch)
 
 
+def test_compile_refusals_are_one_line(tmp_path, capsys, monkeypatch):
+    """What train.compile cannot run is refused before Ray starts, in one line each: the VAE,
+    ZeRO-3 and sequence parallelism, and a CPU run without a C++ compiler."""
+    from t2v.train import dit_task
+
+    (tmp_path / "shards").mkdir()
+    base = ["train", f"out={tmp_path}/runs", f"data.shards={tmp_path}/shards", "vae=unused",
+            "compile=true"]
+    cases = {
+        ("stage=vae",): "compile=true is for stage dit (got stage vae: its step is mostly "
+                        "convolutions, which compiling does not speed up)",
+        ("zero_stage=3",): "compile=true needs zero_stage <= 2 and sequence_parallel 1 (got "
+                           "zero_stage 3, sequence_parallel 1): ZeRO-3's gathers and the "
+                           "all-to-alls run outside compiled blocks",
+        ("num_workers=2", "sequence_parallel=2"):
+            "compile=true needs zero_stage <= 2 and sequence_parallel 1 (got zero_stage 2, "
+            "sequence_parallel 2): ZeRO-3's gathers and the all-to-alls run outside compiled "
+            "blocks",
+    }
+    assert_refused_before_ray(base, cases, capsys, monkeypatch)
+    monkeypatch.setattr(dit_task, "cpp_compiler", lambda: None)
+    assert_refused_before_ray(base, {(): "compile=true on a CPU needs a C++ compiler (g++, or "
+                                         "set $CXX; Debian: apt install g++), or set "
+                                         "compile=false"}, capsys, monkeypatch)
+
+
 def test_bad_run_inputs_fail_before_ray_and_write_nothing(tmp_path, capsys, monkeypatch):
     """A run name that would leave RUNS, and a data folder without shards: one line each,
     before Ray starts, and nothing written under RUNS (config.yaml used to be written first)."""

@@ -22,7 +22,7 @@ from t2v.data.tensors import to_model_range, to_uint8
 from t2v.data.video import contact_sheet
 from t2v.diffusion.flow import flow_loss, heldout_flow_loss, sample_t
 from t2v.diffusion.sampling import denoise, get_noise
-from t2v.models.dit import DiTConfig, VideoDiT, Whole, dit_config
+from t2v.models.dit import DiTConfig, VideoDiT, Whole, cpp_compiler, dit_config
 from t2v.models.lora import add_lora, export_dit, lora_scale, target_layers
 from t2v.models.package import (
     PackageMeta,
@@ -178,6 +178,15 @@ class DiTTask(StageTask):
             raise ValueError(f"lora.rank={self.cfg.lora.rank} needs stage dit and init_from="
                              "PACKAGE (got init_from None)")
         sp = self.cfg.sequence_parallel
+        if self.cfg.compile:
+            if self.cfg.zero_stage == 3 or sp > 1:
+                raise ValueError("compile=true needs zero_stage <= 2 and sequence_parallel 1 "
+                                 f"(got zero_stage {self.cfg.zero_stage}, sequence_parallel "
+                                 f"{sp}): ZeRO-3's gathers and the all-to-alls run outside "
+                                 "compiled blocks")
+            if not self.cfg.use_gpu and cpp_compiler() is None:
+                raise ValueError("compile=true on a CPU needs a C++ compiler (g++, or set $CXX; "
+                                 "Debian: apt install g++), or set compile=false")
         if sp > 1 and not (self.init_meta and self.init_meta.dit is None):  # that: dit_geometry
             dit, source = ((self.init_meta.dit, f"init_from={self.cfg.init_from}")
                            if self.init_meta else
@@ -297,6 +306,9 @@ class DiTTask(StageTask):
 
     def parallelize(self, model: nn.Module, group: object) -> nn.Module:
         return parallelize(model, group)  # LoRA adapters sit inside the VideoDiT's layers
+
+    def compile(self, model: nn.Module) -> None:
+        model.compile_blocks()  # traced on the first step, with LoRA's layers in
 
     def setup(self, info: DiTData, device: torch.device, dtype: torch.dtype,
               rank: int) -> None:

@@ -163,6 +163,9 @@ class StageTask(ABC):
         if self.cfg.sequence_parallel > 1:
             raise ValueError(f"sequence_parallel={self.cfg.sequence_parallel} needs stage dit "
                              f"(got stage {self.stage})")
+        if self.cfg.compile:
+            raise ValueError(f"compile=true is for stage dit (got stage {self.stage}: its "
+                             "step is mostly convolutions, which compiling does not speed up)")
 
     @abstractmethod
     def describe_data(self, val_uri: str, buckets: dict[str, int]) -> DataInfo:
@@ -203,6 +206,11 @@ class StageTask(ABC):
         """Split each sample's tokens across the ranks of `group` (sequence parallelism), in
         place; only stages whose `check` allows sequence_parallel > 1 implement it."""
         raise NotImplementedError(f"stage {self.stage} has no sequence parallelism")
+
+    def compile(self, model: nn.Module) -> None:
+        """`torch.compile` the training model in place (train.compile); only stages whose
+        `check` allows compile implement it."""
+        raise NotImplementedError(f"stage {self.stage} has no compile")
 
     def setup(self, info: DataInfo, device: torch.device, dtype: torch.dtype,
               rank: int) -> None:

@@ -305,6 +305,8 @@ def train_loop_per_worker(config: dict) -> None:
                              ds_config, device)
     if layout.sp > 1:  # from outside the model: its attention core and forward are swapped
         task.parallelize(model, layout.group)
+    if cfg.compile:  # the training model only: validation and export build theirs eagerly
+        task.compile(model)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
     opt = adamw(trainable, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
