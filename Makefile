@@ -63,6 +63,7 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_data.py $(ARGS)
 	$(BIN)/python tests/benchmarks/bench_model.py
+	$(BIN)/python tests/benchmarks/bench_compile.py
 	$(BIN)/python tests/benchmarks/bench_train.py
 	$(BIN)/python tests/benchmarks/bench_startup.py
 	$(BIN)/python tests/benchmarks/bench_memory.py

@@ -47,7 +47,6 @@ from t2v.data.synthetic import (
     run_synth,
 )
 from t2v.eval.report import results_table, run_eval
-from t2v.models.dit import cpp_compiler
 from t2v.render.pipeline import run_render_command
 from t2v.runtime import check_output_uri, disconnect_ray, ensure_ray, ray_connected
 from t2v.train.trainer import run_train
@@ -77,12 +76,12 @@ def default_profile() -> DemoConfig:
         encode=EncodeConfig(batch_size=16, concurrency=[2, 2]),
         # ZeRO-0: a 1M-parameter model gains nothing from sharding, and DeepSpeed's ZeRO-2
         # bookkeeping cost 13 % of the samples/s (bench_overhead.py: 299 -> 344 on 2 cores).
-        # Compiled blocks where a C++ compiler is found: 1.24-1.32x the samples/s through Ray
-        # Train (bench_overhead.py --variants ",compile=true"), after ~20 s of compiling
+        # Eager: compiled blocks (train.compile) train 1.24-1.32x faster through Ray Train,
+        # but a first run's compiling (~56 s, both workers at once) costs more than that saves
+        # in this 3-minute stage (BENCHMARKS.md, training overhead round 13)
         dit=TrainConfig(
             stage="dit", name="dit", model="debug", steps=1800, batch_size=16, num_workers=2,
             cpus_per_worker=0.5, zero_stage=0, precision="fp32",
-            compile=cpp_compiler() is not None,
             optim=OptimConfig(lr=3e-3, warmup_steps=50, schedule="cosine"), log_every=100,
             ckpt_every=900, val_every=900, val_samples=4, val_steps=20, caption_dropout=0.1,
             ema_decay=0.995),
@@ -353,8 +352,7 @@ def _run_stages(cfg: DemoConfig, stages: Stages, held: list[Combo], rows_path: s
     stages.start("encode", "encoding training clips to latent shards (Ray Data actors)")
     run_encode_command(encode)
     stages.start("dit", f"training the DiT ({dit.model}, {dit.steps} steps, {dit.num_workers} "
-                 f"workers, ZeRO-{dit.zero_stage}, "
-                 f"{'compiled blocks' if dit.compile else 'eager: no C++ compiler found'})")
+                 f"workers, ZeRO-{dit.zero_stage}{', compiled blocks' if dit.compile else ''})")
     run_train(dit)
     stages.start("render", f"rendering {len(rows)} prompts ({len(held)} held-out and "
                  f"{cfg.train_combos} training combinations x {cfg.seeds_per_combo} seeds; "
