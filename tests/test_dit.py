@@ -194,6 +194,7 @@ def test_checkpointing_gives_identical_gradients() -> None:
 
 
 @pytest.mark.skipif(cpp_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex")
 def test_compiled_blocks_match_eager(one_thread: None) -> None:
     """compile_blocks (train.compile) changes the speed, not the maths: the same outputs and
     gradients as the eager model to float32 rounding, and the state dict keeps its names
