@@ -133,10 +133,11 @@ class TrainConfig(Section):
     """auto: bf16 on GPU, fp32 on CPU (bf16 is 2.6x slower than fp32 on CPUs without AMX)."""
     activation_checkpointing: bool = False
     compile: bool = False
-    """Stage dit: `torch.compile` each DiT block (VideoDiT.compile_blocks) before training: ~1.2x
-    faster steps on a CPU (BENCHMARKS.md), after ~10-30 s of compiling per worker the first
-    time (inductor's cache in /tmp makes later runs start in seconds). ZeRO 0-2, no sequence
-    parallelism; on a CPU it needs a C++ compiler (g++, or $CXX)."""
+    """Stage dit: `torch.compile` each DiT block (VideoDiT.compile_blocks) before training: the
+    debug DiT's steps 1.16-1.32x faster on a 2-core CPU, after ~40-60 s of compiling the first
+    time (inductor's cache, /tmp/torchinductor_$USER, makes later runs of the same shapes start
+    in seconds; BENCHMARKS.md, training overhead round 13). ZeRO 0-2, no sequence parallelism;
+    on a CPU it needs a C++ compiler (g++, or $CXX)."""
     sequence_parallel: int = Field(1, ge=1)
     """Stage dit: ranks that split each sample's video tokens between them (Ulysses all-to-all
     attention, t2v/train/parallel.py); it must divide num_workers (fixed, not [MIN, MAX]), the

@@ -133,14 +133,14 @@ def dit_config(name: str, **overrides: object) -> DiTConfig:
     return DiTConfig.from_dict({**DIT_PRESETS[name].to_dict(), **overrides})
 
 
-# ----------------------------------------------------------------------------- embedders
-
-
 def cpp_compiler() -> str | None:
     """The C++ compiler torch.compile's CPU backend (inductor) would build its kernels with:
     $CXX, else g++ / c++ / clang++ on PATH; None when there is none."""
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
     return next((path for path in map(shutil.which, names) if path), None)
+
+
+# ----------------------------------------------------------------------------- embedders
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
