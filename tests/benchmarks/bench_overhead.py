@@ -1,9 +1,11 @@
 """Where the demo DiT's training time goes: Ray Train + DeepSpeed against bare torch loops.
 
     .venv/bin/python tests/benchmarks/bench_overhead.py [--steps 200] [--only bare,ddp,ray]
+        [--profile default|long]
 
 The demo's DiT (the `debug` preset on latents of the demo's VAE geometry — the default profile's
-`vae.model_overrides` — MiniLM text, global batch 32) trained for `--steps` optimizer steps four ways, on the same cores:
+`vae.model_overrides` — MiniLM text, global batch 32; `--profile long`: `t2v demo --long`'s
+17x64x64 clips, global batch 16) trained for `--steps` optimizer steps four ways, on the same cores:
 - `bare`: one process, torch on all cores, batch 32, AdamW: the maths alone;
 - `ddp`: two processes (torch.distributed over gloo, DistributedDataParallel, 1 thread and
   batch 16 each): what splitting the batch over two processes costs, without Ray or DeepSpeed;
@@ -46,40 +48,43 @@ from cpu_split import DRIVER, by_kind, cpu_seconds  # noqa: E402
 from t2v import storage  # noqa: E402
 from t2v.config import EncodeConfig, SynthConfig, TrainConfig  # noqa: E402
 
-BATCH = 32
-"""Global batch: 2 workers x 16, as the demo's DiT stage."""
+WORKERS = 2
+"""The demo's DiT stage: 2 workers x the profile's batch_size (global batch 32 by default)."""
 
 
-def make_latents(tmp: str) -> tuple[str, str]:
-    """1024 demo-sized clips (8 shards of 128, as the demo) encoded by a VAE shaped as the
-    default demo's (random weights: the step cost is the DiT's, whatever the latents hold)."""
+def make_latents(tmp: str, profile: str = "default") -> tuple[str, str]:
+    """1024 clips of the demo profile's geometry (8 shards of 128, as the demo) encoded by a VAE
+    shaped as its (random weights: the step cost is the DiT's, whatever the latents hold)."""
     import torch
 
     from t2v.data.encode import run_encode
     from t2v.data.synthetic import run_synth
-    from t2v.demo import default_profile
+    from t2v.demo import PROFILES
     from t2v.models.latent import fit_latent_stats
     from t2v.models.package import save_package
     from t2v.models.text import TextEncoderConfig
     from t2v.models.vae import CausalVideoVAE, vae_config
 
     raw, vae_uri, out = f"{tmp}/raw", f"{tmp}/vae", f"{tmp}/latents"
-    run_synth(SynthConfig(out=raw, num=1024, frames=9, size=32, shard_size=128, seed=0))
+    demo = PROFILES[profile]()
+    frames, size = demo.synth.frames, demo.synth.size
+    run_synth(SynthConfig(out=raw, num=1024, frames=frames, size=size, shard_size=128, seed=0))
     torch.manual_seed(0)
-    demo_vae = default_profile().vae
-    vae = CausalVideoVAE(vae_config(demo_vae.model, **demo_vae.model_overrides)).eval()
+    vae = CausalVideoVAE(vae_config(demo.vae.model, **demo.vae.model_overrides)).eval()
     with torch.no_grad():
-        shift, scale = fit_latent_stats(vae.encode(torch.rand(4, 3, 9, 32, 32) * 2 - 1).mean)
+        sample = torch.rand(4, 3, frames, size, size) * 2 - 1
+        shift, scale = fit_latent_stats(vae.encode(sample).mean)
     vae.set_latent_stats(shift=shift, scale=scale)
     save_package(vae_uri, vae=vae, text=TextEncoderConfig())
     run_encode(EncodeConfig(src=raw, out=out, vae=vae_uri, batch_size=16))
     return out, vae_uri
 
 
-def demo_config(out: str, shards: str, vae: str, steps: int) -> TrainConfig:
-    from t2v.demo import default_profile
+def demo_config(out: str, shards: str, vae: str, steps: int,
+                profile: str = "default") -> TrainConfig:
+    from t2v.demo import PROFILES
 
-    dit = default_profile().dit
+    dit = PROFILES[profile]().dit
     return dit.model_copy(update={
         "out": out, "name": "ray", "vae": vae, "steps": steps, "ckpt_every": steps,
         "val_every": steps, "val_samples": 0, "log_every": max(1, steps // 8),
@@ -154,7 +159,8 @@ def bare(cfg: TrainConfig, shards: str, steps: int) -> dict:
     data = load_latents(shards)
     model, opt = build(cfg, data)
     return {"way": "bare", "processes": 1, "threads": torch.get_num_threads(),
-            "samples_per_s": loop(model, torch_update(model, opt), data, steps, BATCH)}
+            "samples_per_s": loop(model, torch_update(model, opt), data, steps,
+                                  WORKERS * cfg.batch_size)}
 
 
 def _ddp_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, port: int,
@@ -169,7 +175,7 @@ def _ddp_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, p
     data = load_latents(shards)
     model, opt = build(cfg, data)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    rate = loop(ddp, torch_update(ddp, opt), data, steps, BATCH // world, rank, world)
+    rate = loop(ddp, torch_update(ddp, opt), data, steps, cfg.batch_size, rank, world)
     if rank == 0:
         Path(result).write_text(json.dumps(rate))
     dist.destroy_process_group()
@@ -205,7 +211,7 @@ def _ds_worker(rank: int, world: int, cfg_json: str, shards: str, steps: int, po
         eng.backward(loss)
         eng.step()
 
-    rate = loop(eng, update, data, steps, BATCH // world, rank, world)
+    rate = loop(eng, update, data, steps, cfg.batch_size, rank, world)
     warm = spent[20:]  # as loop's warm-up
     Path(f"{result}.rank{rank}").write_text(json.dumps(sum(warm) / max(len(warm), 1)))
     if rank == 0:
@@ -259,7 +265,7 @@ def engine(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> list[dict]:
 
     torch.set_num_threads(1)
     data = load_latents(shards)
-    half = BATCH // 2
+    half = cfg.batch_size
     batch = {k: v[:half] for k, v in data.items()}
     g = torch.Generator().manual_seed(0)
 
@@ -367,6 +373,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--only", default="bare,ddp,ds,ray,engine")
+    p.add_argument("--profile", default="default", choices=["default", "long"],
+                   help="whose DiT stage: the default demo's (6x3x8x8 latents, 16 a worker) "
+                        "or --long's (6x5x16x16, 8 a worker)")
     p.add_argument("--variants", default="",
                    help="Ray Train runs, separated by ',': each '' (the demo's settings) or "
                         "KEY=VALUE[+KEY=VALUE...], e.g. ',zero_stage=0,data.prefetch_batches=1'")
@@ -388,11 +397,11 @@ def main() -> None:
 
         start_ray()
         try:
-            shards, vae = make_latents(tmp)
+            shards, vae = make_latents(tmp, args.profile)
         finally:
             ray.shutdown()
         for r in range(args.rounds):
-            cfg = demo_config(f"{tmp}/runs{r}", shards, vae, args.steps)
+            cfg = demo_config(f"{tmp}/runs{r}", shards, vae, args.steps, args.profile)
             if "ray" in ways:
                 start_ray()
                 try:
@@ -416,7 +425,8 @@ def main() -> None:
             print(json.dumps(probes), flush=True)
     bares = {r.get("round", 0): r["samples_per_s"] for r in rows if r["way"] == "bare"}
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"the demo DiT (debug preset), global batch {BATCH}, {args.steps} steps")
+          f"the {args.profile} demo's DiT (debug preset), global batch "
+          f"{WORKERS * cfg.batch_size}, {args.steps} steps")
     print("| round | way | processes x threads | samples/s | x bare (same round) |")
     print("|---|---|---|---|---|")
     ratios: dict[str, list[float]] = {}
@@ -440,7 +450,8 @@ def main() -> None:
                   f"{total:.1f} used): " + ", ".join(
                       f"{k} {v:.2f}" for k, v in r["cpu_s"].items()))
     for r in probes if "engine" in ways else []:
-        print(f"{r['way']}: {r['ms_per_step']:.1f} ms a step of {BATCH // 2} samples, 1 thread")
+        print(f"{r['way']}: {r['ms_per_step']:.1f} ms a step of {cfg.batch_size} samples, "
+              "1 thread")
     for r in rows:
         if r.get("phases"):
             print(f"{r['way']}: ms per step " + ", ".join(
