@@ -15,15 +15,16 @@ compiling) and ms per step, each round and the median. The default geometry is `
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from bench_quality import cpu_name  # noqa: E402
 
 from t2v.diffusion.flow import flow_loss  # noqa: E402
 from t2v.models.dit import VideoDiT, dit_config  # noqa: E402
@@ -69,7 +70,7 @@ def main() -> None:
         return loss.item()
 
     ways = {"eager": make(False), "compiled blocks": make(True)}
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"{cpu_name()}, torch {torch.__version__}, "
           f"{a.device}, {a.threads} thread(s), {a.model} DiT, latents {a.latent}, "
           f"batch {a.batch}", flush=True)
     for name, (model, opt) in ways.items():  # the first steps: compiling, both text lengths
