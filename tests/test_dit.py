@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from t2v.models.dit import DIT_PRESETS, DiTConfig, VideoDiT, cpp_compiler, dit_config
+from t2v.models.dit import DIT_PRESETS, DiTConfig, VideoDiT, dit_config
 from t2v.models.rope import apply_rope, grid_positions, rope_angles
 from t2v.models.wan import convert_wan_state_dict, load_wan_transformer, wan_config_to_dit
+from t2v.train.dit_task import cpp_compiler
 
 PRESET_PARAMS: dict[str, int] = {
     "debug": 1_014_800,

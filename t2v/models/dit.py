@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
@@ -131,13 +129,6 @@ def dit_config(name: str, **overrides: object) -> DiTConfig:
     if name not in DIT_PRESETS:
         raise ValueError(f"unknown DiT preset {name!r}; known: {list(DIT_PRESETS)}")
     return DiTConfig.from_dict({**DIT_PRESETS[name].to_dict(), **overrides})
-
-
-def cpp_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU backend (inductor) would build its kernels with:
-    $CXX, else g++ / c++ / clang++ on PATH; None when there is none."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((path for path in map(shutil.which, names) if path), None)
 
 
 # ----------------------------------------------------------------------------- embedders

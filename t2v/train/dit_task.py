@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +24,7 @@ from t2v.data.tensors import to_model_range, to_uint8
 from t2v.data.video import contact_sheet
 from t2v.diffusion.flow import flow_loss, heldout_flow_loss, sample_t
 from t2v.diffusion.sampling import denoise, get_noise
-from t2v.models.dit import DiTConfig, VideoDiT, Whole, cpp_compiler, dit_config
+from t2v.models.dit import DiTConfig, VideoDiT, Whole, dit_config
 from t2v.models.lora import add_lora, export_dit, lora_scale, target_layers
 from t2v.models.package import (
     PackageMeta,
@@ -69,6 +71,14 @@ class DiTData(DataInfo):
     val_mask: np.ndarray
     """(N, L) bool."""
     val_captions: list[str]
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would build its kernels with:
+    $CXX, else g++ / c++ / clang++ on PATH; None when there is none (`compile: true` on a CPU
+    is then refused before Ray starts)."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
 
 
 def pixel_geometry(vae, t: int, h: int, w: int) -> tuple[int, int, int]:
