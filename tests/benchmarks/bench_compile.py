@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_quality import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 from t2v.diffusion.flow import flow_loss  # noqa: E402
 from t2v.models.dit import VideoDiT, dit_config  # noqa: E402

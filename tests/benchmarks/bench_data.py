@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from t2v.data.shards import shard_uris  # noqa: E402
 from t2v.data.synthetic import run_synth  # noqa: E402
 from t2v.data.tensors import to_model_range  # noqa: E402
 from t2v.data.video import decode_video  # noqa: E402
+from tests.benchmarks.machine import describe  # noqa: E402
 
 
 def plain_loop(uris: list[str], frames: int, batch_size: int) -> int:
@@ -84,8 +84,7 @@ def main() -> None:
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     storage.s3_client().create_bucket(Bucket="bench")
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, "
-                                f"{os.cpu_count()} cores", "args": vars(args), "rows": []}
+    results: dict = {"machine": describe(), "args": vars(args), "rows": []}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             roots = {"local": tmp, "s3": "s3://bench/shapes"}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from tests.benchmarks.machine import describe  # noqa: E402
 
 SAMPLER = textwrap.dedent("""
     import threading, time, psutil
@@ -196,11 +197,10 @@ def main() -> None:
         load = run_script(PACKAGE, ["load", args.preset, uri], env)
         weights = sum(p.stat().st_size for p in Path(uri).glob("*.safetensors"))
     z0 = next((r for r in rows if r["stage"] == 0 and r["workers"] == 2), None)
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo")
-                if x.startswith("model name")), platform.processor())
+    cpu = describe()
     print(f"\n{args.preset} DiT, {rows[0]['theory']['params'] / 1e6:.0f}M params, "
           f"{args.precision}, CPU "
-          f"workers (gloo), {cpu}, {os.cpu_count()} cores\n")
+          f"workers (gloo), {cpu}\n")
     print("| ZeRO | workers | peak RSS - baseline, per rank (max) | after build | theory: "
           "weights + grads + Adam + EMA per rank | peak / ZeRO-0 x 2's | checkpoint save peak | "
           "restore: read per rank of the checkpoint, reads, seconds |")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from cpu_split import DRIVER, by_kind, cpu_seconds  # noqa: E402
 
 from t2v import storage  # noqa: E402
 from t2v.config import EncodeConfig, SynthConfig, TrainConfig  # noqa: E402
+from tests.benchmarks.machine import describe  # noqa: E402
 
 WORKERS = 2
 """The demo's DiT stage: 2 workers x the profile's batch_size (global batch 32 by default)."""
@@ -424,7 +424,7 @@ def main() -> None:
             probes = engine(cfg, shards, min(args.steps, 60), tmp)
             print(json.dumps(probes), flush=True)
     bares = {r.get("round", 0): r["samples_per_s"] for r in rows if r["way"] == "bare"}
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"\nmachine: {describe()}; "
           f"the {args.profile} demo's DiT (debug preset), global batch "
           f"{WORKERS * cfg.batch_size}, {args.steps} steps")
     print("| round | way | processes x threads | samples/s | x bare (same round) |")

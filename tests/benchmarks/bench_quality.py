@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -24,23 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.benchmarks.machine import describe  # noqa: E402
+
 BARS = {
     "default": {"minutes": 10, "colour": 0.90, "motion": 0.85, "shape": 0.70, "psnr": 28.0,
                 "compression": 24.0},
     "long": {"minutes": 45, "colour": 0.95, "motion": 0.90, "shape": 0.85, "psnr": 32.0,
              "compression": 24.0},
 }
-
-
-def cpu_name() -> str:
-    """`lscpu`'s model name and vector width: AVX-512 boxes train ~2-3x faster than AVX2 ones."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                  if line.startswith("Model name")), platform.machine())
-    return f"{model} ({'AVX-512' if 'avx512f' in out else 'AVX2'})"
 
 
 def machine(gflops: tuple[float, float]) -> str:
@@ -51,8 +43,7 @@ def machine(gflops: tuple[float, float]) -> str:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    return (f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch fp32 matmul {gflops[0]:.0f} GFLOP/s before / {gflops[1]:.0f} after, "
+    return (f"{describe()}, torch fp32 matmul {gflops[0]:.0f} GFLOP/s before / {gflops[1]:.0f} after, "
             f"load avg at end {load:.1f}")
 
 

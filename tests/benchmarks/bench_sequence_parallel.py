@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.benchmarks.bench_memory import SAMPLER  # noqa: E402
+from tests.benchmarks.machine import describe  # noqa: E402
 
 STEP = SAMPLER + textwrap.dedent("""
     import json, os, sys, time, torch, torch.distributed as dist
@@ -88,12 +88,11 @@ def main() -> None:
             rows[sp] = list(pool.map(rank, range(sp)))
         print(f"SP {sp}: peak {max(x['peak'] for x in rows[sp]) / gib:.2f} GiB per rank",
               flush=True)
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo")
-                if x.startswith("model name")), platform.processor())
     first = rows[1][0]
+    cpu = describe()
     print(f"\n{args.preset} DiT, one sample of {args.latent} latents ({first['tokens']:,} tokens)"
-          f", fp32, activation checkpointing {'on' if args.checkpointing else 'off'}, {cpu}, "
-          f"{os.cpu_count()} cores; gradients {first['grads'] / gib:.2f} GiB of each peak\n")
+          f", fp32, activation checkpointing {'on' if args.checkpointing else 'off'}, "
+          f"{cpu}; gradients {first['grads'] / gib:.2f} GiB of each peak\n")
     print("| SP | peak per rank (fwd + bwd) | minus gradients | vs SP 1 | seconds |")
     print("|---|---|---|---|---|")
     act1 = first["peak"] - first["grads"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from t2v.models.package import package_hash, read_meta  # noqa: E402
 from t2v.render import manifest as mf  # noqa: E402
 from t2v.render.pipeline import Renderer, resolve_settings  # noqa: E402
 from t2v.render.rows import RenderJob, Sample  # noqa: E402
+from tests.benchmarks.machine import describe  # noqa: E402
 
 BATCH = 4
 SHAPE = {"frames": 9, "height": 32, "width": 32}
@@ -154,7 +154,7 @@ def main() -> None:
     best = rows[1]["videos_per_s"]
     lines = [f"`bench_serve.py --preset {args.preset} --videos {args.videos} --steps "
              f"{args.steps} --poll {args.poll}` "
-             f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()})",
+             f"({describe()})",
              "", "| path | videos/s | vs direct batch 4 | p50 latency | p95 latency | batch sizes |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -33,6 +33,7 @@ from cpu_split import by_kind, cpu_seconds  # noqa: E402
 
 from t2v import storage  # noqa: E402
 from t2v.config import TrainConfig  # noqa: E402
+from tests.benchmarks.machine import describe  # noqa: E402
 from tests.training_data import (  # noqa: E402
     write_debug_vae_package,
     write_train_latents,
@@ -122,7 +123,7 @@ def main() -> None:
                     rows.append(row)
         finally:
             ray.shutdown()
-    print(f"\nmachine: {os.uname().machine}, {os.cpu_count()} cores; the debug DiT, 4 steps, "
+    print(f"\nmachine: {describe()}; the debug DiT, 4 steps, "
           "2 workers, ZeRO-2; medians over rounds")
     print("| variant | runs | total s | call -> first step | steps + val + export | export -> "
           "return | CPU s (all processes) |\n|---|---|---|---|---|---|---|")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from t2v import storage  # noqa: E402
 from t2v.config import EncodeConfig, SynthConfig, TrainConfig  # noqa: E402
 from t2v.data.synthetic import run_synth  # noqa: E402
+from tests.benchmarks.machine import describe  # noqa: E402
 
 
 def make_latents(tmp: str) -> str:
@@ -92,7 +92,7 @@ def main() -> None:
     finally:
         ray.shutdown()
         server.stop()
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"\nmachine: {describe()}; "
           "model: small DiT, 2 workers x batch 4, latents 4x5x16x16, MiniLM text (16 tokens)")
     print("| ZeRO | shards | samples/s | steps/s | data wait | MFU | peak RSS/worker |")
     print("|---|---|---|---|---|---|---|")

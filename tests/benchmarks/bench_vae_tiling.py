@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.benchmarks.bench_memory import SAMPLER  # noqa: E402
+from tests.benchmarks.machine import describe  # noqa: E402
 
 DECODE = SAMPLER + textwrap.dedent("""
     import json, sys, time, torch
@@ -73,11 +73,10 @@ def main() -> None:
         rows[name] = json.loads(lines[0][6:])
         print(f"{name}: peak {rows[name]['peak'] / gib:.2f} GiB, "
               f"{rows[name]['seconds']:.1f} s", flush=True)
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo")
-                if x.startswith("model name")), platform.processor())
     whole = rows["whole"]["peak"]
+    cpu = describe()
     print(f"\n{args.preset} VAE, {args.frames}x{args.size}x{args.size}, tiles of {args.tile} px, "
-          f"fp32, {cpu}, {os.cpu_count()} cores (output video "
+          f"fp32, {cpu} (output video "
           f"{rows['whole']['output'] / gib:.2f} GiB)\n")
     print("| decode | peak RSS over baseline | vs whole | seconds |")
     print("|---|---|---|---|")
