@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 DRIVER = "driver (this process)"
@@ -17,14 +18,25 @@ def process_kind(cmdline: list[str]) -> str:
     """A process's kind for the CPU split: Ray names its workers `ray::WHAT` (ray::IDLE is a
     pooled worker, where Ray Data's read tasks run); other Ray processes by their program."""
     first = cmdline[0] if cmdline else "?"
-    if first.startswith("ray::"):
+    if first.startswith("ray::"):  # the title names the method running too: ray::X.method
+        return re.split(r"[\s.(]", first, maxsplit=1)[0]
+    if " " in first:  # a title set by the process itself (Ray's dashboard modules)
         return first.split()[0]
     prog = " ".join(cmdline[:3])
     for name in ("raylet", "gcs_server", "dashboard_agent", "dashboard.py", "log_monitor",
                  "monitor.py", "runtime_env"):
         if name in prog:
             return name
-    return Path(first).name or "?"
+    name = Path(first).name or "?"
+    if name.startswith("python"):  # by what it runs: a module, a script or -c code
+        args = [a for a in cmdline[1:] if a not in ("-B", "-u", "-E", "-s", "-I")]
+        if args[:1] == ["-m"] and len(args) > 1:
+            return f"python -m {args[1]}"
+        if args[:1] == ["-c"]:
+            return "python -c"
+        if args:
+            return f"python {Path(args[0]).name}"
+    return name
 
 
 def cpu_seconds(pids: set[int] | None = None) -> dict[int, tuple[str, float]]:
