@@ -43,8 +43,8 @@ def machine(gflops: tuple[float, float]) -> str:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    return (f"{describe()}, torch fp32 matmul {gflops[0]:.0f} GFLOP/s before / {gflops[1]:.0f} after, "
-            f"load avg at end {load:.1f}")
+    return (f"{describe()}, torch fp32 matmul {gflops[0]:.0f} GFLOP/s before / "
+            f"{gflops[1]:.0f} after, load avg at end {load:.1f}")
 
 
 def run(profile: str, out: Path, overrides: list[str]) -> tuple[float, dict, dict]:

@@ -46,7 +46,8 @@ def read_process(pid: int) -> tuple[str, int] | None:
     cmdline = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
     # No command line: a kernel thread, or a process on its way out (`Sampler` keeps the kind
     # it had); stat's short name stands in.
-    kind = process_kind(cmdline) if cmdline else "[" + stat[stat.index("(") + 1:stat.rindex(")")] + "]"
+    name = stat[stat.index("(") + 1:stat.rindex(")")]
+    kind = process_kind(cmdline) if cmdline else f"[{name}]"
     return kind, int(fields[11]) + int(fields[12])
 
 
