@@ -404,6 +404,13 @@ def test_a_restarted_server_serves_what_is_stored(server):
     assert decode_video(server.get(f"/v1/videos/{vid}.mp4").content).shape == (5, 16, 16, 3)
     other = server.post({**body, "seed": 8}).json()["id"]  # a new video pushes `vid` out
     assert server.wait(other)[0]["status"] == "done"
+    # "done" shows as soon as the renderer's row arrives (the video and its manifest row are
+    # stored by then); the ingress files it among the kept videos, letting `vid` go, once its
+    # request record is written too, a moment later.
+    deadline = time.time() + 30
+    while server.stats()["in_memory"] != 1:
+        assert time.time() < deadline, server.stats()
+        time.sleep(0.05)
     v = server.get(f"/v1/videos/{vid}").json()  # ... and it is read back from its record
     assert v["status"] == "done" and v["urls"]["video"].endswith(f"{vid}.mp4"), v
     stats = server.stats()
