@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # before `ray start`, so jobs and the Train actors inherit it too.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Each node's log monitor globs its log folder every 0.1 s until the folder holds 1000 files,
-# every 0.5 s after: the session's ~230 worker processes leave ~700 files, and at 700 the
+# every 0.5 s after: the session's ~210 worker processes leave ~650 files; at 718 files the
 # 0.1 s globbing cost 9.3 % of a core against 3.9 % at 0.5 s (AVX2 EPYC; the suite's log
 # monitors took 85 CPU-s there). A new worker's lines reach a driver up to 0.5 s later, none
 # lost. Set before `ray start`, like the line above.
