@@ -23,10 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_split import process_kind  # noqa: E402
+from cpu_split import process_kind, read_process  # noqa: E402
 from machine import describe  # noqa: E402
-
-HZ = os.sysconf("SC_CLK_TCK")
 
 
 def box_ticks() -> tuple[int, int]:
@@ -35,29 +33,24 @@ def box_ticks() -> tuple[int, int]:
     return sum(v), v[3] + v[4]
 
 
-def read_process(pid: int) -> tuple[str, int] | None:
-    """(kind, user + system jiffies) of a live process; None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+def kind_and_cpu(pid: int) -> tuple[str, float] | None:
+    """(kind, CPU seconds) of a live process; None once it is gone. No command line: a kernel
+    thread, or a process on its way out (`Sampler` keeps the kind it had); stat's short name
+    stands in."""
+    got = read_process(pid)
+    if got is None:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    cmdline = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-    # No command line: a kernel thread, or a process on its way out (`Sampler` keeps the kind
-    # it had); stat's short name stands in.
-    name = stat[stat.index("(") + 1:stat.rindex(")")]
-    kind = process_kind(cmdline) if cmdline else f"[{name}]"
-    return kind, int(fields[11]) + int(fields[12])
+    cmdline, name, seconds = got
+    return (process_kind(cmdline) if cmdline else f"[{name}]"), seconds
 
 
 class Sampler:
     def __init__(self, every: float) -> None:
         self.every, self.stop = every, threading.Event()
-        self.seen: dict[int, int] = {}  # pid -> jiffies counted so far
+        self.seen: dict[int, float] = {}  # pid -> CPU seconds counted so far
         self.kind: dict[int, str] = {}  # pid -> its last kind other than ray::IDLE, if any
         self.last: dict[int, str] = {}  # pid -> the kind it was counted under last
-        self.cpu: dict[str, int] = {}  # kind -> jiffies
+        self.cpu: dict[str, float] = {}  # kind -> CPU seconds
         self.before = {int(d) for d in os.listdir("/proc") if d.isdigit()}
         self.me = os.getpid()
 
@@ -65,19 +58,19 @@ class Sampler:
         for d in os.listdir("/proc"):
             if not d.isdigit() or int(d) == self.me:
                 continue
-            pid, got = int(d), read_process(int(d))
+            pid, got = int(d), kind_and_cpu(int(d))
             if got is None:
                 continue
-            kind, ticks = got
+            kind, seconds = got
             if kind.startswith("[") and pid in self.last:  # exiting: its kind so far
                 kind = self.last[pid]
             self.last[pid] = kind
             if pid not in self.seen:  # processes already running count from now on
-                self.seen[pid] = ticks if pid in self.before else 0
+                self.seen[pid] = seconds if pid in self.before else 0.0
             if kind != "ray::IDLE" or pid not in self.kind:
                 self.kind[pid] = kind
-            self.cpu[kind] = self.cpu.get(kind, 0) + ticks - self.seen[pid]
-            self.seen[pid] = ticks
+            self.cpu[kind] = self.cpu.get(kind, 0.0) + seconds - self.seen[pid]
+            self.seen[pid] = seconds
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -107,7 +100,7 @@ def main() -> int:
     thread.join()
     all1, idle1 = box_ticks()
     busy = 1 - (idle1 - idle0) / max(1, all1 - all0)
-    cpu = {k: v / HZ for k, v in sorted(sampler.cpu.items(), key=lambda kv: -kv[1])}
+    cpu = dict(sorted(sampler.cpu.items(), key=lambda kv: -kv[1]))
     total = sum(cpu.values())
     started: dict[str, int] = {}
     for pid, kind in sampler.kind.items():

@@ -1,6 +1,8 @@
-"""Where a box's CPU goes, by process: the one psutil sampler the benchmarks share.
+"""Where a box's CPU goes, by process: the one /proc reader the benchmarks share (standard
+library only, so that bench_suite_cpu.py runs before `make` has built .venv).
 
-`cpu_seconds()` reads every live process's user + system CPU seconds with its kind
+`read_process(pid)` reads one process; `cpu_seconds()` every live process's user + system CPU
+seconds with its kind
 (`process_kind`: Ray's workers by their `ray::WHAT` title, Ray's daemons by program);
 `by_kind(before, after)` is what each kind spent between two readings.
 """
@@ -12,6 +14,7 @@ import re
 from pathlib import Path
 
 DRIVER = "driver (this process)"
+HZ = os.sysconf("SC_CLK_TCK")
 
 
 def process_kind(cmdline: list[str]) -> str:
@@ -39,21 +42,30 @@ def process_kind(cmdline: list[str]) -> str:
     return name
 
 
+def read_process(pid: int) -> tuple[list[str], str, float] | None:
+    """(command line, stat's short name, user + system CPU seconds) of a live process from
+    /proc; None once it is gone or unreadable. A kernel thread has an empty command line."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    cmdline = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    name = stat[stat.index("(") + 1:stat.rindex(")")]
+    return cmdline, name, (int(fields[11]) + int(fields[12])) / HZ
+
+
 def cpu_seconds(pids: set[int] | None = None) -> dict[int, tuple[str, float]]:
     """{pid: (kind, CPU seconds so far)} of every live process (or of `pids`); this process
     is the kind `DRIVER`."""
-    import psutil
-
     me, out = os.getpid(), {}
-    for p in psutil.process_iter(["cmdline"]):
-        if pids is not None and p.pid not in pids:
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or (pids is not None and int(d) not in pids):
             continue
-        try:
-            t = p.cpu_times()
-            kind = DRIVER if p.pid == me else process_kind(p.info["cmdline"] or [])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        out[p.pid] = (kind, t.user + t.system)
+        got = read_process(int(d))
+        if got is not None:
+            out[int(d)] = (DRIVER if int(d) == me else process_kind(got[0]), got[2])
     return out
 
 
