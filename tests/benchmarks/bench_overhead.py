@@ -22,7 +22,7 @@ step, EMA, reporting); for `ds` the same reduction, timed the same way. Target (
 
 Shared 2-core boxes drift by 10-25 % between runs minutes apart, so `--rounds N` runs the
 chosen ways N times in turn (ray, bare, ...) and reports each round's ratio and the median.
-`--cpu-window S` samples every process's CPU time (psutil) over S seconds of the training of
+`--cpu-window S` samples every process's CPU time (/proc, cpu_split) over S seconds of the training of
 each `ray` run in the first round, grouped by process kind (workers, Ray Data read tasks, Ray's own processes):
 where the two cores go besides the training workers.
 """

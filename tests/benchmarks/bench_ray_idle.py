@@ -4,7 +4,7 @@
 
 Starts a local Ray as `t2v` does (t2v.runtime.ensure_ray: dashboard on 127.0.0.1, 4 logical
 CPUs), waits `--rest` seconds for start-up to settle, then sums the CPU time (user + system,
-psutil) of every process that started with it over `--window` seconds, and prints the largest
+/proc, cpu_split) of every process that started with it over `--window` seconds, and prints the largest
 (by kind, cpu_split.process_kind) and the total as a share of one core. Run it on an otherwise idle box: processes are matched by
 start time, not by name, so another Ray started meanwhile would count.
 """
