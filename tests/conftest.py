@@ -30,6 +30,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # monitors took 85 CPU-s there). A new worker's lines reach a driver up to 0.5 s later, none
 # lost. Set before `ray start`, like the line above.
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+# Ray Train starts a PreemptionWatcher actor in every run, which asks the nodes every 5 s
+# whether the cloud is taking one back (spot instances): ~2.2 CPU-s a run to start, and the
+# session's local nodes are never preempted (tests/benchmarks/bench_startup.py, AVX2 EPYC:
+# 28.8 -> 27.2 s and 49.4 -> 46.4 CPU-s a run). Off for this cluster only; users' runs keep it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Ray's object store per node. Small on purpose: the streaming test proves the reader stays
 # inside the stores while reading a data set several times larger than all of them.

@@ -6,6 +6,9 @@ tests, also for Ray workers and pyarrow's C++ client, which no in-process mock r
 
 Faults, chosen per request (the n-th request that `match`es):
 - "503":   an S3 `SlowDown` error (what S3 answers when throttling), nothing forwarded;
+- "500":   an S3 `InternalError` (S3's own failure), nothing forwarded: clients retry it like a
+           503 but, not being told to slow down, do not throttle themselves (botocore's
+           adaptive mode waits ~1-3 s before each request after a few SlowDowns);
 - "reset": the request is read in full, then the TCP connection is reset (RST) unanswered;
 - "stall": the request waits `stall_s` seconds, then goes through.
 `inject(every=k)` faults every k-th matching request (kinds in turn) until `times` faults;
@@ -26,10 +29,15 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-KINDS = ("503", "reset", "stall")
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message>"
-             b"<RequestId>t2v-chaos</RequestId></Error>")
+KINDS = ("503", "reset", "stall")  # what `inject` injects by default, in turn
+ERRORS = {  # kind -> (status, reason, S3's error document)
+    "503": (503, "Slow Down", b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown'
+            b"</Code><Message>Please reduce your request rate.</Message>"
+            b"<RequestId>t2v-chaos</RequestId></Error>"),
+    "500": (500, "Internal Server Error", b'<?xml version="1.0" encoding="UTF-8"?>\n<Error>'
+            b"<Code>InternalError</Code><Message>We encountered an internal error. Please try "
+            b"again.</Message><RequestId>t2v-chaos</RequestId></Error>"),
+}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
               "proxy-connection", "content-length"}
 
@@ -94,7 +102,7 @@ class FaultProxy:
                after: int = 0, trigger: Callable[[Request], bool] | None = None) -> None:
         """Fault every `every`-th request matching `match` (kinds in turn), `times` at most,
         once `after` requests matching `trigger` (default: any) have gone through."""
-        unknown = set(kinds) - set(KINDS)
+        unknown = set(kinds) - set(KINDS) - set(ERRORS)
         if unknown or every < 1:
             raise ValueError(f"bad fault plan: kinds {kinds}, every {every}")
         with self._lock:
@@ -179,13 +187,13 @@ class _Relay(BaseHTTPRequestHandler):
             self.connection.close()
             self.close_connection = True
             return
-        if kind == "503":
-            payload = b"" if self.command == "HEAD" else SLOW_DOWN
-            self.send_response(503, "Slow Down")
+        if kind in ERRORS:
+            status, reason, doc = ERRORS[kind]
+            self.send_response(status, reason)
             self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(SLOW_DOWN)))
+            self.send_header("Content-Length", str(len(doc)))
             self.end_headers()
-            self.wfile.write(payload)
+            self.wfile.write(b"" if self.command == "HEAD" else doc)
             return
         if kind == "stall":
             time.sleep(stall)
