@@ -300,6 +300,10 @@ def size(uri: str) -> int:
         return local_path(uri).stat().st_size
 
 
+LIST_PAGE_KEYS = 1000
+"""Keys per ListObjectsV2 page (S3's most; tests set fewer to cross pages cheaply)."""
+
+
 def list_prefix(uri: str, suffix: str | None = None) -> list[str]:
     """Sorted URIs of all files under a directory/prefix (``s3://b/r`` lists ``r/*``, not ``r2``).
 
@@ -312,8 +316,9 @@ def list_prefix(uri: str, suffix: str | None = None) -> list[str]:
         if is_s3(uri):
             bucket, key = split_s3(uri)
             prefix = key if not key or key.endswith("/") else key + "/"
-            paginator = s3_client().get_paginator("list_objects_v2")  # 1000 keys a page
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            paginator = s3_client().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix,
+                                           PaginationConfig={"PageSize": LIST_PAGE_KEYS}):
                 out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])
                         if not o["Key"].endswith("/")]
         else:

@@ -219,15 +219,28 @@ def test_large_transfer_is_multipart(root: str, tmp_path: Path, moto_s3: MotoS3)
 
 # ------------------------------------------------------------------------------------ S3 only
 
-def test_list_prefix_paginates(s3_bucket: str) -> None:
+def test_list_prefix_paginates(s3_bucket: str, monkeypatch) -> None:
+    """Every page of the listing, in order, directory markers left out. Pages of 100 keys rather
+    than S3's 1000: the same loop over 3 pages, with 250 objects to write instead of 1100."""
+    monkeypatch.setattr(storage, "LIST_PAGE_KEYS", 100)
     client = storage.s3_client()
     bucket, _ = storage.split_s3(s3_bucket)
-    keys = [f"many/{i:05d}.txt" for i in range(1100)]
+    keys = [f"many/{i:05d}.txt" for i in range(250)]
+    pages = []
+
+    def count(parsed, **_) -> None:  # noqa: ANN001, ANN003 - botocore's event signature
+        pages.append(parsed.get("KeyCount"))
+
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=b"."), keys))
     client.put_object(Bucket=bucket, Key="many/dir-marker/", Body=b"")
-    listed = storage.list_prefix(storage.join(s3_bucket, "many"), suffix=".txt")
+    client.meta.events.register("after-call.s3.ListObjectsV2", count)
+    try:
+        listed = storage.list_prefix(storage.join(s3_bucket, "many"), suffix=".txt")
+    finally:  # the client is the process's shared one
+        client.meta.events.unregister("after-call.s3.ListObjectsV2", count)
     assert listed == [f"{s3_bucket}/{k}" for k in keys]
+    assert pages == [100, 100, 51], pages  # the marker is listed, then dropped
 
 
 def test_pyarrow_filesystem_reads_moto(s3_bucket: str, tmp_path: Path) -> None:
