@@ -20,7 +20,13 @@ from t2v.data.encode import (
     run_encode,
     run_encode_command,
 )
-from t2v.data.latents import LATENT_FORMAT, decode_latent_rows, latent_stream
+from t2v.data.latents import (
+    EMPTY_CAPTION,
+    LATENT_FORMAT,
+    decode_latent_rows,
+    latent_stream,
+    read_empty_caption,
+)
 from t2v.data.shards import iter_shard_samples, read_index, shard_uris, write_index, write_shard
 from t2v.data.synthetic import Combo, clip_spec, render_clip
 from t2v.data.video import decode_video, encode_mp4
@@ -131,6 +137,15 @@ def test_encode_shapes_contract(encoded, shapes_shards, package):
     # The index records the width that holds every caption's tokens (the reader trims to it).
     widths = [int(np.flatnonzero(npy(f["mask.npy"]))[-1]) + 1 for f in out.values()]
     assert index["text_tokens"] == max(widths) < MAX_LENGTH
+    # ... and names the empty caption's embedding, what training gives a dropped caption: the
+    # encoder's own output, float32, so a training driver need not load the encoder for it.
+    assert index["empty_caption"] == EMPTY_CAPTION
+    empty, empty_mask = read_empty_caption(cfg.out)
+    with torch.no_grad():
+        emb, ref_mask = text_encoder([""])
+    assert empty.dtype == np.float32 and empty_mask.dtype == np.bool_
+    np.testing.assert_array_equal(empty, emb[0].numpy())
+    np.testing.assert_array_equal(empty_mask, ref_mask[0].numpy())
 
 
 def test_latent_stream_batches(encoded):

@@ -329,6 +329,45 @@ def test_resubmitted_run_resumes_from_a_checkpoint_ray_never_registered(referenc
     assert not partial.exists() and not (runs / "debug" / found[1].name).exists()
 
 
+def test_the_dit_driver_takes_the_empty_caption_from_the_latents(train_latents,
+                                                                 debug_vae_package, tmp_path,
+                                                                 monkeypatch):
+    """Describing latent data for a DiT run (the driver's work before Ray Train starts) loads no
+    text encoder: the held-out captions' embeddings are in the shards, the empty caption's (what
+    a dropped caption gets) beside them (encode writes it). Latents encoded before that file
+    existed still train: the driver encodes the empty caption itself, to the same values."""
+    import shutil
+
+    import numpy as np
+
+    from t2v.data.latents import EMPTY_CAPTION, read_empty_caption
+    from t2v.data.shards import shard_uris
+    from t2v.train import dit_task
+    from t2v.train.stages import task_for
+
+    def describe(shards: str):  # noqa: ANN202
+        cfg = config(str(tmp_path), "describe", shards, debug_vae_package)
+        return task_for(cfg).describe_data(shard_uris(shards)[-1], {})
+
+    def refuse(_config) -> None:  # noqa: ANN001
+        raise AssertionError("the DiT driver loaded a text encoder")
+
+    with monkeypatch.context() as m:
+        m.setattr(dit_task, "shared_text_encoder", refuse)
+        info = describe(train_latents)
+    text, mask = read_empty_caption(train_latents)
+    assert text.shape == (16, 384) and 0 < mask.sum() < 16  # [CLS] [SEP] at text length 16
+    assert np.array_equal(info.empty_text, text) and np.array_equal(info.empty_mask, mask)
+    old = tmp_path / "old"
+    shutil.copytree(train_latents, old)
+    index = json.loads((old / "_index.json").read_text())
+    del index["empty_caption"]
+    (old / "_index.json").write_text(json.dumps(index))
+    (old / EMPTY_CAPTION).unlink()
+    again = describe(str(old))
+    assert np.array_equal(again.empty_text, text) and np.array_equal(again.empty_mask, mask)
+
+
 def test_a_damaged_header_ends_its_shard_and_the_index_says_so(ray_local, train_latents,
                                                                tmp_path):
     """A tar whose second sample has a damaged header: the reader ends the shard there, with a

@@ -28,7 +28,7 @@ import torch
 from t2v import storage
 from t2v.config import EncodeConfig
 from t2v.configfile import save_resolved
-from t2v.data.latents import LATENT_FORMAT
+from t2v.data.latents import EMPTY_CAPTION, LATENT_FORMAT, empty_caption_bytes
 from t2v.data.shards import (
     iter_tar_samples,
     other_captions,
@@ -134,6 +134,12 @@ class EncodeShard:
         self.text = TextEncoder(self.text_config).to(self.device)
         self.cache = CaptionCache()
         self.settings = settings
+        # What training gives a dropped caption (latents.EMPTY_CAPTION): every actor writes the
+        # same bytes, atomically, so whichever lands last is as good as the first.
+        with torch.no_grad():
+            emb, mask = self.text([""])
+        storage.write_bytes(storage.join(cfg.out, EMPTY_CAPTION), empty_caption_bytes(
+            emb[0].float().cpu().numpy(), mask[0].cpu().numpy()))
 
     # ---- one sample
 
@@ -424,6 +430,8 @@ def _finish(cfg: EncodeConfig, settings: dict, records: list[dict], fresh: list[
     # record from before the field keeps the whole width.
     tokens = [r.get("text_tokens") for r in records if r["samples"]]
     extra = {"text_tokens": max(tokens)} if tokens and None not in tokens else {}
+    if storage.exists(storage.join(cfg.out, EMPTY_CAPTION)):  # not from an older encode
+        extra["empty_caption"] = EMPTY_CAPTION
     write_index(cfg.out, shards, format=LATENT_FORMAT, source=cfg.src, vae=vae,
                 text_encoder=text, max_length=text["max_length"], **extra,
                 text_dim=records[0]["text_dim"], latent_shapes=[json.loads(s) for s in shapes],

@@ -26,6 +26,28 @@ MEMBERS = ("latent.npy", "text.npy", "mask.npy", "txt")
 """The members of a sample read for training; the json member stays in the tar (provenance)."""
 ALT_MEMBERS = ("text_alt.npy", "mask_alt.npy")
 """Read too when training draws alternative captions (only clips with some have them)."""
+EMPTY_CAPTION = "_empty_caption.npz"
+"""Beside `_index.json`: the text encoder's output for the empty caption, float32 `text` (L, D)
+and bool `mask` (L,), the input a dropped caption gets in training. Encode's actors write it
+(they hold the encoder), so a DiT training driver on latents needs no text encoder (umT5-xxl is
+~11 GB); the index names it. Data sets encoded before it was written have none."""
+
+
+def empty_caption_bytes(text: np.ndarray, mask: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, text=text.astype(np.float32), mask=mask.astype(bool))
+    return buf.getvalue()
+
+
+def read_empty_caption(root: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(text (L, D) float32, mask (L,) bool) for the empty caption of the latent data set at
+    `root`, or None when its index names none."""
+    name = read_index(root).get("empty_caption")
+    if not name:
+        return None
+    with np.load(io.BytesIO(storage.read_bytes(storage.join(root, name))),
+                 allow_pickle=False) as f:
+        return f["text"], f["mask"]
 
 
 def latent_stream(uri: str | list[str], shuffle_seed: int | None = None,

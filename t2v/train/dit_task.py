@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from t2v.config import ReaderConfig, TrainConfig
 from t2v.data.buckets import Bucket
 from t2v.data.collate import LatentBatch, LatentCollate, VideoBatch, VideoCollate
-from t2v.data.latents import latent_stream
+from t2v.data.latents import latent_stream, read_empty_caption
 from t2v.data.shards import iter_shard_samples, other_captions, read_index
 from t2v.data.streaming import video_stream
 from t2v.data.tensors import to_model_range, to_uint8
@@ -213,7 +213,7 @@ class DiTTask(StageTask):
                                                            data.text_max_length)
         return TextEncoderConfig.from_dict(read_index(data.shards)["text_encoder"])
 
-    def _held_out(self, val_uri: str, text: TextEncoder,
+    def _held_out(self, val_uri: str, text: TextEncoder | None,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[dict]]:
         """(latents, text, mask, captions, sample metas) of up to VAL_COUNT held-out samples."""
         cfg = self.cfg
@@ -245,9 +245,16 @@ class DiTTask(StageTask):
     def describe_data(self, val_uri: str, buckets: dict[str, int]) -> DiTData:
         cfg = self.cfg
         text_cfg = self._text_config()
-        encoder = shared_text_encoder(text_cfg)
+        # Latents carry their held-out captions' embeddings and, since encode writes it, the
+        # empty caption's (latents.EMPTY_CAPTION): then this driver loads no text encoder.
+        on_the_fly = cfg.data.encode_on_the_fly
+        stored = None if on_the_fly else read_empty_caption(cfg.data.shards)
+        encoder = shared_text_encoder(text_cfg) if on_the_fly or stored is None else None
         latent, text, mask, captions, metas = self._held_out(val_uri, encoder)
-        empty, empty_mask = encoder([""])  # (1, L, D), (1, L)
+        if stored is None:
+            emb, emb_mask = encoder([""])  # (1, L, D), (1, L)
+            stored = emb[0].numpy(), emb_mask[0].numpy()
+        empty, empty_mask = stored
         c, t, h, w = latent.shape[1:]
         vae = read_meta(cfg.vae).vae
         if vae is None:
@@ -274,7 +281,7 @@ class DiTTask(StageTask):
             tokens_per_sample=int(np.prod(probe.grid((1, c, t, h, w)))),
             train_flops_per_sample=train_flops(probe.flops((1, c, t, h, w), text_len)),
             latent_shape=(c, t, h, w), text_encoder=text_cfg, shift=float(shift),
-            empty_text=empty[0].numpy(), empty_mask=empty_mask[0].numpy(),
+            empty_text=empty, empty_mask=empty_mask,
             val_latent=latent, val_text=text, val_mask=mask, val_captions=captions)
 
     def bucket_column(self, buckets: dict[str, int]) -> str | None:
