@@ -23,14 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_split import process_kind, read_process  # noqa: E402
+from cpu_split import box_ticks, process_kind, read_process  # noqa: E402
 from machine import describe  # noqa: E402
-
-
-def box_ticks() -> tuple[int, int]:
-    """(all, idle + iowait) jiffies of /proc/stat's cpu line."""
-    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(v), v[3] + v[4]
 
 
 def kind_and_cpu(pid: int) -> tuple[str, float] | None:

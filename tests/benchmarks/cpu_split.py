@@ -1,7 +1,8 @@
 """Where a box's CPU goes, by process: the one /proc reader the benchmarks share (standard
 library only, so that bench_suite_cpu.py runs before `make` has built .venv).
 
-`read_process(pid)` reads one process; `cpu_seconds()` every live process's user + system CPU
+`box_ticks()` reads the whole box's busy and idle time; `read_process(pid)` one process;
+`cpu_seconds()` every live process's user + system CPU
 seconds with its kind
 (`process_kind`: Ray's workers by their `ray::WHAT` title, Ray's daemons by program);
 `by_kind(before, after)` is what each kind spent between two readings.
@@ -40,6 +41,12 @@ def process_kind(cmdline: list[str]) -> str:
         if args:
             return f"python {Path(args[0]).name}"
     return name
+
+
+def box_ticks() -> tuple[int, int]:
+    """(all, idle + iowait) clock ticks of every core since boot: /proc/stat's cpu line."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(v), v[3] + v[4]
 
 
 def read_process(pid: int) -> tuple[list[str], str, float] | None:

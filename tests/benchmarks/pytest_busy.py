@@ -16,20 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cpu_split import HZ, box_ticks  # noqa: E402
 
 OUT_ENV = "T2V_BUSY_OUT"
-_TICK = os.sysconf("SC_CLK_TCK")
 _started: dict[str, tuple[float, int, int]] = {}
-
-
-def box_ticks() -> tuple[int, int]:
-    """(busy, idle) clock ticks of all cores since boot; idle counts iowait."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, idle
 
 
 def pytest_runtest_logstart(nodeid: str, location) -> None:  # noqa: ANN001 - pytest's hook
@@ -37,10 +34,11 @@ def pytest_runtest_logstart(nodeid: str, location) -> None:  # noqa: ANN001 - py
 
 
 def pytest_runtest_logfinish(nodeid: str, location) -> None:  # noqa: ANN001 - pytest's hook
-    t0, busy0, idle0 = _started.pop(nodeid)
-    busy, idle = box_ticks()
+    t0, all0, idle0 = _started.pop(nodeid)
+    every, idle = box_ticks()
+    busy = (every - all0) - (idle - idle0)
     row = {"id": nodeid, "wall": round(time.time() - t0, 2),
-           "busy": round((busy - busy0) / _TICK, 2), "idle": round((idle - idle0) / _TICK, 2)}
+           "busy": round(busy / HZ, 2), "idle": round((idle - idle0) / HZ, 2)}
     with open(os.environ.get(OUT_ENV, "busy.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
 
