@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -222,13 +223,20 @@ def test_every_format_to_s3_with_every_bad_row(ray_local, package, s3_bucket):
         ".csv": {3: "2 cells, the header has 5", 4: "seed: expected an integer",
                  5: "meta: expected a JSON object", 6: "empty prompt"},
     }
-    for fmt, data in files.items():
+
+    def render(fmt: str) -> dict:
         prompts = f"{s3_bucket}/in/prompts{fmt}"
-        storage.write_bytes(prompts, data)
-        out = f"{s3_bucket}/out{fmt.replace('.', '-')}"
+        storage.write_bytes(prompts, files[fmt])
         extra = {"truncate": False} if fmt == ".jsonl" else {}
         extra |= {"num_per_prompt": 2} if fmt == ".csv" else {}
-        summary = run_render_command(config(package, prompts, out, **extra))
+        return run_render_command(config(package, prompts, outs[fmt], **extra))
+
+    # The three jobs at once, from one driver (each is mostly its one renderer's start-up).
+    outs = {fmt: f"{s3_bucket}/out{fmt.replace('.', '-')}" for fmt in files}
+    with ThreadPoolExecutor(len(files)) as pool:
+        summaries = dict(zip(files, pool.map(render, files), strict=True))
+    for fmt, summary in summaries.items():
+        out = outs[fmt]
         rows = mf.read_manifest(out)
         errors = {r["line"]: r["error"] for r in rows if r["status"] == "error"}
         assert errors.keys() == expect_errors[fmt].keys(), (fmt, errors)
@@ -386,18 +394,21 @@ def test_cli_missing_bucket_and_model_exit_2_with_one_line(package, moto_s3, tmp
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
     env = {**os.environ, "AWS_MAX_ATTEMPTS": "1"}
-    for args, message in [
+    cases = [
         (["--model", package, "--out", "s3://t2v-no-such-bucket/o"],
          "t2v render: error: s3://t2v-no-such-bucket/o/.preflight: bucket does not exist"),
         (["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
          f"t2v render: error: {tmp_path / 'nope'}: not a model package"),
-    ]:
-        r = subprocess.run([sys.executable, "-c", CLI, "--prompts", str(prompts), *args],
-                           cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
+    ]
+    procs = [subprocess.Popen([sys.executable, "-c", CLI, "--prompts", str(prompts), *args],
+                              cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for args, _ in cases]  # both at once
+    for p, (_, message) in zip(procs, cases, strict=True):
+        _, stderr = p.communicate(timeout=120)
         # cli.main logs at INFO, and botocore says where it found credentials at INFO: those
         # log records are not part of the error.
-        lines = [x for x in r.stderr.strip().splitlines() if " botocore." not in x]
-        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), r.stderr
+        lines = [x for x in stderr.strip().splitlines() if " botocore." not in x]
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), stderr
 
 
 NODE_LOSS = """
