@@ -30,6 +30,15 @@ RAY_PREFIX = re.compile(r"^\((?:[^()]|\([^()]*\))*\)\s+")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def say(line: str) -> None:
+    """One line to stdout, written, not printed. Code that runs in Ray Train workers says what
+    it does with this: there `print` is Ray Train's (`RAY_TRAIN_ENABLE_PRINT_PATCH`), which in
+    Ray 2.60 both prints a line (Ray's workers replace `sys.stdout`, and it tees to any stdout
+    that is not `sys.__stdout__`) and logs it to stderr, so each line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def clean(line: str) -> str:
     """A log line without colour codes and without Ray's forwarding prefix."""
     return RAY_PREFIX.sub("", ANSI.sub("", line), count=1).rstrip("\r\n")

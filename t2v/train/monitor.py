@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from t2v import storage
 from t2v.config import TrainConfig
+from t2v.console import say
 from t2v.train.schedule import mfu
 from t2v.train.task import DataInfo
 from t2v.train.tracking import Tracking, open_tracking
@@ -206,11 +207,11 @@ class Monitor:
         rate = done / max(now - self.t_start, 1e-9)
         metrics["eta_s"] = (self.cfg.steps - step) / rate if rate > 0 else float("nan")
         if self.rank == 0:
-            print(f"[train] step {step}/{self.cfg.steps} loss {metrics['loss']:.4f} "
-                  f"gnorm {metrics['grad_norm']:.3f} lr {metrics['lr']:.2e} "
-                  f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s "
-                  f"wait {100 * metrics['data_wait_frac']:.1f}% MFU {100 * metrics['mfu']:.1f}% "
-                  f"ETA {metrics['eta_s']:.0f}s", flush=True)
+            say(f"[train] step {step}/{self.cfg.steps} loss {metrics['loss']:.4f} "
+                f"gnorm {metrics['grad_norm']:.3f} lr {metrics['lr']:.2e} "
+                f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s "
+                f"wait {100 * metrics['data_wait_frac']:.1f}% MFU {100 * metrics['mfu']:.1f}% "
+                f"ETA {metrics['eta_s']:.0f}s")
             scalars = {f"train/{k}": v for k, v in metrics.items() if k != "logged"}
             self.tb.scalars(scalars, step)
             self.tb.flush()
@@ -259,9 +260,9 @@ class Monitor:
                      "missing": missing, "passes": passes})
         if missing >= self.data_parallel:  # Ray's split drops < 1 row per reader a read
             what = f"{passes} passes" if passes > 1 else "pass"
-            print(f"[t2v] the {what} ending at step {step} read {read} of the {expected} "
-                  f"training samples the index lists: {missing} missing (damaged shards and "
-                  "undecodable samples are named above)", flush=True)
+            say(f"[t2v] the {what} ending at step {step} read {read} of the {expected} "
+                f"training samples the index lists: {missing} missing (damaged shards and "
+                "undecodable samples are named above)")
 
     def close(self) -> None:
         if self.tb is not None:

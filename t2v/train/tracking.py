@@ -36,6 +36,7 @@ from typing import Protocol
 
 from t2v import storage
 from t2v.config import TrainConfig
+from t2v.console import say
 
 INSTALL = {"mlflow": "pip install mlflow-skinny", "wandb": "pip install wandb"}
 """What to run for a tracker that is not installed (both: pip install 't2v[tracking]')."""
@@ -143,8 +144,8 @@ class MLflow:
                     raise
             if run is None or run.info.lifecycle_stage != "active":
                 run = None
-                print(f"[t2v] mlflow run {previous['run_id']} (RUN/tracker.json) is not an "
-                      f"active run of {self.uri}: starting a new one", flush=True)
+                say(f"[t2v] mlflow run {previous['run_id']} (RUN/tracker.json) is not an "
+                    f"active run of {self.uri}: starting a new one")
         if run is None:
             exp = c.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp else c.create_experiment(self.experiment)
@@ -262,9 +263,9 @@ class Tracking:
         except Exception as e:  # any failure of the tracker: training must go on
             self.tracker = None
             why = (str(e).strip().splitlines() or [""])[0][:300]
-            print(f"[t2v] tracker {self.kind} failed ({what}: {type(e).__name__}: {why}): "
-                  f"dropped for the rest of this attempt; training goes on, TensorBoard has "
-                  f"every metric", flush=True)
+            say(f"[t2v] tracker {self.kind} failed ({what}: {type(e).__name__}: {why}): "
+                f"dropped for the rest of this attempt; training goes on, TensorBoard has "
+                f"every metric")
 
 
 def open_tracking(cfg: TrainConfig, run_uri: str) -> Tracking | None:

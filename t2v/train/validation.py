@@ -12,6 +12,7 @@ import json
 import numpy as np
 
 from t2v import storage
+from t2v.console import say
 from t2v.data.video import encode_mp4, to_gif, to_png
 from t2v.train.monitor import TensorBoard
 from t2v.train.task import Validation
@@ -37,6 +38,5 @@ def record_validation(run_uri: str, step: int, v: Validation, fps: float) -> dic
         tb.image("val/samples", v.sheet, step)
         storage.write_bytes(storage.join(folder, "sheet.png"), to_png(v.sheet))
     tb.close()
-    print(f"[val] step {step}: " + " ".join(f"{k} {x:.4f}" for k, x in v.metrics.items()),
-          flush=True)
+    say(f"[val] step {step}: " + " ".join(f"{k} {x:.4f}" for k, x in v.metrics.items()))
     return dict(v.metrics)

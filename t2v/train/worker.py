@@ -25,6 +25,7 @@ import torch
 
 from t2v import storage
 from t2v.config import TrainConfig
+from t2v.console import say
 from t2v.data.buckets import batches_by_shape
 from t2v.train import checkpoint, parallel, zero
 from t2v.train.monitor import Monitor
@@ -234,7 +235,7 @@ def maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, run_uri: str) -> 
                 break
         time.sleep(0.5)
     storage.write_text(marker, json.dumps({"step": step, "rank": rank, "pid": os.getpid()}))
-    print(f"[t2v] fault injection: SIGKILL rank {rank} at step {step}", flush=True)
+    say(f"[t2v] fault injection: SIGKILL rank {rank} at step {step}")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -262,7 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
                                   ctx.get_local_world_size())
     dp = layout.data_parallel
     # Which process is which rank (py-spy, a stuck rank, a chaos test): Ray prefixes the actor.
-    print(f"[t2v] rank {rank}/{world}: pid {os.getpid()} on {socket.gethostname()}", flush=True)
+    say(f"[t2v] rank {rank}/{world}: pid {os.getpid()} on {socket.gethostname()}")
 
     # The checkpoint is read where it lies (local disk or S3), by byte range: each rank reads
     # the pieces it owns now, never a whole checkpoint (checkpoint.Pieces).
@@ -321,25 +322,25 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.time()
         checkpoint.restore_state(engine, ema, saved, pieces, rank, world, sched)
         if rank == 0:
-            print(f"[t2v] restored step {saved['step']} from {where}: read "
-                  f"{pieces.bytes_read / 2**20:.1f} MiB of its "
-                  f"{pieces.total_bytes / 2**20:.1f} MiB in {time.time() - t0:.1f} s", flush=True)
+            say(f"[t2v] restored step {saved['step']} from {where}: read "
+                f"{pieces.bytes_read / 2**20:.1f} MiB of its "
+                f"{pieces.total_bytes / 2**20:.1f} MiB in {time.time() - t0:.1f} s")
         pieces.close()
     task.setup(info, device, torch.bfloat16 if bf16 else torch.float32, rank)
 
     if rank == 0:
         count = sum(zero.numel(p) for p in model.parameters())
-        print(f"[t2v] {cfg.stage} run {cfg.name}: {'resumed at' if step else 'starting at'} "
-              f"step {step}/{cfg.steps}, {world} workers"
-              f"{f' in {dp} sequence-parallel groups of {layout.sp}' if layout.sp > 1 else ''}"
-              f", ZeRO-{cfg.zero_stage}, "
-              f"{'bf16' if bf16 else 'fp32'}, {count:,} params "
-              f"({sum(s.numel() for s in shapes.values()):,} trainable"
-              f"{f', LoRA rank {cfg.lora.rank}' if cfg.lora.rank else ''}); clips "
-              f"{info.frames}x{info.height}x{info.width} at {info.fps:g} fps"
-              f"{f'; {elastic}' if elastic else ''}", flush=True)
+        say(f"[t2v] {cfg.stage} run {cfg.name}: {'resumed at' if step else 'starting at'} "
+            f"step {step}/{cfg.steps}, {world} workers"
+            f"{f' in {dp} sequence-parallel groups of {layout.sp}' if layout.sp > 1 else ''}"
+            f", ZeRO-{cfg.zero_stage}, "
+            f"{'bf16' if bf16 else 'fp32'}, {count:,} params "
+            f"({sum(s.numel() for s in shapes.values()):,} trainable"
+            f"{f', LoRA rank {cfg.lora.rank}' if cfg.lora.rank else ''}); clips "
+            f"{info.frames}x{info.height}x{info.width} at {info.fps:g} fps"
+            f"{f'; {elastic}' if elastic else ''}")
         if position_note:
-            print(f"[t2v] data position: {position_note}", flush=True)
+            say(f"[t2v] data position: {position_note}")
     monitor = Monitor(cfg, info, run_uri, rank, world, dp, task.count_names)
     monitor.start(step, elastic)
     time_reduction(engine, monitor)
@@ -360,9 +361,9 @@ def train_loop_per_worker(config: dict) -> None:
             t0 = time.time()
             taken = sum(1 for _ in itertools.islice(batches, skip))
             if rank == 0:
-                print(f"[t2v] resumed in the read from pass {pass_index}: passed over the "
-                      f"{taken} micro-batches a replica had taken before step {step}, in "
-                      f"{time.time() - t0:.1f} s", flush=True)
+                say(f"[t2v] resumed in the read from pass {pass_index}: passed over the "
+                    f"{taken} micro-batches a replica had taken before step {step}, in "
+                    f"{time.time() - t0:.1f} s")
             skip = 0
         monitor.wait_start()
         for batch in batches:
@@ -426,5 +427,5 @@ def train_loop_per_worker(config: dict) -> None:
         out = storage.join(run_uri, "package")
         with torch.no_grad():
             digest = task.export(module, step, out)
-        print(f"[t2v] exported model package {out} (sha256 {digest[:12]})", flush=True)
+        say(f"[t2v] exported model package {out} (sha256 {digest[:12]})")
     monitor.close()
