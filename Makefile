@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q uv
 	links="$${PIP_FIND_LINKS:-$$($(BIN)/python -m pip config get global.find-links 2>/dev/null)}"; \
 	if $(BIN)/python -c "import torch" 2>/dev/null; then $(UV) -e '.[dev]'; \
-	elif [ -n "$$links" ] && ls "$$links"/$$(echo '$(TORCH_LOCAL)' | sed 's/==/-/')-*.whl >/dev/null 2>&1; \
+	elif [ -n "$$links" ] && ls "$$links"/$(subst ==,-,$(TORCH_LOCAL))-*.whl >/dev/null 2>&1; \
 	then $(UV) --find-links "$$links" '$(TORCH_LOCAL)' -e '.[dev]'; \
 	else $(BIN)/python -m pip install -q '$(TORCH)' && $(UV) -e '.[dev]'; fi
 	touch $(STAMP)
