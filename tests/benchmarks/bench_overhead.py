@@ -24,7 +24,8 @@ Shared 2-core boxes drift by 10-25 % between runs minutes apart, so `--rounds N`
 chosen ways N times in turn (ray, bare, ...) and reports each round's ratio and the median.
 `--cpu-window S` samples every process's CPU time (/proc, cpu_split) over S seconds of the training of
 each `ray` run in the first round, grouped by process kind (workers, Ray Data read tasks, Ray's own processes):
-where the two cores go besides the training workers.
+where the two cores go besides the training workers; and each kind's context switches a second
+(wake-ups, and times taken off a core: `bench_wakeups.py` measures what those cost).
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_split import DRIVER, by_kind, cpu_seconds  # noqa: E402
+from cpu_split import (  # noqa: E402
+    DRIVER,
+    all_switches,
+    by_kind,
+    cpu_seconds,
+    switches_by_kind,
+)
 
 from t2v import storage  # noqa: E402
 from t2v.config import EncodeConfig, SynthConfig, TrainConfig  # noqa: E402
@@ -320,6 +327,7 @@ class CpuSampler(threading.Thread):
     def __init__(self, metrics: str, window: float) -> None:
         super().__init__(daemon=True)
         self.metrics, self.window, self.shares = metrics, window, {}
+        self.switches: dict[str, list[float]] = {}
         self.stopped = threading.Event()
 
     def _logged(self) -> int:
@@ -333,10 +341,15 @@ class CpuSampler(threading.Thread):
             if self.stopped.wait(0.5):
                 return
         before = cpu_seconds()
+        sw0, t0 = all_switches(set(before)), time.perf_counter()
         if self.stopped.wait(self.window):
             return
-        shares = by_kind(before, cpu_seconds(), new=False)
+        after = cpu_seconds()
+        sw1, dt = all_switches(set(after)), time.perf_counter() - t0
+        shares = by_kind(before, after, new=False)
         self.shares = {k: v for k, v in shares.items() if k != DRIVER}
+        rates = switches_by_kind(after, sw0, sw1, dt)
+        self.switches = {k: v for k, v in rates.items() if k != DRIVER and v[1] >= 1}
 
 
 def ray_train(cfg: TrainConfig, variant: str, cpu_window: float = 0.0) -> dict:
@@ -366,7 +379,8 @@ def ray_train(cfg: TrainConfig, variant: str, cpu_window: float = 0.0) -> dict:
     return {"way": f"ray {variant or '(demo)'}", "processes": cfg.num_workers, "threads": 1,
             "samples_per_s": mean("samples_per_s"), "data_wait": mean("data_wait_frac"),
             "phases": {k[len("phase_"):]: mean(k) for k in logged[-1] if k.startswith("phase_")},
-            **({"cpu_window": cpu_window, "cpu_s": sampler.shares} if sampler else {})}
+            **({"cpu_window": cpu_window, "cpu_s": sampler.shares,
+                "switches_per_s": sampler.switches} if sampler else {})}
 
 
 def main() -> None:
@@ -449,6 +463,10 @@ def main() -> None:
                   f"({os.cpu_count() * r['cpu_window']:g} on {os.cpu_count()} cores; "
                   f"{total:.1f} used): " + ", ".join(
                       f"{k} {v:.2f}" for k, v in r["cpu_s"].items()))
+            print(f"{r['way']}: context switches a second in that window, by kind (processes: "
+                  "voluntary = wake-ups / involuntary = taken off a core): " + ", ".join(
+                      f"{k} ({n:.0f}): {vol:.0f} / {inv:.0f}"
+                      for k, (n, vol, inv) in r["switches_per_s"].items()))
     for r in probes if "engine" in ways else []:
         print(f"{r['way']}: {r['ms_per_step']:.1f} ms a step of {cfg.batch_size} samples, "
               "1 thread")

@@ -5,7 +5,8 @@ library only, so that bench_suite_cpu.py runs before `make` has built .venv).
 `cpu_seconds()` every live process's user + system CPU
 seconds with its kind
 (`process_kind`: Ray's workers by their `ray::WHAT` title, Ray's daemons by program);
-`by_kind(before, after)` is what each kind spent between two readings.
+`by_kind(before, after)` is what each kind spent between two readings; `switches(pid)` a
+process's context switches (all its threads), `switches_by_kind` their rates between two readings.
 """
 
 from __future__ import annotations
@@ -88,3 +89,45 @@ def by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, fl
             continue
         out[kind] = out.get(kind, 0.0) + t
     return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= least}
+
+
+def switches(pid: int) -> tuple[int, int] | None:
+    """(voluntary, involuntary) context switches of all of a process's threads so far: a
+    voluntary one is a thread going to sleep (each wake-up ends one), an involuntary one a
+    thread taken off its core while it could run. None once the process is gone."""
+    vol = invol = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            lines = Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for ln in lines:
+            if ln.startswith("voluntary_ctxt_switches"):
+                vol += int(ln.split()[1])
+            elif ln.startswith("nonvoluntary_ctxt_switches"):
+                invol += int(ln.split()[1])
+    return vol, invol
+
+
+def all_switches(pids: set[int]) -> dict[int, tuple[int, int]]:
+    """{pid: switches(pid)} of those of `pids` still alive."""
+    return {pid: got for pid in pids if (got := switches(pid)) is not None}
+
+
+def switches_by_kind(kinds: dict[int, tuple[str, float]], before: dict[int, tuple[int, int]],
+                     after: dict[int, tuple[int, int]], seconds: float) -> dict[str, list[float]]:
+    """{kind: [processes, voluntary/s, involuntary/s]} of the processes in both readings
+    (`kinds` as `cpu_seconds` gives them), most wake-ups first."""
+    out: dict[str, list[float]] = {}
+    for pid, (vol, invol) in after.items():
+        if pid not in before or pid not in kinds:
+            continue
+        row = out.setdefault(kinds[pid][0], [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += (vol - before[pid][0]) / seconds
+        row[2] += (invol - before[pid][1]) / seconds
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
