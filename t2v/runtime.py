@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import MutableMapping
 
 from t2v import hub, storage
 
@@ -42,6 +43,18 @@ def check_output_uri(uri: str, what: str = "out") -> str:
     return uri
 
 
+def local_ray_defaults(environ: MutableMapping[str, str]) -> None:
+    """Settings for a Ray that t2v starts on this machine alone (set before it starts: its
+    processes inherit them); a value the user set wins.
+
+    No cloud takes a laptop's node back, so Ray Train's PreemptionWatcher (an actor each run
+    starts, asking the nodes every 5 s whether a spot instance is going) has nothing to watch:
+    it costs ~2 CPU-s a run to start (tests/benchmarks/bench_startup.py) and, like every Ray
+    worker process, wakes ~150 times a second beside the training workers (BENCHMARKS.md,
+    training overhead round 14). Runs on a cluster keep it."""
+    environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None,
                object_store_memory: int | None = None) -> None:
     """Join `address` (or RAY_ADDRESS / a submitted job's cluster), else start a local Ray."""
@@ -61,6 +74,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         ray.init(address=address or "auto", **kwargs)
         log.info("joined Ray cluster at %s", address or "auto")
         return
+    local_ray_defaults(os.environ)
     # The dashboard (on 127.0.0.1 only) is where users watch jobs; Ray Train's clean-up actor
     # also polls its state API and logs a warning every few seconds without it.
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,

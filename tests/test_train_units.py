@@ -718,3 +718,17 @@ def test_vae_crop_windows_are_per_clip_slices_and_bad_crops_are_refused(tmp_path
             "data.crop=[5, 16] is for stage vae (the DiT trains on whole clips' latents)",
     }
     assert_refused_before_ray(base, cases, capsys, monkeypatch)
+
+
+def test_a_local_ray_runs_without_the_preemption_watcher_unless_the_user_says() -> None:
+    """A Ray t2v starts on one machine has no spot node to lose: Ray Train's PreemptionWatcher
+    is off there (its process wakes ~150 times a second beside the workers); a user's own
+    setting is kept, and ensure_ray only applies this where it starts Ray itself."""
+    from t2v.runtime import local_ray_defaults
+
+    env: dict[str, str] = {}
+    local_ray_defaults(env)
+    assert env == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+    local_ray_defaults(env)
+    assert env == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}

@@ -405,6 +405,9 @@ def main() -> None:
         import ray
 
         def start_ray() -> None:
+            from t2v.runtime import local_ray_defaults
+
+            local_ray_defaults(os.environ)  # as t2v starts a local Ray (t2v.runtime.ensure_ray)
             ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
                      log_to_driver=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
