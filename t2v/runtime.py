@@ -43,16 +43,24 @@ def check_output_uri(uri: str, what: str = "out") -> str:
     return uri
 
 
-def local_ray_defaults(environ: MutableMapping[str, str]) -> None:
+_LOCAL_SET: list[str] = []
+"""Variables `ensure_ray` set for the local Ray it started; `disconnect_ray` takes them back
+(Ray Train hands the driver's to every later run, a cluster's included)."""
+
+
+def local_ray_defaults(environ: MutableMapping[str, str]) -> list[str]:
     """Settings for a Ray that t2v starts on this machine alone (set before it starts: its
-    processes inherit them); a value the user set wins.
+    processes inherit them); a value the user set wins. Returns the names it set.
 
     No cloud takes a laptop's node back, so Ray Train's PreemptionWatcher (an actor each run
     starts, asking the nodes every 5 s whether a spot instance is going) has nothing to watch:
     it costs ~2 CPU-s a run to start (tests/benchmarks/bench_startup.py) and, like every Ray
     worker process, wakes ~150 times a second beside the training workers (BENCHMARKS.md,
     training overhead round 14). Runs on a cluster keep it."""
-    environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    wanted = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    added = [k for k in wanted if k not in environ]
+    environ.update({k: wanted[k] for k in added})
+    return added
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None,
@@ -74,7 +82,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         ray.init(address=address or "auto", **kwargs)
         log.info("joined Ray cluster at %s", address or "auto")
         return
-    local_ray_defaults(os.environ)
+    _LOCAL_SET[:] = local_ray_defaults(os.environ)
     # The dashboard (on 127.0.0.1 only) is where users watch jobs; Ray Train's clean-up actor
     # also polls its state API and logs a warning every few seconds without it.
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
@@ -96,6 +104,9 @@ def disconnect_ray() -> None:
     import ray  # noqa: PLC0415 - heavy: only where Ray starts
 
     ray.shutdown()
+    for name in _LOCAL_SET:  # a cluster joined later keeps its own settings
+        os.environ.pop(name, None)
+    _LOCAL_SET.clear()
 
 
 def job_rows(ds):  # noqa: ANN001, ANN201 - a ray.data.Dataset -> its rows

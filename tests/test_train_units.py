@@ -720,15 +720,28 @@ def test_vae_crop_windows_are_per_clip_slices_and_bad_crops_are_refused(tmp_path
     assert_refused_before_ray(base, cases, capsys, monkeypatch)
 
 
-def test_a_local_ray_runs_without_the_preemption_watcher_unless_the_user_says() -> None:
+def test_a_local_ray_runs_without_the_preemption_watcher_unless_the_user_says(
+        monkeypatch) -> None:
     """A Ray t2v starts on one machine has no spot node to lose: Ray Train's PreemptionWatcher
     is off there (its process wakes ~150 times a second beside the workers); a user's own
-    setting is kept, and ensure_ray only applies this where it starts Ray itself."""
+    setting is kept, and leaving that Ray takes the setting back (Ray Train hands the driver's
+    variables to every later run, one on a cluster joined afterwards too)."""
+    import ray
+
+    from t2v import runtime
     from t2v.runtime import local_ray_defaults
 
+    name = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    monkeypatch.delenv(name, raising=False)  # the suite's own cluster sets it
+    monkeypatch.setattr(ray, "shutdown", lambda: None)  # keep this process's connection
+    monkeypatch.setattr(runtime, "_LOCAL_SET", runtime.local_ray_defaults(os.environ))
+    assert os.environ[name] == "0"
+    runtime.disconnect_ray()
+    assert name not in os.environ and runtime._LOCAL_SET == []
+
     env: dict[str, str] = {}
-    local_ray_defaults(env)
+    assert local_ray_defaults(env) == ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
     assert env == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
-    local_ray_defaults(env)
+    assert local_ray_defaults(env) == []
     assert env == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
