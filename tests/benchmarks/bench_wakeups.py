@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def dit_steps(steps: int, out: mp.Queue, go) -> None:  # noqa: ANN001 - an mp.Ev
         step(i)
     out.put("ready")
     go.wait()
-    tid = __import__("threading").get_native_id()
+    tid = threading.get_native_id()
     inv0 = thread_switches(os.getpid(), tid)[tid][3]
     w0, c0 = time.perf_counter(), time.thread_time()
     for i in range(steps):
