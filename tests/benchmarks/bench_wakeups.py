@@ -33,28 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_split import read_process  # noqa: E402
+from cpu_split import read_process, threads  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
 TEXT = 14
 """Text positions of a batch before the DiT drops the unused ones (as bench_compile.py)."""
-
-
-def thread_switches(pid: int, tid: int | None = None) -> dict[int, tuple[str, float, int, int]]:
-    """{tid: (name, CPU s, voluntary, involuntary switches)} of a process's threads (or one)."""
-    out = {}
-    for t in [tid] if tid else [int(x) for x in os.listdir(f"/proc/{pid}/task")]:
-        try:
-            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
-            status = Path(f"/proc/{pid}/task/{t}/status").read_text().splitlines()
-        except OSError:
-            continue
-        f = stat.rsplit(")", 1)[1].split()
-        sw = {ln.split(":")[0]: int(ln.split()[1]) for ln in status if "ctxt_switches" in ln}
-        out[t] = (stat[stat.index("(") + 1:stat.rindex(")")],
-                  (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"),
-                  sw["voluntary_ctxt_switches"], sw["nonvoluntary_ctxt_switches"])
-    return out
 
 
 def idle_actor(window: float) -> list[tuple[str, float, float]]:
@@ -71,9 +54,9 @@ def idle_actor(window: float) -> list[tuple[str, float, float]]:
         actor = Idle.remote()
         pid = ray.get(actor.pid.remote())
         time.sleep(5)  # start-up settles
-        a = thread_switches(pid)
+        a = threads(pid)
         time.sleep(window)
-        b = thread_switches(pid)
+        b = threads(pid)
     finally:
         ray.shutdown()
     rows = [(name, cpu - a[t][1], (vol - a[t][2]) / window)
@@ -119,12 +102,12 @@ def dit_steps(steps: int, out: mp.Queue, go) -> None:  # noqa: ANN001 - an mp.Ev
     out.put("ready")
     go.wait()
     tid = threading.get_native_id()
-    inv0 = thread_switches(os.getpid(), tid)[tid][3]
+    inv0 = threads(os.getpid(), tid)[tid][3]
     w0, c0 = time.perf_counter(), time.thread_time()
     for i in range(steps):
         step(i)
     out.put((time.perf_counter() - w0, time.thread_time() - c0,
-             thread_switches(os.getpid(), tid)[tid][3] - inv0))
+             threads(os.getpid(), tid)[tid][3] - inv0))
 
 
 def _optim():  # noqa: ANN202 - the demo's optimizer settings (t2v.config.OptimConfig)

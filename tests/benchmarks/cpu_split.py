@@ -5,8 +5,9 @@ library only, so that bench_suite_cpu.py runs before `make` has built .venv).
 `cpu_seconds()` every live process's user + system CPU
 seconds with its kind
 (`process_kind`: Ray's workers by their `ray::WHAT` title, Ray's daemons by program);
-`by_kind(before, after)` is what each kind spent between two readings; `switches(pid)` a
-process's context switches (all its threads), `switches_by_kind` their rates between two readings.
+`by_kind(before, after)` is what each kind spent between two readings; `threads(pid)` a
+process's threads (CPU, context switches), `switches(pid)` their sums, `switches_by_kind` the
+rates between two readings.
 """
 
 from __future__ import annotations
@@ -91,26 +92,37 @@ def by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, fl
     return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= least}
 
 
-def switches(pid: int) -> tuple[int, int] | None:
-    """(voluntary, involuntary) context switches of all of a process's threads so far: a
-    voluntary one is a thread going to sleep (each wake-up ends one), an involuntary one a
-    thread taken off its core while it could run. None once the process is gone."""
-    vol = invol = 0
+def threads(pid: int, tid: int | None = None) -> dict[int, tuple[str, float, int, int]] | None:
+    """{tid: (name, user + system CPU seconds, voluntary, involuntary context switches)} of a
+    process's threads (or of one); None once the process is gone. A voluntary switch is a
+    thread going to sleep (each wake-up ends one), an involuntary one a thread taken off its
+    core while it could run. A thread gone between listing and reading is left out."""
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        tids = [tid] if tid is not None else [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except OSError:
         return None
-    for tid in tids:
+    out = {}
+    for t in tids:
         try:
-            lines = Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines()
+            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+            status = Path(f"/proc/{pid}/task/{t}/status").read_text().splitlines()
         except OSError:
             continue
-        for ln in lines:
-            if ln.startswith("voluntary_ctxt_switches"):
-                vol += int(ln.split()[1])
-            elif ln.startswith("nonvoluntary_ctxt_switches"):
-                invol += int(ln.split()[1])
-    return vol, invol
+        fields = stat.rsplit(")", 1)[1].split()
+        sw = {ln.split(":")[0]: int(ln.split()[1]) for ln in status if "ctxt_switches" in ln}
+        out[t] = (stat[stat.index("(") + 1:stat.rindex(")")],
+                  (int(fields[11]) + int(fields[12])) / HZ,
+                  sw["voluntary_ctxt_switches"], sw["nonvoluntary_ctxt_switches"])
+    return out
+
+
+def switches(pid: int) -> tuple[int, int] | None:
+    """(voluntary, involuntary) context switches of all of a process's threads so far (see
+    `threads`); None once the process is gone."""
+    got = threads(pid)
+    if got is None:
+        return None
+    return sum(v[2] for v in got.values()), sum(v[3] for v in got.values())
 
 
 def all_switches(pids: set[int]) -> dict[int, tuple[int, int]]:
