@@ -25,7 +25,8 @@ chosen ways N times in turn (ray, bare, ...) and reports each round's ratio and 
 `--cpu-window S` samples every process's CPU time (/proc, cpu_split) over S seconds of the training of
 each `ray` run in the first round, grouped by process kind (workers, Ray Data read tasks, Ray's own processes):
 where the two cores go besides the training workers; and each kind's context switches a second
-(wake-ups, and times taken off a core: `bench_wakeups.py` measures what those cost).
+(wake-ups, and times taken off a core: `bench_wakeups.py` measures what those cost); and
+each training worker's threads (the training thread, gloo's, Ray's) with their CPU and switches.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from cpu_split import (  # noqa: E402
     by_kind,
     cpu_seconds,
     switches_by_kind,
+    threads,
 )
 
 from t2v import storage  # noqa: E402
@@ -57,6 +59,8 @@ from tests.benchmarks.machine import describe  # noqa: E402
 
 WORKERS = 2
 """The demo's DiT stage: 2 workers x the profile's batch_size (global batch 32 by default)."""
+WORKER_KIND = "ray::RayTrainWorker"
+"""Ray Train's training workers, as `cpu_split.process_kind` names them."""
 
 
 def make_latents(tmp: str, profile: str = "default") -> tuple[str, str]:
@@ -328,6 +332,7 @@ class CpuSampler(threading.Thread):
         super().__init__(daemon=True)
         self.metrics, self.window, self.shares = metrics, window, {}
         self.switches: dict[str, list[float]] = {}
+        self.worker_threads: list[list[tuple[str, float, float, float]]] = []
         self.stopped = threading.Event()
 
     def _logged(self) -> int:
@@ -341,11 +346,20 @@ class CpuSampler(threading.Thread):
             if self.stopped.wait(0.5):
                 return
         before = cpu_seconds()
+        workers = [pid for pid, (kind, _) in before.items() if kind == WORKER_KIND]
+        th0 = {pid: threads(pid) or {} for pid in workers}
         sw0, t0 = all_switches(set(before)), time.perf_counter()
         if self.stopped.wait(self.window):
             return
         after = cpu_seconds()
+        th1 = {pid: threads(pid) or {} for pid in workers}
         sw1, dt = all_switches(set(after)), time.perf_counter() - t0
+        for pid in workers:  # each worker's threads that used >= 0.2 % of a core
+            got = [(name, cpu - th0[pid][t][1], (vol - th0[pid][t][2]) / dt,
+                    (inv - th0[pid][t][3]) / dt)
+                   for t, (name, cpu, vol, inv) in th1[pid].items() if t in th0[pid]]
+            self.worker_threads.append(sorted((g for g in got if g[1] >= 0.002 * dt),
+                                              key=lambda g: -g[1]))
         shares = by_kind(before, after, new=False)
         self.shares = {k: v for k, v in shares.items() if k != DRIVER}
         rates = switches_by_kind(after, sw0, sw1, dt)
@@ -380,7 +394,8 @@ def ray_train(cfg: TrainConfig, variant: str, cpu_window: float = 0.0) -> dict:
             "samples_per_s": mean("samples_per_s"), "data_wait": mean("data_wait_frac"),
             "phases": {k[len("phase_"):]: mean(k) for k in logged[-1] if k.startswith("phase_")},
             **({"cpu_window": cpu_window, "cpu_s": sampler.shares,
-                "switches_per_s": sampler.switches} if sampler else {})}
+                "switches_per_s": sampler.switches,
+                "worker_threads": sampler.worker_threads} if sampler else {})}
 
 
 def main() -> None:
@@ -470,6 +485,10 @@ def main() -> None:
                   "voluntary = wake-ups / involuntary = taken off a core): " + ", ".join(
                       f"{k} ({n:.0f}): {vol:.0f} / {inv:.0f}"
                       for k, (n, vol, inv) in r["switches_per_s"].items()))
+            for i, got in enumerate(r.get("worker_threads", [])):
+                print(f"{r['way']}: training worker {i}'s threads (CPU-s, wake-ups/s, taken "
+                      "off a core/s): " + ", ".join(
+                          f"{name} {cpu:.2f} {vol:.0f} {inv:.0f}" for name, cpu, vol, inv in got))
     for r in probes if "engine" in ways else []:
         print(f"{r['way']}: {r['ms_per_step']:.1f} ms a step of {cfg.batch_size} samples, "
               "1 thread")
