@@ -4,9 +4,6 @@ over gloo, against the all-reduce of the whole gradients after it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 OVERLAP_SCRIPT = textwrap.dedent("""
@@ -72,16 +69,12 @@ def test_overlapped_reduce_averages_like_one_all_reduce_after_the_backward_pass(
     frozen one left alone, the unarmed micro-batch accumulated locally: the means equal the
     whole gradients' all-reduce after both backward passes, on both ranks; finish() without
     arm() is refused."""
+    from tests.ranks import run_ranks
     from tests.s3_fixtures import free_port
 
     script, out, port = tmp_path / "ov.py", tmp_path / "ov", str(free_port())
     script.write_text(OVERLAP_SCRIPT)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ})
-             for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for _, e in outs)
+    run_ranks(script, 2, port, out)
     for rank in range(2):
         result = json.loads((tmp_path / f"ov.{rank}").read_text())
         assert result["1"]["buckets"] == 6 and result[str(1 << 20)]["buckets"] == 1

@@ -4,9 +4,6 @@ against the same model in one process."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 SP_SCRIPT = textwrap.dedent("""
@@ -57,16 +54,12 @@ def test_ulysses_matches_one_process_loss_and_every_gradient(tmp_path):
     """Loss and every parameter's gradient of the sequence-parallel model (2 ranks, 27 tokens:
     padded; text mask with a padded row) equal the one-process model's, with and without
     activation checkpointing; parameter names are unchanged; heads must divide by SP."""
+    from tests.ranks import run_ranks
     from tests.s3_fixtures import free_port
 
     script, out, port = tmp_path / "sp.py", tmp_path / "sp.json", str(free_port())
     script.write_text(SP_SCRIPT)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ})
-             for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for _, e in outs)
+    run_ranks(script, 2, port, out)
     result = json.loads(out.read_text())
     for checkpointing in ("False", "True"):
         r = result[checkpointing]
@@ -111,15 +104,12 @@ def test_layout_groups_ranks_and_shares_the_leaders_batches(tmp_path):
     """4 gloo ranks, sequence_parallel 2: groups {0, 1} and {2, 3}; every rank of a group gets
     its leader's batches (tensors and fields) and only leaders read; a layout that would put a
     group across two nodes is refused on every rank with one line."""
+    from tests.ranks import run_ranks
     from tests.s3_fixtures import free_port
 
     script, out, port = tmp_path / "layout.py", tmp_path / "layout", str(free_port())
     script.write_text(LAYOUT_SCRIPT)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "4", port, str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(4)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for _, e in outs)
+    run_ranks(script, 4, 4, port, out)
     results = [json.loads((tmp_path / f"layout.{r}").read_text()) for r in range(4)]
     for r, res in enumerate(results):
         leader = r - r % 2

@@ -217,15 +217,11 @@ def test_zero_stages_agree_and_resume_on_another_worker_count(tmp_path):
     run c resumes that on 2 workers: both end with a's weights, AdamW moments, EMA, optimizer
     step and LR, bit for bit."""
     from t2v.train.checkpoint import read_whole
+    from tests.ranks import run_ranks
 
     script = tmp_path / "zero.py"
     script.write_text(ZERO_SCRIPT)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for _, e in outs)
+    run_ranks(script, 2, tmp_path, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=600)
 
     def final(name: str, phase: str) -> tuple[dict, dict]:
         d = tmp_path / name / f"{phase}-final"
