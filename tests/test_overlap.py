@@ -58,6 +58,17 @@ OVERLAP_SCRIPT = textwrap.dedent("""
             red.finish()
         except RuntimeError as e:
             result[str(bucket_bytes)]["error"] = str(e)
+        if bucket_bytes == 1:  # a second gradient after its bucket was sent: refused
+            def twice(x):  # the inner backward accumulates `late` (a leaf) on its own
+                with torch.enable_grad():
+                    y = (x.detach().requires_grad_() * net.late).sum()
+                    torch.autograd.backward(y)
+                return x * net.late
+            red.arm()
+            try:
+                twice(xs[0]).sum().backward()
+            except RuntimeError as e:
+                result["1"]["twice"] = str(e)
         red.remove()
     json.dump(result, open(f"{out}.{rank}", "w"))
 """)
@@ -68,7 +79,8 @@ def test_overlapped_reduce_averages_like_one_all_reduce_after_the_backward_pass(
     registered first and reached last), a parameter without a gradient averaged as zeros, a
     frozen one left alone, the unarmed micro-batch accumulated locally: the means equal the
     whole gradients' all-reduce after both backward passes, on both ranks; finish() without
-    arm() is refused."""
+    arm() is refused, and so is a parameter's second gradient in one backward pass (an inner
+    backward, as reentrant checkpointing makes) after its bucket was sent."""
     from tests.ranks import run_ranks
     from tests.s3_fixtures import free_port
 
@@ -84,3 +96,4 @@ def test_overlapped_reduce_averages_like_one_all_reduce_after_the_backward_pass(
             assert max(r["diff"].values()) < 1e-6, r["diff"]
             assert r["frozen"] and r["reduced"]  # each rank's own data: the means differ
             assert r["error"].startswith("OverlappedReduce.finish() without arm()")
+        assert "got a second gradient in one backward pass" in result["1"]["twice"]

@@ -16,7 +16,10 @@ backward pass produces gradients in, near enough) and launched strictly in that 
 every rank issues the same collectives in the same order whatever order its gradients come
 in; a bucket whose parameters got no gradient this pass is launched by `finish()` with zeros
 for them (as DeepSpeed does). Only the accumulation boundary's backward reduces (`arm()`
-before it): micro-batches in between accumulate locally, as DeepSpeed's own path does.
+before it): micro-batches in between accumulate locally, as DeepSpeed's own path does. Each
+parameter's gradient must be accumulated once per backward pass (the DiT's activation
+checkpointing is non-reentrant: it is); a second one is refused in one line, never averaged
+wrong.
 """
 
 from __future__ import annotations
@@ -67,7 +70,12 @@ class OverlappedReduce:
     def _ready(self, p: nn.Parameter) -> None:
         if not self.armed:
             return
-        self._left[self.bucket_of[p]] -= 1
+        i = self.bucket_of[p]
+        if self._left[i] == 0:  # e.g. reentrant checkpointing accumulating a parameter twice
+            raise RuntimeError(
+                f"OverlappedReduce: a parameter of shape {tuple(p.shape)} got a second gradient "
+                "in one backward pass, after its bucket was sent; set overlap_reduce: false")
+        self._left[i] -= 1
         while self._next < len(self.buckets) and self._left[self._next] == 0:
             self._launch(self._next)
 
