@@ -132,10 +132,6 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU (bf16 is 2.6x slower than fp32 on CPUs without AMX)."""
     activation_checkpointing: bool = False
-    overlap_reduce: bool = True
-    """fp32 ZeRO-0 without sequence parallelism: average the gradients in 1 MiB buckets while
-    the backward pass runs (t2v/train/overlap.py) instead of DeepSpeed's one all-reduce after
-    it; the same means. Elsewhere DeepSpeed reduces as it does (ZeRO-1/2 has `overlap_comm`)."""
     compile: bool = False
     """Stage dit: `torch.compile` each DiT block (VideoDiT.compile_blocks) before training: the
     debug DiT's steps 1.16-1.32x faster on a 2-core CPU, after ~40-60 s of compiling the first

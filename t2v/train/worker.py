@@ -29,7 +29,6 @@ from t2v.console import say
 from t2v.data.buckets import batches_by_shape
 from t2v.train import checkpoint, parallel, zero
 from t2v.train.monitor import Monitor
-from t2v.train.overlap import OverlappedReduce
 from t2v.train.schedule import EMA, adamw, lr_factor
 from t2v.train.stages import task_for
 from t2v.train.validation import record_validation
@@ -107,8 +106,7 @@ def initialize_engine(model, optimizer, lr_scheduler, ds_config: dict, use_gpu: 
 
 def time_reduction(engine, monitor: Monitor) -> None:
     """Time the gradient reduction DeepSpeed's backward ends with as the phase "reduce" (the
-    rest of the backward stays "forward_backward"). Where `overlapped_reduce` replaces it, the
-    loop times the wait for the buckets still in flight as "reduce" instead."""
+    rest of the backward stays "forward_backward")."""
     reduce = engine.allreduce_gradients
 
     def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - DeepSpeed's signature
@@ -244,19 +242,6 @@ def maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, run_uri: str) -> 
 # ----------------------------------------------------------------------------- the loop
 
 
-def overlapped_reduce(engine, cfg: TrainConfig, bf16: bool,  # noqa: ANN001 - the engine
-                      layout: parallel.Layout) -> OverlappedReduce | None:
-    """At fp32 ZeRO-0 without sequence parallelism (and `overlap_reduce`), the gradients are
-    averaged while the backward pass runs (t2v/train/overlap.py) and DeepSpeed's own reduction
-    after it is switched off; None elsewhere (DeepSpeed's bf16 optimizer accumulates into fp32
-    buffers of its own, ZeRO-1/2/3 reduce partitions, sequence parallelism scales the loss)."""
-    if not (cfg.overlap_reduce and cfg.zero_stage == 0 and not bf16 and layout.sp == 1
-            and engine.sequence_parallel_size == 1 and not engine.pipeline_parallelism):
-        return None
-    engine.enable_backward_allreduce = False
-    return OverlappedReduce(engine.module.parameters(), engine.seq_data_parallel_group)
-
-
 def train_loop_per_worker(config: dict) -> None:
     # DeepSpeed's ZeRO calls a torch collective that torch 2.x deprecates, once per step.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
@@ -359,7 +344,6 @@ def train_loop_per_worker(config: dict) -> None:
     monitor = Monitor(cfg, info, run_uri, rank, world, dp, task.count_names)
     monitor.start(step, elastic)
     time_reduction(engine, monitor)
-    reducer = overlapped_reduce(engine, cfg, bf16, layout)
 
     micro, module, gathered_at = 0, None, None
     # DeepSpeed's fp32 ZeRO-0 clips without keeping the norm (get_global_grad_norm is None)
@@ -388,14 +372,9 @@ def train_loop_per_worker(config: dict) -> None:
             loss = task.loss(engine, batch, step)
             counts = task.pop_counts()  # once per group, as the samples above
             monitor.add_counts(counts if layout.is_leader else {})
-            if reducer is not None and engine.is_gradient_accumulation_boundary():
-                reducer.arm()
             engine.backward(loss * layout.loss_scale)  # see t2v/train/parallel.py
             monitor.add_loss(loss.detach())
             monitor.lap("forward_backward")
-            if reducer is not None and reducer.armed:
-                reducer.finish()  # what the backward pass left of the all-reduce
-                monitor.lap("reduce")
             if own_norm and (micro + 1) % cfg.grad_accum == 0 and monitor.logs_at(step + 1):
                 monitor.grad_norm = zero.grad_norm(engine.module)  # reduced, before clipping
             engine.step()
