@@ -113,7 +113,8 @@ def quick_profile() -> DemoConfig:
 
 
 def long_profile() -> DemoConfig:
-    """64x64, 17 frames (27x compression): <= 45 minutes on a 2-core laptop."""
+    """64x64, 17 frames (27x compression). The bar is 45 minutes on a 2-core laptop: met on
+    an AVX-512 Xeon, not on an AVX2-only EPYC, where the VAE stage alone takes ~40 (BENCHMARKS.md)."""
     cfg = default_profile()
     # 9 shards of 128: the stages hold the last one out, so the DiT trains on 1024 clips (on
     # 896, 4 (sweep) and 9 (demo) of 96 held-out videos came out empty, background only; on
@@ -129,10 +130,14 @@ def long_profile() -> DemoConfig:
     cfg.vae.steps, cfg.vae.ckpt_every, cfg.vae.val_every, cfg.vae.log_every = 3000, 1500, 1500, 100
     cfg.vae.data.frames, cfg.vae.data.size, cfg.vae.data.crop = 17, 64, [9, 32]
     cfg.vae.scale_weight = 0.25
-    # 4500 DiT steps (1500: motion 21.9 %, 5 latent frames relate across tokens and learn
-    # slowly; 3000: motion 92.7 or 80.2 % by the run's rounding, still under-trained; 4500:
-    # colour 100 / motion 97.9 / shape 85.4 %, 39 minutes: the ninth --long run in BENCHMARKS.md)
-    cfg.dit.steps, cfg.dit.batch_size, cfg.dit.ckpt_every, cfg.dit.val_every = 4500, 8, 1500, 1500
+    # DiT patches of 1x4x4 latent pixels: a token covers 16x16 pixels of the 64x64 frame, 4x4
+    # tokens a latent frame, the default demo's token grid (8x8 pixels of 32x32) at twice the
+    # resolution; a step costs ~a quarter of 1x2x2 patches' (320 -> 80 tokens), so the stage
+    # trains 9000 steps in less time than 1x2x2 took for 4500 (and draws what it is asked:
+    # 1x2x2 and 4500 steps: motion 97.9 / shape 85.4 %, squares drawn as circles; 1x4x4 and
+    # 4500: 87.5 / 82.3 %; 1x4x4 and 9000: 99.0 / 99.0 %; BENCHMARKS.md, --long runs 9, 12, 13)
+    cfg.dit.model_overrides = {"patch": [1, 4, 4]}
+    cfg.dit.steps, cfg.dit.batch_size, cfg.dit.ckpt_every, cfg.dit.val_every = 9000, 8, 3000, 3000
     cfg.render.batch_size = 8
     return cfg
 
@@ -143,12 +148,16 @@ PROFILES: dict[str, Callable[[], DemoConfig]] = {
 
 def overlay(base: M, top: M) -> M:
     """`base` with every field that `top` set explicitly (on the command line or in --config)
-    taken from `top`, section by section."""
+    taken from `top`, section by section; a mapping (`model_overrides`) key by key, so that
+    `dit.model_overrides.dim=192` keeps the profile's `patch`."""
     updates = {}
     for name in top.model_fields_set:
         value, current = getattr(top, name), getattr(base, name)
-        both = isinstance(value, BaseModel) and isinstance(current, BaseModel)
-        updates[name] = overlay(current, value) if both else value
+        if isinstance(value, BaseModel) and isinstance(current, BaseModel):
+            value = overlay(current, value)
+        elif isinstance(value, dict) and isinstance(current, dict):
+            value = {**current, **value}
+        updates[name] = value
     return base.model_copy(update=updates)
 
 

@@ -27,6 +27,28 @@ def test_profile_values_yield_to_explicit_keys():
     # Applying a profile leaves the profile alone: a fresh call still gives the same config.
     assert got.dit.steps != PROFILES["default"]().dit.steps
     assert apply_profile(DemoConfig(), PROFILES["default"]) == PROFILES["default"]()
+    # A model override is merged key by key: the profile's others stay.
+    mine = load_config(DemoConfig, None, ["dit.model_overrides.dim=192",
+                                          "vae.model_overrides.latent_channels=8"])
+    got = apply_profile(mine, PROFILES["long"])
+    assert got.dit.model_overrides == {"patch": [1, 4, 4], "dim": 192}
+    assert got.vae.model_overrides == {"latent_channels": 8, "shortcut": True}
+
+
+@pytest.mark.parametrize("name", ["default", "quick", "long"])
+def test_profile_dit_patches_tile_the_latents_as_the_default_does(name):
+    from t2v.models.dit import dit_config
+    from t2v.models.vae import vae_config
+
+    def grid(cfg: DemoConfig) -> tuple[int, int]:  # DiT tokens along a latent frame's side
+        side = cfg.synth.size // vae_config(cfg.vae.model, **cfg.vae.model_overrides).spatial_down
+        patch = dit_config(cfg.dit.model, **cfg.dit.model_overrides).patch
+        assert side % patch[1] == 0 and side % patch[2] == 0, (name, side, patch)
+        return side // patch[1], side // patch[2]
+
+    # --long's 64x64 frames in 1x4x4 patches give the default's 4x4 tokens a latent frame, each
+    # the same share of the frame (BENCHMARKS.md, the 12th and 13th --long runs)
+    assert grid(PROFILES[name]()) == grid(PROFILES["default"]()) == (4, 4)
 
 
 def test_heldout_prompt_rows_carry_ground_truth():
