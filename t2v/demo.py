@@ -132,10 +132,10 @@ def long_profile() -> DemoConfig:
     cfg.vae.scale_weight = 0.25
     # DiT patches of 1x4x4 latent pixels: a token covers 16x16 pixels of the 64x64 frame, 4x4
     # tokens a latent frame, the default demo's token grid (8x8 pixels of 32x32) at twice the
-    # resolution; a step costs ~a quarter of 1x2x2 patches' (320 -> 80 tokens), so the stage
-    # trains 9000 steps in less time than 1x2x2 took for 4500 (and draws what it is asked:
-    # 1x2x2 and 4500 steps: motion 97.9 / shape 85.4 %, squares drawn as circles; 1x4x4 and
-    # 4500: 87.5 / 82.3 %; 1x4x4 and 9000: 99.0 / 99.0 %; BENCHMARKS.md, --long runs 9, 12, 13)
+    # resolution; 80 tokens a clip instead of 320, a step ~a quarter of the maths of 1x2x2's
+    # (one thread: 72-86 against 296-300 ms), so 9000 steps cost about 1x2x2's 4500. Held-out
+    # motion / shape: 1x2x2 and 4500 steps 97.9 / 85.4 % (squares drawn as circles), 1x4x4 and
+    # 4500 87.5 / 82.3 %, 1x4x4 and 9000 99.0 / 99.0 % (BENCHMARKS.md, --long runs 9, 12, 13)
     cfg.dit.model_overrides = {"patch": [1, 4, 4]}
     cfg.dit.steps, cfg.dit.batch_size, cfg.dit.ckpt_every, cfg.dit.val_every = 9000, 8, 3000, 3000
     cfg.render.batch_size = 8

@@ -1,7 +1,7 @@
 """Training steps of a DiT with `compile_blocks()` (train.compile) against the eager model.
 
-    .venv/bin/python tests/benchmarks/bench_compile.py [--latent 6x5x16x16] [--batch 8]
-        [--threads 1] [--rounds 6] [--steps 10] [--device cpu]
+    .venv/bin/python tests/benchmarks/bench_compile.py [--latent 6x5x16x16] [--patch 1x4x4]
+        [--batch 8] [--threads 1] [--rounds 6] [--steps 10] [--device cpu]
 
 Pure torch (no Ray, no DeepSpeed; runs on the lent GPU machine too): two copies of the same
 model, one with its blocks compiled, trained in turns (`--steps` steps each, `--rounds` times:
@@ -9,7 +9,9 @@ a drifting box slows both alike), on a flow-matching loss with text lengths that
 step to step as the demo's do (the DiT drops unused text positions per batch, so the compiled
 blocks recompile once with a dynamic text length). Prints the time of the first steps (the
 compiling) and ms per step, each round and the median. The default geometry is `t2v demo
---long`'s DiT micro-batch (6x5x16x16 latents, batch 8, one thread as each of its 2 workers).
+--long`'s DiT micro-batch (6x5x16x16 latents in 1x4x4 patches, batch 8, one thread as each of
+its 2 workers); BENCHMARKS.md's rows from before 144d18b were taken in 1x2x2 patches, as
+`--long` trained then (`--patch 1x2x2` reproduces them).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="debug")
     p.add_argument("--latent", default="6x5x16x16", help="C x T' x H' x W'")
+    p.add_argument("--patch", default="1x4x4", help="the DiT's patch, T x H x W")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=6)
@@ -47,7 +50,7 @@ def main() -> None:
     dev = torch.device(a.device)
     c, t, h, w = map(int, a.latent.split("x"))
     x = torch.randn(a.batch, c, t, h, w, device=dev)
-    cfg = dit_config(a.model, in_channels=c)
+    cfg = dit_config(a.model, in_channels=c, patch=tuple(map(int, a.patch.split("x"))))
     text = torch.randn(a.batch, TEXT, cfg.text_dim, device=dev)
 
     def make(compiled: bool):  # noqa: ANN202

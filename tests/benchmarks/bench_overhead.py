@@ -5,7 +5,8 @@
 
 The demo's DiT (the `debug` preset on latents of the demo's VAE geometry — the default profile's
 `vae.model_overrides` — MiniLM text, global batch 32; `--profile long`: `t2v demo --long`'s
-17x64x64 clips, global batch 16) trained for `--steps` optimizer steps four ways, on the same cores:
+17x64x64 clips, global batch 16, the DiT in the profile's 1x4x4 patches: 1x2x2 in rows from
+before 144d18b) trained for `--steps` optimizer steps four ways, on the same cores:
 - `bare`: one process, torch on all cores, batch 32, AdamW: the maths alone;
 - `ddp`: two processes (torch.distributed over gloo, DistributedDataParallel, 1 thread and
   batch 16 each): what splitting the batch over two processes costs, without Ray or DeepSpeed;
