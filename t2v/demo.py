@@ -113,8 +113,8 @@ def quick_profile() -> DemoConfig:
 
 
 def long_profile() -> DemoConfig:
-    """64x64, 17 frames (27x compression). The bar is 45 minutes on a 2-core laptop: met on
-    an AVX-512 Xeon, not on an AVX2-only EPYC, where the VAE stage alone takes ~40 (BENCHMARKS.md)."""
+    """64x64, 17 frames (27x compression). The bar is 45 minutes on a 2-core laptop: met on an
+    AVX-512 Xeon, not on an AVX2-only EPYC, where the VAE stage alone took 42 (BENCHMARKS.md)."""
     cfg = default_profile()
     # 9 shards of 128: the stages hold the last one out, so the DiT trains on 1024 clips (on
     # 896, 4 (sweep) and 9 (demo) of 96 held-out videos came out empty, background only; on
