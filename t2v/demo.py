@@ -34,7 +34,7 @@ from t2v.config import (
     TrainConfig,
     TrainDataConfig,
 )
-from t2v.configfile import save_resolved
+from t2v.configfile import deep_merge, save_resolved
 from t2v.console import quiet
 from t2v.data.encode import run_encode_command
 from t2v.data.synthetic import (
@@ -156,7 +156,7 @@ def overlay(base: M, top: M) -> M:
         if isinstance(value, BaseModel) and isinstance(current, BaseModel):
             value = overlay(current, value)
         elif isinstance(value, dict) and isinstance(current, dict):
-            value = {**current, **value}
+            value = deep_merge(current, value)  # as --config files and KEY=VALUE merge
         updates[name] = value
     return base.model_copy(update=updates)
 
