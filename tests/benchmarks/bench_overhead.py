@@ -93,12 +93,13 @@ def make_latents(tmp: str, profile: str = "default") -> tuple[str, str]:
 
 
 def demo_config(out: str, shards: str, vae: str, steps: int,
-                profile: str = "default") -> TrainConfig:
+                profile: str = "default", batch: int | None = None) -> TrainConfig:
     from t2v.demo import PROFILES
 
     dit = PROFILES[profile]().dit
     return dit.model_copy(update={
         "out": out, "name": "ray", "vae": vae, "steps": steps, "ckpt_every": steps,
+        "batch_size": batch or dit.batch_size,
         "val_every": steps, "val_samples": 0, "log_every": max(1, steps // 8),
         "data": dit.data.model_copy(update={"shards": shards})})
 
@@ -409,6 +410,9 @@ def main() -> None:
     p.add_argument("--variants", default="",
                    help="Ray Train runs, separated by ',': each '' (the demo's settings) or "
                         "KEY=VALUE[+KEY=VALUE...], e.g. ',zero_stage=0,data.prefetch_batches=1'")
+    p.add_argument("--batch", type=int, default=None,
+                   help="samples a worker a step for every way (the bare loop takes twice "
+                        "that); default: the profile's DiT batch_size")
     p.add_argument("--out", default="runs/bench/overhead.json")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the ways this many times in turn; each round's ratio and the median")
@@ -434,7 +438,8 @@ def main() -> None:
         finally:
             ray.shutdown()
         for r in range(args.rounds):
-            cfg = demo_config(f"{tmp}/runs{r}", shards, vae, args.steps, args.profile)
+            cfg = demo_config(f"{tmp}/runs{r}", shards, vae, args.steps, args.profile,
+                              args.batch)
             if "ray" in ways:
                 start_ray()
                 try:
