@@ -196,8 +196,8 @@ class DemoConfig(Section):
     quick: bool = False
     """CI-sized run (a few minutes): checks the whole pipeline, not the quality bar."""
     long: bool = False
-    """64x64 clips of 17 frames and longer training (35-45 min on a 2-core AVX-512 laptop, ~70
-    on an AVX2-only one: BENCHMARKS.md)."""
+    """64x64 clips of 17 frames and longer training (35-45 min on a 2-core AVX-512 laptop,
+    47-70 on an AVX2-only one, by its speed that hour: BENCHMARKS.md)."""
     verbose: bool = False
     """Show Ray's, DeepSpeed's and torch's own output too. Without it the terminal shows only
     our progress lines; everything else goes to OUT/logs/demo.log."""

@@ -1,19 +1,22 @@
 """Where the demo DiT's training time goes: Ray Train + DeepSpeed against bare torch loops.
 
     .venv/bin/python tests/benchmarks/bench_overhead.py [--steps 200] [--only bare,ddp,ray]
-        [--profile default|long]
+        [--profile default|long] [--batch N]
 
 The demo's DiT (the `debug` preset on latents of the demo's VAE geometry — the default profile's
-`vae.model_overrides` — MiniLM text, global batch 32; `--profile long`: `t2v demo --long`'s
-17x64x64 clips, global batch 16, the DiT in the profile's 1x4x4 patches: 1x2x2 in rows from
-before 144d18b) trained for `--steps` optimizer steps four ways, on the same cores:
-- `bare`: one process, torch on all cores, batch 32, AdamW: the maths alone;
+`vae.model_overrides` — MiniLM text, the profile's DiT batch: global 64 since training overhead
+round 16, 32 in the rows before; `--profile long`: `t2v demo --long`'s 17x64x64 clips, global
+batch 32 (16 before round 16), the DiT in the profile's 1x4x4 patches: 1x2x2 in rows from
+before 144d18b; `--batch N`: N a worker in every way) trained for `--steps` optimizer steps
+four ways, on the same cores:
+- `bare`: one process, torch on all cores, the global batch, AdamW: the maths alone;
 - `ddp`: two processes (torch.distributed over gloo, DistributedDataParallel, 1 thread and
-  batch 16 each): what splitting the batch over two processes costs, without Ray or DeepSpeed;
+  half the batch each): what splitting the batch over two processes costs, without Ray or
+  DeepSpeed;
 - `ds`: the same two processes with DeepSpeed's engine as t2v's workers configure it (ZeRO-2
   and ZeRO-0), data in memory: DeepSpeed's share, without Ray Train or Ray Data;
 - `ray`: `t2v train` as the demo runs it (Ray Train, DeepSpeed ZeRO-0 as the demo's DiT, Ray
-  Data streaming, EMA, metrics), 2 workers x batch 16;
+  Data streaming, EMA, metrics), 2 workers x half the batch;
 - `engine`: one process, one thread, one rank's batch: a bare step against DeepSpeed's engine
   at ZeRO-0 and ZeRO-2 (no communication): what the engine itself costs;
 samples/s after a warm-up, and for `ray` the per-phase split the workers measure (data wait,
@@ -59,7 +62,7 @@ from t2v.config import EncodeConfig, SynthConfig, TrainConfig  # noqa: E402
 from tests.benchmarks.machine import describe  # noqa: E402
 
 WORKERS = 2
-"""The demo's DiT stage: 2 workers x the profile's batch_size (global batch 32 by default)."""
+"""The demo's DiT stage: 2 workers x the profile's batch_size (global batch 64 by default)."""
 WORKER_KIND = "ray::RayTrainWorker"
 """Ray Train's training workers, as `cpu_split.process_kind` names them."""
 
@@ -266,8 +269,9 @@ def ds(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> list[dict]:
 
 
 def engine(cfg: TrainConfig, shards: str, steps: int, tmp: str) -> list[dict]:
-    """One process, one thread, one rank's batch (16): a bare step against DeepSpeed's engine
-    at ZeRO-0 and ZeRO-2 (world size 1: no communication), ms per step after a warm-up."""
+    """One process, one thread, one rank's batch (the profile's batch_size): a bare step
+    against DeepSpeed's engine at ZeRO-0 and ZeRO-2 (world size 1: no communication), ms per
+    step after a warm-up."""
     import socket
 
     import torch
@@ -405,8 +409,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--only", default="bare,ddp,ds,ray,engine")
     p.add_argument("--profile", default="default", choices=["default", "long"],
-                   help="whose DiT stage: the default demo's (6x3x8x8 latents, 16 a worker) "
-                        "or --long's (6x5x16x16, 8 a worker)")
+                   help="whose DiT stage: the default demo's (6x3x8x8 latents, 32 a worker) "
+                        "or --long's (6x5x16x16, 16 a worker)")
     p.add_argument("--variants", default="",
                    help="Ray Train runs, separated by ',': each '' (the demo's settings) or "
                         "KEY=VALUE[+KEY=VALUE...], e.g. ',zero_stage=0,data.prefetch_batches=1'")
