@@ -122,7 +122,8 @@ def quick_profile() -> DemoConfig:
 
 def long_profile() -> DemoConfig:
     """64x64, 17 frames (27x compression). The bar is 45 minutes on a 2-core laptop: met on an
-    AVX-512 Xeon, not on an AVX2-only EPYC, where the VAE stage alone took 42 (BENCHMARKS.md)."""
+    AVX-512 Xeon, not on an AVX2-only EPYC (47-70 by its speed that hour), where the VAE stage
+    alone takes 29-42 (BENCHMARKS.md)."""
     cfg = default_profile()
     # 9 shards of 128: the stages hold the last one out, so the DiT trains on 1024 clips (on
     # 896, 4 (sweep) and 9 (demo) of 96 held-out videos came out empty, background only; on
@@ -145,7 +146,8 @@ def long_profile() -> DemoConfig:
     # samples 97.9 / 85.4 % (squares drawn as circles), 1x4x4 and 4500 x 16 87.5 / 82.3 %,
     # 1x4x4 and 9000 x 16 99.0 / 99.0 % (BENCHMARKS.md, --long runs 9, 12, 13). Those 144,000
     # samples now as 4500 x 32, 16 a worker: 185 samples/s through Ray Train against 150 at 8
-    # (training overhead round 16), with the default's lr for its batch of 64 scaled to 32
+    # (training overhead round 16), with the default's lr for its batch of 64 scaled to 32:
+    # 100 / 100 / 96.9 % held out, the DiT stage 886 s, the run 47.1 min (--long run 14)
     cfg.dit.model_overrides = {"patch": [1, 4, 4]}
     cfg.dit.steps, cfg.dit.batch_size, cfg.dit.ckpt_every, cfg.dit.val_every = 4500, 16, 1500, 1500
     cfg.dit.optim.lr, cfg.dit.optim.warmup_steps = 3e-3, 25
