@@ -741,3 +741,41 @@ def test_a_local_ray_runs_without_the_preemption_watcher_unless_the_user_says(
     env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
     assert local_ray_defaults(env) == []
     assert env == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+
+
+def test_vae_stage_loss_weighs_its_terms_as_configured():
+    """Stage vae's loss is the VAE's own loss with the run's weights (l1, mse, edge, scale, kl)
+    and the posterior noise drawn from (seed, step, keys): a run with other weights trains on
+    another objective, the same run on the same step repeats its value."""
+    from t2v.config import TrainConfig
+    from t2v.data.collate import VideoBatch
+    from t2v.models.vae import CausalVideoVAE, vae_config
+    from t2v.train.vae_task import VAETask
+
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(vae_config("debug", latent_channels=6, shortcut=True))
+
+    class Engine(torch.nn.Module):  # what DeepSpeed's engine is to the task: .module + call
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = vae
+
+        def forward(self, x, generator=None):  # noqa: ANN001, ANN201
+            return self.module(x, generator=generator)
+
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    batch = VideoBatch(video=x, captions=["", ""], keys=["a", "b"], meta=[{}, {}])
+    weights = dict(l1_weight=0.5, mse_weight=4.0, edge_weight=1.0, scale_weight=0.25,
+                   kl_weight=1e-3)
+    task = VAETask(TrainConfig(stage="vae", seed=3, **weights))
+    got = task.loss(Engine(), batch, step=5)
+    seed = sample_seed(3, 5, "a,b", "vae-posterior")
+    recon, post = vae(x, generator=torch.Generator().manual_seed(seed))
+    want = vae.loss(x, recon, post, **weights)["total"]
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert float(task.loss(Engine(), batch, step=5)) == pytest.approx(float(got), rel=1e-6)
+    plain = VAETask(TrainConfig(stage="vae", seed=3, edge_weight=1.0, scale_weight=0.25,
+                                kl_weight=1e-3)).loss(Engine(), batch, step=5)
+    terms = vae.loss(x, recon, post, **weights)
+    assert float(got) - float(plain) == pytest.approx(
+        -0.5 * float(terms["l1"]) + 3.0 * float(terms["mse"]), rel=1e-4)

@@ -162,6 +162,12 @@ class TrainConfig(Section):
     init_from's render shift, else 1. The package records it as its render shift."""
     kl_weight: float = Field(1e-6, ge=0)
     """Stage vae: weight of the KL term."""
+    l1_weight: float = Field(1.0, ge=0)
+    """Stage vae: weight of the pixels' L1 term."""
+    mse_weight: float = Field(1.0, ge=0)
+    """Stage vae: weight of the pixels' squared-error term, the one PSNR measures. Near the end
+    of training L1's gradient (the error's sign) outweighs MSE's (twice the error) ~10 to 1 at
+    ~32 dB, so a larger weight spends the steps on the large, rare errors PSNR counts."""
     edge_weight: float = Field(0.0, ge=0)
     """Stage vae: weight of the edge term (L1 between the spatial differences of the
     reconstruction and the clip; CausalVideoVAE.loss): keeps small objects' outlines."""

@@ -123,6 +123,7 @@ class VAETask(StageTask):
         generator = torch.Generator(self.device).manual_seed(seed)
         recon, posterior = engine(x, generator=generator)
         return engine.module.loss(x, recon, posterior, kl_weight=self.cfg.kl_weight,
+                                  l1_weight=self.cfg.l1_weight, mse_weight=self.cfg.mse_weight,
                                   edge_weight=self.cfg.edge_weight,
                                   scale_weight=self.cfg.scale_weight)["total"]
 

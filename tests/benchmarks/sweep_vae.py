@@ -7,7 +7,8 @@ process and read shapes off their reconstructions of the held-out clips.
 The data is the default demo's: 1024 training clips with the 12 held-out combinations excluded
 and 96 held-out clips (the same synth seeds, sizes and mp4 round trip as `t2v demo`). Each
 variant is the `debug` VAE preset with its overrides (model fields of VAEConfig, and the loss
-weights `edge_weight`, `kl_weight`, `scale_weight` (CausalVideoVAE.loss), plus `steps` / `lr` / `batch`, `crop` /
+weights `edge_weight`, `kl_weight`, `scale_weight`, `l1_weight`, `mse_weight`
+(CausalVideoVAE.loss), plus `steps` / `lr` / `batch`, `crop` /
 `crop_frames` for windows, `finish` / `finish_lr` for whole-clip steps after them, and `seed` for
 the initial weights, the batches' order and the windows, default 0) trained by
 a bare torch loop
@@ -58,6 +59,7 @@ DEFAULT_VARIANTS = [
     "wide-edge:latent_channels=6,shortcut=true,base_channels=32,edge_weight=1.0",
 ]
 TRAIN_KEYS = {"steps": int, "lr": float, "batch": int, "edge_weight": float, "kl_weight": float,
+              "l1_weight": float, "mse_weight": float,
               "crop": int, "crop_frames": int, "finish": int, "finish_lr": float,
               "scale_weight": float, "seed": int}
 
@@ -179,8 +181,8 @@ def train_variant(name: str, model_kw: dict, train_kw: dict, data: np.ndarray,
                   held: np.ndarray, truths: list[dict], steps: int, batch: int,
                   package: Path | None = None) -> dict:
     steps, batch = train_kw.get("steps", steps), train_kw.get("batch", batch)
-    loss_kw = {k: train_kw[k] for k in ("edge_weight", "kl_weight", "scale_weight")
-               if k in train_kw}
+    loss_kw = {k: train_kw[k] for k in ("edge_weight", "kl_weight", "scale_weight", "l1_weight",
+                                        "mse_weight") if k in train_kw}
     seed = train_kw.get("seed", 0)  # initial weights, the batches' order and the windows
     torch.manual_seed(seed)
     vae = CausalVideoVAE(vae_config("debug", **model_kw))
