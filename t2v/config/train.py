@@ -165,9 +165,9 @@ class TrainConfig(Section):
     l1_weight: float = Field(1.0, ge=0)
     """Stage vae: weight of the pixels' L1 term."""
     mse_weight: float = Field(1.0, ge=0)
-    """Stage vae: weight of the pixels' squared-error term, the one PSNR measures. Near the end
-    of training L1's gradient (the error's sign) outweighs MSE's (twice the error) ~10 to 1 at
-    ~32 dB, so a larger weight spends the steps on the large, rare errors PSNR counts."""
+    """Stage vae: weight of the pixels' squared-error term, the one PSNR measures (near 32 dB
+    L1's gradient outweighs MSE's ~10 to 1). 4 on `--long`'s VAE led by 0.8 dB half-way and
+    ended 0.3 dB under 1 (BENCHMARKS.md round 17)."""
     edge_weight: float = Field(0.0, ge=0)
     """Stage vae: weight of the edge term (L1 between the spatial differences of the
     reconstruction and the clip; CausalVideoVAE.loss): keeps small objects' outlines."""
