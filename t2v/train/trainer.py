@@ -116,8 +116,7 @@ def passes_per_read(cfg: TrainConfig, train_samples: int | None) -> int:
         return cfg.data.passes_per_read
     if not train_samples:
         return 1
-    workers = cfg.num_workers if isinstance(cfg.num_workers, int) else cfg.num_workers[0]
-    batch = cfg.batch_size * cfg.grad_accum * max(1, workers // cfg.sequence_parallel)
+    batch = cfg.batch_size * cfg.grad_accum * max(1, cfg.min_workers // cfg.sequence_parallel)
     return min(64, max(1, math.ceil(STEPS_PER_READ / max(1, train_samples // batch))))
 
 

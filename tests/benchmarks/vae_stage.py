@@ -62,13 +62,15 @@ def main() -> None:
     package = out / "runs" / vae.name / "package"
     m = model_metrics(EvalConfig(model=str(package), heldout=str(run / "data" / "heldout"),
                                  heldout_clips=demo.heldout_clips))
-    val = {}
+    val, batch = {}, None
     for line in (out / "runs" / vae.name / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
+        if row.get("event") == "start":  # the global batch the run trained with
+            batch = row["global_batch"]
         if "psnr" in row.get("val", {}):
             val[int(row["step"])] = round(float(row["val"]["psnr"]), 2)
     result = {"run": str(run), "overrides": args.overrides, "seconds": round(seconds, 1),
-              "steps": vae.steps, "batch": vae.batch_size * vae_workers(vae),
+              "steps": vae.steps, "batch": batch,
               "val_psnr": val, "psnr_db": m["vae"]["psnr_db"],
               "psnr_db_min": m["vae"]["psnr_db_min"], "heldout_clips": m["heldout_clips"],
               "compression": m["vae"]["compression_ratio"],
@@ -93,12 +95,6 @@ def one_thread_gflops() -> float:
         return matmul_peak() / 1e9
     finally:
         torch.set_num_threads(threads)
-
-
-def vae_workers(vae) -> int:  # noqa: ANN001
-    """The stage's worker count ([MIN, MAX] for elastic runs: MAX, what a free box starts)."""
-    n = vae.num_workers
-    return n[1] if isinstance(n, (list, tuple)) else n
 
 
 if __name__ == "__main__":
